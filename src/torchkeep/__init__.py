@@ -1,0 +1,48 @@
+"""torchkeep: safe, exact and fast checkpoints for PyTorch.
+
+Example:
+    >>> import torchkeep as tk
+    >>> tk.save({"epoch": 3, "model_state_dict": model.state_dict()}, "ckpt.safetensors")
+    >>> report = tk.load_into(model, "ckpt.safetensors")
+"""
+
+from torchkeep._version import __version__
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompatibleStateError,
+    ModelClassError,
+    StorageError,
+    TorchkeepError,
+    UnsafeCheckpointError,
+    UnsupportedValueError,
+)
+from torchkeep.format import CheckpointInfo, TensorInfo
+from torchkeep.io import inspect, load, load_into, load_model, save, save_model
+from torchkeep.state import ConfigMixin, LoadReport, Mismatch, capture_config
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "ConfigMixin",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompatibleStateError",
+    "LoadReport",
+    "Mismatch",
+    "ModelClassError",
+    "StorageError",
+    "TensorInfo",
+    "TorchkeepError",
+    "UnsafeCheckpointError",
+    "UnsupportedValueError",
+    "__version__",
+    "capture_config",
+    "inspect",
+    "load",
+    "load_into",
+    "load_model",
+    "save",
+    "save_model",
+]

@@ -1,0 +1,127 @@
+"""The exceptions torchkeep raises.
+
+Every error torchkeep raises is a :class:`TorchkeepError`. Children also inherit the builtin
+exception a caller would naturally catch, so ``except FileNotFoundError`` keeps working::
+
+    TorchkeepError
+    ├── CheckpointNotFoundError     (also FileNotFoundError)  nothing at that path or reference
+    ├── CorruptCheckpointError      (also ValueError)         bytes that are not what they claim
+    │   └── FormatVersionError                                 written by a newer torchkeep
+    ├── UnsafeCheckpointError                                  loading would run code from the file
+    ├── IncompatibleStateError      (also ValueError)         a state that does not fit its target
+    ├── UnsupportedValueError       (also TypeError)          a value torchkeep cannot store safely
+    ├── ModelClassError             (also ImportError)        a saved model's class cannot be rebuilt
+    └── StorageError                (also OSError)            the disk or filesystem failed
+
+Each message says what failed, where (path, key), why, and the way out. The same facts are
+attributes (``path``, ``key``, ``expected``, ``actual``, ``hint``) for programs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompatibleStateError",
+    "ModelClassError",
+    "StorageError",
+    "TorchkeepError",
+    "UnsafeCheckpointError",
+    "UnsupportedValueError",
+]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove terminal colour codes that wrapped errors (torch's exporters) carry."""
+    return _ANSI.sub("", text)
+
+
+class TorchkeepError(Exception):
+    """Base class of every error torchkeep raises.
+
+    Args:
+        message: what failed and why.
+        path: the file or reference involved, when there is one.
+        key: the tensor or entry involved, when there is one.
+        expected: what torchkeep expected to find.
+        actual: what it found.
+        hint: the way out, shown on its own line.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        expected: Any = None,
+        actual: Any = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(strip_ansi(message))
+        self.message = strip_ansi(message)
+        self.path = None if path is None else str(path)
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.path is not None and self.path not in text:
+            text = f"{self.path}: {text}"
+        if self.hint:
+            text = f"{text}\n  hint: {self.hint}"
+        return text
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """Nothing readable exists at the given path or reference."""
+
+
+class CorruptCheckpointError(TorchkeepError, ValueError):
+    """The bytes are damaged, truncated, or do not match any format torchkeep reads."""
+
+
+class FormatVersionError(CorruptCheckpointError):
+    """The file was written by a newer, incompatible version of the torchkeep format."""
+
+
+class UnsafeCheckpointError(TorchkeepError):
+    """Loading the file would import or call code that torch's safe unpickler does not allow.
+
+    ``globals`` lists the ``module.name`` references the file asks for.
+    """
+
+    def __init__(self, message: str, *, globals: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.globals = list(globals or [])
+
+
+class IncompatibleStateError(TorchkeepError, ValueError):
+    """A state does not fit the object it is loaded into (missing, unexpected or misshaped keys).
+
+    ``report`` holds the :class:`~torchkeep.LoadReport` when there is one.
+    """
+
+    def __init__(self, message: str, *, report: Any = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.report = report
+
+
+class UnsupportedValueError(TorchkeepError, TypeError):
+    """A value cannot be stored without pickling code (an arbitrary object, a sparse tensor...)."""
+
+
+class ModelClassError(TorchkeepError, ImportError):
+    """The class of a saved model cannot be imported or constructed."""
+
+
+class StorageError(TorchkeepError, OSError):
+    """Reading or writing bytes failed (disk full, permission denied, I/O error)."""

@@ -1,0 +1,210 @@
+"""Single-file checkpoints in safetensors: torchkeep's own, and plain ones from anywhere.
+
+A torchkeep file is a plain safetensors file whose ``__metadata__`` carries two entries:
+``"format": "pt"`` (what Hugging Face loaders expect) and ``"torchkeep"``, a JSON document::
+
+    {"format_version": "1.0", "torchkeep_version": ..., "torch_version": ...,
+     "skeleton": <the tree, see _skeleton.py>, "raw": {key: {"dtype", "shape"}}, "metadata": {...}}
+
+``raw`` lists the tensors stored as bytes because safetensors has no code for their dtype.
+Readers refuse a newer major ``format_version`` with :class:`FormatVersionError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, BinaryIO
+
+import torch
+
+from torchkeep._version import __version__
+from torchkeep.errors import CorruptCheckpointError, FormatVersionError, UnsupportedValueError
+from torchkeep.format._dtypes import dtype_from_name
+from torchkeep.format._location import MapLocation, cast, relocate
+from torchkeep.format._safetensors import (
+    MappedFile,
+    parse_json,
+    raw_dtypes,
+    read_header,
+    write_safetensors,
+)
+from torchkeep.format._skeleton import flatten, unflatten
+
+FORMAT_VERSION = "1.0"
+METADATA_KEY = "torchkeep"
+
+
+def check_format_version(version: Any, *, path: str) -> str:
+    """Accept format versions this torchkeep reads; refuse newer majors with a clear error."""
+    if not isinstance(version, str) or not version.partition(".")[0].isdigit():
+        raise CorruptCheckpointError(f"invalid torchkeep format version {version!r}", path=path)
+    if int(version.partition(".")[0]) > int(FORMAT_VERSION.partition(".")[0]):
+        raise FormatVersionError(
+            f"written with torchkeep format {version}; this torchkeep {__version__} reads "
+            f"format {FORMAT_VERSION} and older",
+            path=path,
+            expected=FORMAT_VERSION,
+            actual=version,
+            hint="upgrade torchkeep: pip install -U torchkeep",
+        )
+    return version
+
+
+def metadata_json(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Check that user metadata is JSON (string keys, finite numbers) and return a copy of it."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedValueError("metadata must be a dict", hint="pass metadata={'key': value}")
+    try:
+        return json.loads(json.dumps(metadata, allow_nan=False))  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedValueError(
+            f"metadata must be JSON (strings, finite numbers, bools, None, lists, dicts): {exc}",
+            hint="convert values with str(), float() or .tolist() first",
+        ) from exc
+
+
+def write_artifact(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> None:
+    """Write ``obj`` as a torchkeep safetensors file to the open binary file ``f``."""
+    flat = flatten(obj)
+    document = {
+        "format_version": FORMAT_VERSION,
+        "torchkeep_version": __version__,
+        "torch_version": str(torch.__version__),
+        "skeleton": flat.skeleton,
+        "raw": raw_dtypes(flat.tensors),
+        "metadata": metadata_json(metadata),
+    }
+    header = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
+    write_safetensors(f, flat.tensors, header)
+
+
+class SafetensorsFile:
+    """A safetensors file opened for reading; a torchkeep file when its header says so."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.mapped = MappedFile(path)
+        self.header = read_header(self.mapped)
+        self.document: dict[str, Any] | None = None
+        text = self.header.metadata.get(METADATA_KEY)
+        if text is not None:
+            doc = parse_json(text, what="torchkeep header", path=path)
+            if not isinstance(doc, dict) or "skeleton" not in doc:
+                raise CorruptCheckpointError("the torchkeep header has no skeleton", path=path)
+            check_format_version(doc.get("format_version"), path=path)
+            if not isinstance(doc.get("raw", {}), dict) or not isinstance(doc.get("metadata", {}), dict):
+                raise CorruptCheckpointError("the torchkeep header is malformed", path=path)
+            self.document = doc
+
+    @property
+    def format(self) -> str:
+        return "torchkeep" if self.document is not None else "safetensors"
+
+    @property
+    def format_version(self) -> str | None:
+        return None if self.document is None else str(self.document["format_version"])
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        if self.document is not None:
+            return dict(self.document.get("metadata", {}))
+        return {k: v for k, v in self.header.metadata.items() if k != "format"}
+
+    @property
+    def skeleton(self) -> Any:
+        if self.document is not None:
+            return self.document["skeleton"]
+        return {"$": "dict", "v": {k: {"$": "tensor", "k": k} for k in self.header.entries}}
+
+    def dtype_shape(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The true dtype and shape of stored tensor ``key``."""
+        entry = self.entry(key)
+        raw = (self.document or {}).get("raw", {}).get(key)
+        if raw is None:
+            return entry.dtype, entry.shape
+        try:
+            dtype = dtype_from_name(raw["dtype"], path=self.path)
+            shape = tuple(int(s) for s in raw["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"bad raw entry for {key!r}", path=self.path, key=key) from exc
+        if entry.code != "U8" or math.prod(shape) * dtype.itemsize != entry.nbytes:
+            raise CorruptCheckpointError(
+                f"tensor {key!r}: {raw['dtype']} {list(shape)} does not match its {entry.nbytes} bytes",
+                path=self.path,
+                key=key,
+            )
+        return dtype, shape
+
+    def entry(self, key: Any) -> Any:
+        try:
+            return self.header.entries[key]
+        except (KeyError, TypeError):
+            raise CorruptCheckpointError(
+                f"the structure refers to tensor {key!r}, which the file does not contain",
+                path=self.path,
+                key=str(key),
+                hint="the file was altered or truncated; restore it from a copy",
+            ) from None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Stored tensor ``key``, mapped lazily from the file (no bytes read until used)."""
+        entry = self.entry(key)
+        dtype, shape = self.dtype_shape(key)
+        return self.mapped.tensor(entry.start, entry.end, dtype, shape)
+
+    def load(self, *, map_location: MapLocation = None, dtype: torch.dtype | None = None) -> Any:
+        """Rebuild the saved structure: ties restored, tensors mmap-backed while on the CPU."""
+        bases: dict[tuple[str, str], torch.Tensor] = {}
+        done: dict[str, torch.Tensor] = {}
+
+        def tensor_for(node: dict[str, Any]) -> torch.Tensor:
+            key, location, view = node.get("k"), str(node.get("dev", "cpu")), node.get("view")
+            ident = json.dumps([key, location, view, node.get("param"), node.get("rg")])
+            if ident in done:
+                return done[ident]
+            if (key, location) not in bases:
+                base = self.tensor(key)  # type: ignore[arg-type]
+                if view is not None and base.data_ptr() % 16:
+                    base = base.clone()  # views of any dtype need an aligned base
+                bases[(key, location)] = relocate(
+                    base, location, map_location, key=str(key), path=self.path
+                )
+            t = bases[(key, location)]
+            if view is not None:
+                t = _view_of(t, view, key=str(key), path=self.path)
+            t = cast(t, dtype)
+            if node.get("param"):
+                t = torch.nn.Parameter(t, requires_grad=bool(node.get("rg", True)))
+            elif node.get("rg") and (t.is_floating_point() or t.is_complex()):
+                t = t.requires_grad_(True)
+            done[ident] = t
+            return t
+
+        return unflatten(self.skeleton, tensor_for, source=self.path)
+
+
+def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str) -> torch.Tensor:
+    """Rebuild a view recorded as byte offset, shape, stride and dtype within ``base``."""
+    try:
+        offset, shape, stride = int(view["offset"]), list(view["shape"]), list(view["stride"])
+        dtype = dtype_from_name(view["dtype"], path=path)
+        ok = len(shape) == len(stride) and all(type(s) is int and s >= 0 for s in shape + stride)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok or offset < 0 or offset % dtype.itemsize:
+        raise CorruptCheckpointError(f"bad view of tensor {key!r}: {view!r}", path=path, key=key)
+    extent = 0
+    if all(shape):
+        extent = (sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1) * dtype.itemsize
+    base_bytes = base.numel() * base.element_size()
+    if offset + extent > base_bytes:
+        raise CorruptCheckpointError(
+            f"a view of tensor {key!r} reaches past its {base_bytes} bytes", path=path, key=key
+        )
+    start = base.storage_offset() * base.element_size() + offset
+    return torch.empty(0, dtype=dtype, device=base.device).set_(
+        base.untyped_storage(), start // dtype.itemsize, shape, stride
+    )

@@ -1,0 +1,120 @@
+"""Telling formats apart by their bytes, never by the file name.
+
+==================  =========================================================================
+format              recognised by
+==================  =========================================================================
+torchkeep           safetensors whose header metadata has a ``torchkeep`` entry
+safetensors         8-byte little-endian header length, then ``{`` (JSON)
+torch-zip           a zip archive (``PK\\x03\\x04``) holding ``<name>/data.pkl``
+torch-legacy        a pickle stream (``\\x80`` protocol opcode): ``torch.save`` before 1.6
+torchscript         a zip holding ``constants.pkl`` or ``code/`` (``torch.jit.save``)
+torch-export        a zip holding ``archive_format`` or ``models/`` (``torch.export.save``)
+hf-sharded          JSON with a ``weight_map`` (``*.safetensors.index.json``, ``*.bin.index.json``)
+torchkeep-model     a directory with ``torchkeep_model.json`` (``torchkeep.save_model``)
+==================  =========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from enum import StrEnum
+from pathlib import Path
+
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+
+MODEL_FILE = "torchkeep_model.json"
+HF_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+
+
+class Format(StrEnum):
+    TORCHKEEP = "torchkeep"
+    SAFETENSORS = "safetensors"
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy"
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch-export"
+    HF_SHARDED = "hf-sharded"
+    MODEL_DIR = "torchkeep-model"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file; in a directory, the checkpoint file it holds."""
+    p = Path(path)
+    if not p.exists():
+        hint = "check the path"
+        if p.parent.is_dir():
+            near = sorted(q.name for q in p.parent.iterdir() if not q.name.startswith("."))[:8]
+            if near:
+                hint = f"check the path; {p.parent} holds: {', '.join(near)}"
+        raise CheckpointNotFoundError("no such file or directory", path=str(p), hint=hint)
+    if not p.is_dir():
+        return p
+    if (p / MODEL_FILE).is_file():
+        return p
+    for name in (*HF_INDEX_NAMES, *SINGLE_FILE_NAMES):
+        if (p / name).is_file():
+            return p / name
+    raise CheckpointNotFoundError(
+        "the directory holds no checkpoint torchkeep recognises",
+        path=str(p),
+        hint="pass a file, or a directory made by torchkeep.save_model or holding "
+        "model.safetensors / a Hugging Face *.index.json",
+    )
+
+
+def detect(path: Path) -> Format:
+    """The format of the file (or model directory) at ``path``, from its content."""
+    if path.is_dir():
+        return Format.MODEL_DIR
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptCheckpointError("the file is empty (0 bytes)", path=str(path), hint=_HINT)
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_kind(path)
+    if head[:1] == b"\x80":
+        return Format.TORCH_LEGACY
+    if len(head) == 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n + 8 <= size:
+            return Format.SAFETENSORS  # torchkeep or plain: the reader looks at the header
+    if head.lstrip()[:1] == b"{" and size < 64 * 1024 * 1024:
+        try:
+            doc = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if isinstance(doc, dict) and "weight_map" in doc:
+            return Format.HF_SHARDED
+    raise CorruptCheckpointError(
+        f"unrecognised format (first bytes {head[:8]!r})",
+        path=str(path),
+        hint="torchkeep reads safetensors, torch.save files (.pt/.pth/.bin/.ckpt/.tar) and "
+        "Hugging Face sharded index files; this file is none of them, or is damaged",
+    )
+
+
+_HINT = "the file is damaged or was never written completely; restore it from a copy"
+
+
+def _zip_kind(path: Path) -> Format:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"a damaged zip archive ({exc})", path=str(path), hint=_HINT
+        ) from exc
+    tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
+    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+        return Format.TORCHSCRIPT
+    if "archive_format" in tails or any(t.startswith("models/") for t in tails):
+        return Format.TORCH_EXPORT
+    if "data.pkl" in tails:
+        return Format.TORCH_ZIP
+    raise CorruptCheckpointError(
+        "a zip archive that is not a torch checkpoint (no data.pkl)", path=str(path), hint=_HINT
+    )

@@ -1,0 +1,89 @@
+"""What `torchkeep.inspect` reports about a file: its format, tensors, sharing and metadata."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorInfo:
+    """One tensor of a checkpoint as listed by ``inspect``.
+
+    Attributes:
+        name: the key (dotted path for nested checkpoints, e.g. ``model_state_dict.fc.weight``).
+        dtype: torch dtype name without the ``torch.`` prefix (``"float32"``).
+        shape: the tensor's shape.
+        nbytes: bytes of tensor data (``numel * itemsize``).
+        shared_with: the name of the tensor this one shares storage with (a tied weight or a
+            view), or ``None`` when it owns its bytes.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    shared_with: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointInfo:
+    """What a checkpoint file holds, read without loading its tensors.
+
+    Attributes:
+        path: the file or directory inspected.
+        format: the format detected from the bytes (``"torchkeep"``, ``"safetensors"``,
+            ``"torch-zip"``, ``"torch-legacy"``, ``"hf-sharded"``, ``"torchkeep-model"``).
+        tensors: every tensor, in file order.
+        file_bytes: size of the file(s) on disk.
+        metadata: user metadata saved with the checkpoint (empty when there is none).
+        format_version: torchkeep format version, when the file is a torchkeep file.
+    """
+
+    path: str
+    format: str
+    tensors: tuple[TensorInfo, ...]
+    file_bytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data, counting shared storage once."""
+        return sum(t.nbytes for t in self.tensors if t.shared_with is None)
+
+    @property
+    def num_params(self) -> int:
+        """Number of elements over all tensors, counting shared storage once."""
+        total = 0
+        for t in self.tensors:
+            if t.shared_with is None:
+                n = 1
+                for s in t.shape:
+                    n *= s
+                total += n
+        return total
+
+    @property
+    def shared(self) -> dict[str, str]:
+        """Map of tensor name to the name whose storage it shares."""
+        return {t.name: t.shared_with for t in self.tensors if t.shared_with is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "format_version": self.format_version,
+            "file_bytes": self.file_bytes,
+            "total_bytes": self.total_bytes,
+            "num_tensors": len(self.tensors),
+            "num_params": self.num_params,
+            "tensors": [t.to_dict() for t in self.tensors],
+            "shared": self.shared,
+            "metadata": self.metadata,
+        }

@@ -1,0 +1,189 @@
+"""One entry point for every format torchkeep reads: load a file, or describe it."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
+from torchkeep.format._artifact import SafetensorsFile
+from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
+from torchkeep.format._dtypes import dtype_name
+from torchkeep.format._info import CheckpointInfo, TensorInfo
+from torchkeep.format._location import MapLocation, cast, map_tensors
+from torchkeep.format._safetensors import parse_json
+from torchkeep.format._torchfile import load_torch, read_document
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _refuse_code_archive(path: Path, fmt: Format) -> UnsafeCheckpointError:
+    what = "a TorchScript archive" if fmt is Format.TORCHSCRIPT else "a torch.export archive"
+    return UnsafeCheckpointError(
+        f"{what} holds a program, not a checkpoint; torchkeep.load does not run programs",
+        path=str(path),
+        hint="load it with torch.jit.load / torch.export.load if you trust it",
+    )
+
+
+def load_file(
+    path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = None,
+    dtype: torch.dtype | None = None,
+    trust: bool = False,
+) -> Any:
+    """Load any supported checkpoint file (see :mod:`._detect`) without running code from it."""
+    p = resolve_path(path)
+    fmt = detect(p)
+    if fmt is Format.MODEL_DIR:
+        return load_file(p / WEIGHTS_FILE, map_location=map_location, dtype=dtype)
+    if fmt in (Format.SAFETENSORS, Format.TORCHKEEP):
+        return SafetensorsFile(str(p)).load(map_location=map_location, dtype=dtype)
+    if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
+        obj = load_torch(
+            str(p), map_location=map_location, trust=trust, zip_format=fmt is Format.TORCH_ZIP
+        )
+        return obj if dtype is None else map_tensors(obj, lambda t: cast(t, dtype))
+    if fmt is Format.HF_SHARDED:
+        return _load_sharded(p, map_location=map_location, dtype=dtype, trust=trust)
+    raise _refuse_code_archive(p, fmt)
+
+
+def _shard_files(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    doc = parse_json(index.read_bytes(), what="sharded index", path=str(index))
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CorruptCheckpointError("weight_map must map tensor names to file names", path=str(index))
+    for name in set(weight_map.values()):
+        if Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            raise CorruptCheckpointError(
+                f"shard {name!r} points outside the index's directory",
+                path=str(index),
+                hint="shards must be plain file names beside the index; the index may be hostile",
+            )
+    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    return weight_map, metadata
+
+
+def _load_sharded(
+    index: Path, *, map_location: MapLocation, dtype: torch.dtype | None, trust: bool
+) -> dict[str, torch.Tensor]:
+    weight_map, _ = _shard_files(index)
+    merged: dict[str, torch.Tensor] = OrderedDict()
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index.parent / name
+        if not shard.is_file():
+            raise CheckpointNotFoundError(
+                f"shard {name} listed in the index is missing",
+                path=str(index),
+                hint=f"download or copy {name} next to the index",
+            )
+        if detect(shard) not in (Format.SAFETENSORS, Format.TORCH_ZIP, Format.TORCH_LEGACY):
+            raise CorruptCheckpointError(f"shard {name} is not a tensor file", path=str(shard))
+        part = load_file(shard, map_location=map_location, dtype=dtype, trust=trust)
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise CorruptCheckpointError(f"shard {name} is not a flat state dict", path=str(shard))
+        merged.update(part)
+    missing = [k for k, v in weight_map.items() if k not in merged]
+    if missing:
+        raise CorruptCheckpointError(
+            f"{len(missing)} tensors listed in the index are not in their shards, e.g. {missing[0]!r}",
+            path=str(index),
+            key=missing[0],
+        )
+    return merged
+
+
+def describe(obj: Any) -> list[TensorInfo]:
+    """List every tensor of a loaded structure by dotted path, marking storage shared with another."""
+    out: list[TensorInfo] = []
+    owners: dict[tuple[str, int], str] = {}
+
+    def walk(x: Any, path: tuple[str, ...]) -> None:
+        name = ".".join(path) or "tensor"
+        if isinstance(x, np.ndarray) and x.dtype.kind in "biufc":
+            x = torch.from_numpy(x)
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            ident = (str(x.device), storage.data_ptr()) if storage.nbytes() else None
+            owner = owners.get(ident) if ident else None
+            if ident and owner is None:
+                owners[ident] = name
+            out.append(
+                TensorInfo(
+                    name=name,
+                    dtype=dtype_name(x.dtype),
+                    shape=tuple(x.shape),
+                    nbytes=x.numel() * x.element_size(),
+                    shared_with=owner,
+                )
+            )
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, (*path, str(k)))
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, (*path, str(i)))
+
+    walk(obj, ())
+    return out
+
+
+def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Describe a checkpoint without reading its tensor data (tensors are only mapped)."""
+    p = resolve_path(path)
+    fmt = detect(p)
+    version: str | None = None
+    metadata: dict[str, Any] = {}
+    size = p.stat().st_size
+    if fmt is Format.MODEL_DIR:
+        inner = inspect_file(p / WEIGHTS_FILE)
+        doc = parse_json((p / MODEL_FILE).read_bytes(), what="model description", path=str(p))
+        meta = {**(doc if isinstance(doc, dict) else {}), **inner.metadata}
+        size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+        return CheckpointInfo(
+            path=str(p),
+            format=fmt.value,
+            tensors=inner.tensors,
+            file_bytes=size,
+            metadata=meta,
+            format_version=inner.format_version,
+        )
+    if fmt in (Format.SAFETENSORS, Format.TORCHKEEP):
+        st = SafetensorsFile(str(p))
+        obj, metadata, version = st.load(), st.metadata, st.format_version
+        fmt = Format(st.format)
+    elif fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
+        obj = load_torch(str(p), map_location="cpu", trust=False, zip_format=fmt is Format.TORCH_ZIP)
+        doc = read_document(str(p)) if fmt is Format.TORCH_ZIP else None
+        if doc is not None:
+            metadata, version = dict(doc.get("metadata") or {}), str(doc["format_version"])
+    elif fmt is Format.HF_SHARDED:
+        weight_map, metadata = _shard_files(p)
+        obj = _load_sharded(p, map_location="cpu", dtype=None, trust=False)
+        size += sum((p.parent / n).stat().st_size for n in set(weight_map.values()))
+    else:
+        raise _refuse_code_archive(p, fmt)
+    return CheckpointInfo(
+        path=str(p),
+        format=fmt.value,
+        tensors=tuple(describe(obj)),
+        file_bytes=size,
+        metadata=metadata,
+        format_version=version,
+    )
+
+
+

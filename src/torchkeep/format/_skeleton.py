@@ -1,0 +1,374 @@
+"""Flattening a nested state into a tensor table plus a JSON skeleton, and back.
+
+A checkpoint as users write it is a tree: dicts (with string or integer keys, as in an optimizer's
+``state``), lists, tuples, tensors, numbers, strings, ``None`` and the odd values real state dicts
+hold (``torch.Size``, ``torch.dtype``, ``torch.device``). :func:`flatten` splits it into
+
+* a table of tensors, each under a readable key (the path joined by dots, so a plain state dict
+  keeps its own keys and any safetensors reader sees ``fc.weight``), and
+* a skeleton: plain JSON that rebuilds the tree. Strings, integers, booleans, ``None`` and finite
+  floats are themselves; every container and every other value is an object tagged by ``"$"``.
+
+Tensors that share storage are stored once. Identical views (tied embedding and output weights)
+point to the same key and come back as one tensor object; other views of a shared storage (a
+weight and its transpose, slices of one buffer) are rebuilt as views of one stored base, so the
+aliasing survives the round trip.
+
+Nothing here is ever executed: the skeleton only names a closed set of value kinds.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
+from torchkeep.format._dtypes import dtype_from_name, dtype_name
+
+MAX_DEPTH = 200
+_RESERVED_KEYS = frozenset({"__metadata__"})
+_SCALAR_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+@dataclass(slots=True)
+class Flattened:
+    """A tree split into its skeleton and the tensors to store, keyed as in the skeleton."""
+
+    skeleton: Any
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    return "obj" + "".join(f"[{p!r}]" for p in path)
+
+
+def _unsupported(path: tuple[Any, ...], what: str, hint: str) -> UnsupportedValueError:
+    return UnsupportedValueError(f"cannot store {what} at {_where(path)}", key=_where(path), hint=hint)
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.leaves: list[tuple[dict[str, Any], torch.Tensor, str]] = []
+        self.active: set[int] = set()
+
+    def encode(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise _unsupported(path, f"a structure nested deeper than {MAX_DEPTH} levels", "flatten it")
+        kind = type(value)
+        if value is None or kind is bool or kind is str:
+            return value
+        if kind is int:
+            return value
+        if kind is float:
+            return value if math.isfinite(value) else {"$": "float", "v": repr(value)}
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, path)
+        if isinstance(value, np.ndarray):
+            return self._ndarray(value, path)
+        if isinstance(value, np.generic):
+            if value.dtype.kind not in "biufc":
+                raise _unsupported(path, f"a numpy {value.dtype} scalar", "convert it to str")
+            return {"$": "np", "dtype": value.dtype.str, "v": self.encode(value.item(), path)}
+        if kind is complex:
+            return {"$": "complex", "v": [self.encode(value.real, path), self.encode(value.imag, path)]}
+        if kind is bytes:
+            return {"$": "bytes", "v": base64.b64encode(value).decode("ascii")}
+        if kind is torch.Size:
+            return {"$": "size", "v": list(value)}
+        if kind is torch.dtype:
+            return {"$": "dtype", "v": dtype_name(value)}
+        if kind is torch.device:
+            return {"$": "device", "v": str(value)}
+        if kind in (dict, OrderedDict, list, tuple, set, frozenset):
+            if id(value) in self.active:
+                raise _unsupported(path, "a structure that contains itself", "break the cycle")
+            self.active.add(id(value))
+            try:
+                return self._container(value, path)
+            finally:
+                self.active.discard(id(value))
+        raise _unsupported(
+            path,
+            f"a value of type {kind.__module__}.{kind.__qualname__}",
+            "torchkeep stores tensors, numbers, strings, bools, None, bytes, numpy arrays, "
+            "torch.Size/dtype/device and dicts, lists, tuples and sets of them, never pickled "
+            "objects: convert it (vars(args), dataclasses.asdict(cfg), str(path), .tolist()) "
+            "or keep it in the metadata as JSON",
+        )
+
+    def _container(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(value, dict):
+            node: dict[str, Any] = {"$": "dict"}
+            if all(type(k) is str for k in value):
+                node["v"] = {k: self.encode(v, (*path, k)) for k, v in value.items()}
+            else:
+                node["items"] = [
+                    [self._key(k, path), self.encode(v, (*path, k))] for k, v in value.items()
+                ]
+            if type(value) is OrderedDict:
+                node["ordered"] = True
+                meta = getattr(value, "_metadata", None)
+                if meta is not None:
+                    node["meta"] = self.encode(meta, (*path, "_metadata"))
+            return node
+        tag = type(value).__name__
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        return {"$": tag, "v": [self.encode(v, (*path, i)) for i, v in enumerate(items)]}
+
+    def _key(self, key: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(key, _SCALAR_KEY_TYPES) or (
+            type(key) is tuple and all(isinstance(k, _SCALAR_KEY_TYPES) for k in key)
+        ):
+            return self.encode(key, path)
+        raise _unsupported(path, f"a dict key of type {type(key).__qualname__}", "use str or int keys")
+
+    def _tensor(self, t: torch.Tensor, path: tuple[Any, ...]) -> dict[str, Any]:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            raise _unsupported(
+                path,
+                f"a tensor subclass {type(t).__qualname__}",
+                "convert it to a plain tensor (DTensor: .full_tensor(); or torch.Tensor(t))",
+            )
+        if t.layout != torch.strided:
+            raise _unsupported(
+                path,
+                f"a {t.layout} tensor",
+                "make it dense with .to_dense(), but be aware this may make a much larger file",
+            )
+        if t.is_quantized:
+            raise _unsupported(
+                path, "a quantized tensor", "dequantize it, or save to a .pt path (torch format)"
+            )
+        if t.device.type == "meta":
+            raise _unsupported(path, "a meta tensor (it has no data)", "materialize it first")
+        node: dict[str, Any] = {"$": "tensor"}
+        if isinstance(t, torch.nn.Parameter):
+            node["param"] = True
+            node["rg"] = t.requires_grad
+        elif t.requires_grad:
+            node["rg"] = True
+        if t.device.type != "cpu":
+            node["dev"] = str(t.device)
+        self.leaves.append((node, t, ".".join(str(p) for p in path) or "tensor"))
+        return node
+
+    def _ndarray(self, a: np.ndarray, path: tuple[Any, ...]) -> dict[str, Any]:
+        if a.dtype.kind not in "biufc" or a.dtype.byteorder == ">":
+            raise _unsupported(path, f"a numpy array of dtype {a.dtype}", "convert it with .tolist()")
+        t = torch.from_numpy(np.array(a, copy=True, order="C"))
+        node = self._tensor(t, path)
+        node["$"] = "ndarray"
+        return node
+
+    def assign_keys(self) -> dict[str, torch.Tensor]:
+        """Give every stored tensor a unique key and record sharing in the skeleton nodes."""
+        groups: dict[Any, list[int]] = {}
+        for i, (_, t, _) in enumerate(self.leaves):
+            storage = t.untyped_storage()
+            ident = (str(t.device), storage.data_ptr()) if storage.nbytes() else ("empty", i)
+            groups.setdefault(ident, []).append(i)
+        used = set(_RESERVED_KEYS)
+        table: dict[str, torch.Tensor] = {}
+
+        def unique(proposed: str) -> str:
+            key, n = proposed, 1
+            while key in used:
+                n += 1
+                key = f"{proposed}#{n}"
+            used.add(key)
+            return key
+
+        for g, members in enumerate(groups.values()):
+            specs = [_view_spec(self.leaves[i][1]) for i in members]
+            if len(set(specs)) == 1:
+                key = unique(self.leaves[members[0]][2])
+                table[key] = self.leaves[members[0]][1]
+                for i in members:
+                    self.leaves[i][0]["k"] = key
+                continue
+            lo = min(s[0] for s in specs)
+            hi = max(s[0] + _extent_bytes(s) for s in specs)
+            base_index = next(
+                (
+                    i
+                    for i, s in zip(members, specs, strict=True)
+                    if self.leaves[i][1].is_contiguous()
+                    and s[0] == lo
+                    and lo % 16 == 0  # keeps every view aligned for its dtype on reload
+                    and _extent_bytes(s) == hi - lo
+                ),
+                None,
+            )
+            if base_index is not None:
+                base_spec = _view_spec(self.leaves[base_index][1])
+                key = unique(self.leaves[base_index][2])
+                table[key] = self.leaves[base_index][1]
+            else:
+                t0 = self.leaves[members[0]][1]
+                lo -= lo % 16
+                base_spec = (lo, (hi - lo,), (1,), torch.uint8)
+                key = unique(f"__shared_storage__.{g}")
+                table[key] = torch.empty(0, dtype=torch.uint8, device=t0.device).set_(
+                    t0.untyped_storage(), lo, (hi - lo,), (1,)
+                )
+            for i, spec in zip(members, specs, strict=True):
+                node = self.leaves[i][0]
+                node["k"] = key
+                if spec != base_spec:
+                    node["view"] = {
+                        "offset": spec[0] - lo,
+                        "shape": list(spec[1]),
+                        "stride": list(spec[2]),
+                        "dtype": dtype_name(spec[3]),
+                    }
+        return table
+
+
+def _view_spec(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
+    return (t.storage_offset() * t.element_size(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _extent_bytes(spec: tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]) -> int:
+    """Bytes from a view's first element to just past its last one."""
+    _, shape, stride, dtype = spec
+    if any(s == 0 for s in shape):
+        return 0
+    last = sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
+    return (last + 1) * dtype.itemsize
+
+
+def flatten(obj: Any) -> Flattened:
+    """Split ``obj`` into a JSON skeleton and a table of the tensors to store.
+
+    Raises:
+        UnsupportedValueError: ``obj`` holds a value that cannot be stored without pickle.
+    """
+    flattener = _Flattener()
+    skeleton = flattener.encode(obj, ())
+    return Flattened(skeleton=skeleton, tensors=flattener.assign_keys())
+
+
+def tensor_nodes(skeleton: Any) -> list[dict[str, Any]]:
+    """Every tensor node of a skeleton, in tree order, each with its dotted path under ``"path"``."""
+    found: list[dict[str, Any]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if not isinstance(node, dict):
+            return
+        tag = node.get("$")
+        if tag in ("tensor", "ndarray"):
+            found.append({**node, "path": ".".join(path) or "tensor"})
+        elif tag == "dict" and isinstance(node.get("v"), dict):
+            for k, v in node["v"].items():
+                walk(v, (*path, str(k)))
+        elif tag == "dict" and isinstance(node.get("items"), list):
+            for item in node["items"]:
+                if isinstance(item, list) and len(item) == 2:
+                    walk(item[1], (*path, str(item[0])))
+        elif tag in ("list", "tuple", "set", "frozenset") and isinstance(node.get("v"), list):
+            for i, v in enumerate(node["v"]):
+                walk(v, (*path, str(i)))
+
+    walk(skeleton, ())
+    return found
+
+
+class _Decoder:
+    def __init__(self, tensor: Callable[[dict[str, Any]], torch.Tensor], source: str | None) -> None:
+        self.tensor = tensor
+        self.source = source
+
+    def fail(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"the checkpoint's structure is damaged: {what}",
+            path=self.source,
+            hint="the file was altered or written by an incompatible tool; restore it from a copy",
+        )
+
+    def decode(self, node: Any, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise self.fail(f"nested deeper than {MAX_DEPTH} levels")
+        if node is None or isinstance(node, bool | int | float | str):
+            return node
+        if not isinstance(node, dict) or not isinstance(node.get("$"), str):
+            raise self.fail(f"unexpected node {str(node)[:80]!r}")
+        tag = node["$"]
+        v = node.get("v")
+        try:
+            if tag == "dict":
+                return self._dict(node, depth)
+            if tag in ("list", "tuple", "set", "frozenset"):
+                if not isinstance(v, list):
+                    raise self.fail(f"a {tag} without items")
+                items = [self.decode(x, depth + 1) for x in v]
+                return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+            if tag in ("tensor", "ndarray"):
+                t = self.tensor(node)
+                return t.numpy() if tag == "ndarray" else t
+            if tag == "float":
+                return float(v)  # type: ignore[arg-type]
+            if tag == "complex":
+                re, im = (self.decode(x, depth + 1) for x in v)  # type: ignore[union-attr]
+                return complex(re, im)
+            if tag == "bytes":
+                return base64.b64decode(v, validate=True)  # type: ignore[arg-type]
+            if tag == "size":
+                return torch.Size(v)  # type: ignore[arg-type]
+            if tag == "dtype":
+                return dtype_from_name(v, path=self.source)  # type: ignore[arg-type]
+            if tag == "device":
+                return torch.device(v)  # type: ignore[arg-type]
+            if tag == "np":
+                return np.dtype(node["dtype"]).type(self.decode(v, depth + 1))
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            if isinstance(exc, CorruptCheckpointError):
+                raise
+            raise self.fail(f"bad {tag!r} node ({exc})") from exc
+        raise self.fail(f"unknown node kind {tag!r} (written by a newer torchkeep?)")
+
+    def _dict(self, node: dict[str, Any], depth: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = OrderedDict() if node.get("ordered") else {}
+        if isinstance(node.get("v"), dict):
+            for k, v in node["v"].items():
+                out[k] = self.decode(v, depth + 1)
+        elif isinstance(node.get("items"), list):
+            for item in node["items"]:
+                if not (isinstance(item, list) and len(item) == 2):
+                    raise self.fail("a dict item that is not a pair")
+                out[self.decode(item[0], depth + 1)] = self.decode(item[1], depth + 1)
+        else:
+            raise self.fail("a dict without items")
+        if "meta" in node and isinstance(out, OrderedDict):
+            out._metadata = self.decode(node["meta"], depth + 1)  # type: ignore[attr-defined]
+        return out
+
+
+def unflatten(
+    skeleton: Any,
+    tensor: Callable[[dict[str, Any]], torch.Tensor],
+    *,
+    source: str | None = None,
+) -> Any:
+    """Rebuild the tree described by ``skeleton``.
+
+    Args:
+        skeleton: the JSON skeleton written by :func:`flatten`.
+        tensor: returns the tensor for a tensor node (reads ``node["k"]`` and ``node.get("view")``).
+        source: the file being read, for error messages.
+
+    Raises:
+        CorruptCheckpointError: the skeleton is malformed.
+    """
+    try:
+        return _Decoder(tensor, source).decode(skeleton)
+    except RecursionError as exc:
+        raise CorruptCheckpointError(
+            "the checkpoint's structure is nested too deeply", path=source
+        ) from exc

@@ -1,0 +1,303 @@
+"""Single-artifact save and load: the verbs most users need.
+
+``save``/``load`` move nested states (state dicts, tutorial-style checkpoint dicts) to and from
+one file; ``load_into`` fills a module from any checkpoint; ``save_model``/``load_model`` keep a
+whole model (weights plus how to rebuild it) without pickle; ``inspect`` describes a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkeep._version import __version__
+from torchkeep.errors import CorruptCheckpointError, ModelClassError, UnsupportedValueError
+from torchkeep.format import (
+    FORMAT_VERSION,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    CheckpointInfo,
+    Format,
+    MapLocation,
+    SafetensorsFile,
+    detect,
+    flatten,
+    inspect_file,
+    load_file,
+    metadata_json,
+    parse_json,
+    read_into,
+    resolve_path,
+    unflatten,
+    write_artifact,
+    write_torch,
+)
+from torchkeep.format._artifact import check_format_version
+from torchkeep.state import (
+    LoadReport,
+    apply,
+    captured_config,
+    check,
+    class_path,
+    find_state,
+    import_model_class,
+    plan,
+)
+from torchkeep.storage import atomic_write
+
+PathLike = str | os.PathLike[str]
+TORCH_SUFFIXES = frozenset({".pt", ".pth", ".tar", ".bin", ".ckpt"})
+
+
+def save(obj: Any, path: PathLike, *, metadata: dict[str, Any] | None = None) -> None:
+    """Save a state dict or a nested checkpoint dict to one file, atomically.
+
+    A ``.pt``, ``.pth``, ``.tar``, ``.bin`` or ``.ckpt`` path gives torch's zip format, loadable by
+    ``torch.load(weights_only=True)``; any other path (``.safetensors``) gives a plain safetensors
+    file whose header also holds the nested structure and ``metadata``. Tensors sharing storage
+    (tied weights) are stored once. A crash mid-save leaves the previous file intact.
+
+    Args:
+        obj: dicts, lists, tuples and sets of tensors, numbers, strings, bools, None, bytes,
+            numpy arrays, ``torch.Size``, ``torch.dtype`` and ``torch.device``.
+        path: the destination file.
+        metadata: JSON-able information kept beside the tensors (hyperparameters, metrics...).
+
+    Raises:
+        UnsupportedValueError: ``obj`` holds a value that could only be stored by pickling code.
+        StorageError: the disk failed (full, read-only, permission denied).
+
+    Example:
+        >>> torchkeep.save({"epoch": 3, "model_state_dict": model.state_dict()}, "ckpt.safetensors",
+        ...                metadata={"lr": 1e-3})
+    """
+    target = Path(path)
+    if target.suffix.lower() in TORCH_SUFFIXES:
+        atomic_write(target, lambda f: write_torch(obj, f, metadata))
+    else:
+        atomic_write(target, lambda f: write_artifact(obj, f, metadata))
+
+
+def load(
+    path: PathLike,
+    *,
+    map_location: MapLocation = None,
+    dtype: torch.dtype | None = None,
+    trust: bool = False,
+) -> Any:
+    """Load a checkpoint of any supported format without running code from it.
+
+    Reads torchkeep and plain safetensors files, Hugging Face sharded checkpoints (the
+    ``*.index.json`` or its directory), and ``torch.save`` files through
+    ``torch.load(weights_only=True)`` only. The format is detected from the bytes. Tensors stay
+    mapped from the file until used.
+
+    Args:
+        path: a file, or a directory holding one checkpoint.
+        map_location: as in ``torch.load``: a device, a string, a dict of location to location, or
+            a callable ``(storage, location) -> storage``. ``None`` keeps each tensor where it was
+            saved.
+        dtype: cast floating-point tensors to this dtype (integer, bool and complex are kept).
+        trust: allow a ``torch.save`` file to import the globals it names. That runs code from the
+            file: only for files you trust.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``.
+        CorruptCheckpointError: the file is damaged or in no format torchkeep reads.
+        UnsafeCheckpointError: the file needs globals the safe unpickler refuses (names them).
+    """
+    return load_file(path, map_location=map_location, dtype=dtype, trust=trust)
+
+
+def inspect(path: PathLike) -> CheckpointInfo:
+    """Describe a checkpoint (format, tensors, sharing, metadata) without reading tensor data."""
+    return inspect_file(path)
+
+
+@contextlib.contextmanager
+def _direct_reader(reader: SafetensorsFile | None) -> Iterator[tuple[Any, Any]]:
+    """Functions that copy file bytes straight into a parameter, and release mapped pages."""
+    if reader is None:
+        yield None, None
+        return
+    with open(reader.path, "rb") as f:
+        st = os.fstat(f.fileno())
+        same_file = (st.st_dev, st.st_ino) == reader.mapped.identity
+        fd = f.fileno()
+
+        def direct(src: torch.Tensor, dst: torch.Tensor) -> bool:
+            if not same_file or dst.device.type != "cpu" or not dst.is_contiguous():
+                return False
+            offset = reader.mapped.offset_of(src)
+            if offset is None or src.dtype != dst.dtype or src.shape != dst.shape:
+                return False
+            read_into(fd, offset, src.numel() * src.element_size(), dst, path=reader.path)
+            return True
+
+        yield direct, reader.mapped.release
+
+
+def load_into(
+    module: nn.Module,
+    source: PathLike | Mapping[str, Any],
+    *,
+    strict: bool = True,
+    skip_mismatched: bool = False,
+) -> LoadReport:
+    """Load a checkpoint into ``module`` in place, tensor by tensor, and report what happened.
+
+    The module's state is found in the checkpoint by itself: the file may be a state dict or a
+    checkpoint dict holding one (``model_state_dict``, ``state_dict``, ``model``...). Everything is
+    checked before anything is copied, so a load that raises leaves the module as it was. Peak
+    memory stays near one copy of the weights: tensors are read from the file straight into the
+    parameters where possible.
+
+    Args:
+        module: the module to fill.
+        source: a checkpoint path (any format :func:`load` reads) or a state dict.
+        strict: raise on missing or unexpected keys. With ``strict=False`` they are reported.
+        skip_mismatched: leave parameters whose shape differs (a new classifier head) at their
+            current values and report them, instead of raising.
+
+    Returns:
+        A :class:`LoadReport` with the loaded, missing, unexpected and mismatched keys.
+
+    Raises:
+        IncompatibleStateError: the state does not fit; the message has a table of differences.
+    """
+    reader: SafetensorsFile | None = None
+    name: str | None = None
+    if isinstance(source, Mapping):
+        obj: Any = source
+    else:
+        p = resolve_path(source)
+        name = str(source)
+        fmt = detect(p)
+        if fmt is Format.MODEL_DIR:
+            p = p / WEIGHTS_FILE
+            fmt = detect(p)
+        if fmt is Format.SAFETENSORS:
+            reader = SafetensorsFile(str(p))
+            obj = reader.load()
+        else:
+            obj = load_file(p)
+    state, entry = find_state(set(module.state_dict().keys()), obj)
+    report = plan(module, state, source=name, entry=entry)
+    check(report, module, strict=strict, skip_mismatched=skip_mismatched)
+    with _direct_reader(reader) as (direct, release):
+        apply(module, state, report, direct_read=direct, release=release)
+    return report
+
+
+def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | None = None) -> None:
+    """Save a whole model without pickle: its weights, class import path and constructor arguments.
+
+    The directory gets ``model.safetensors`` (the state dict) and ``torchkeep_model.json`` (class
+    and config), written in that order, each atomically.
+
+    Args:
+        model: the model; its class must be importable (defined at module level).
+        path: the directory to write.
+        config: keyword arguments that rebuild the model (``type(model)(**config)``). When omitted,
+            those captured at construction by :func:`capture_config` or :class:`ConfigMixin`.
+
+    Raises:
+        UnsupportedValueError: no config was given or captured, or it holds unstorable values.
+        ModelClassError: the class cannot be imported later (defined inside a function).
+    """
+    if config is None:
+        config = captured_config(model)
+    if config is None:
+        raise UnsupportedValueError(
+            f"no constructor arguments known for {type(model).__qualname__}",
+            path=str(path),
+            hint="pass config={...} (the keyword arguments that rebuild it), or decorate the "
+            "class with @torchkeep.capture_config",
+        )
+    flat = flatten(config)
+    if flat.tensors:
+        raise UnsupportedValueError(
+            "the model config holds tensors; they belong in the weights",
+            path=str(path),
+            hint="pass only plain values (numbers, strings, lists, dicts) in config",
+        )
+    document = {
+        "format_version": FORMAT_VERSION,
+        "torchkeep_version": __version__,
+        "torch_version": str(torch.__version__),
+        "class": class_path(type(model)),
+        "config": flat.skeleton,
+    }
+    directory = Path(path)
+    save(model.state_dict(), directory / WEIGHTS_FILE)
+    atomic_write(directory / MODEL_FILE, lambda f: f.write(json.dumps(document, indent=2).encode()))
+
+
+def load_model(
+    path: PathLike, map_location: str | torch.device | None = None, *, trust: bool = False
+) -> nn.Module:
+    """Rebuild a model saved with :func:`save_model`, weights loaded, in eval mode.
+
+    A file written by ``torch.save(model)`` (a pickled module) is loaded only with ``trust=True``,
+    since unpickling it runs code from the file.
+
+    Args:
+        path: a :func:`save_model` directory, or (with ``trust=True``) a pickled model file.
+        map_location: the device to put the model on (default: the CPU).
+        trust: allow unpickling a full-model file.
+
+    Raises:
+        ModelClassError: the class cannot be imported or rejects the saved config.
+        UnsafeCheckpointError: a pickled model without ``trust=True``.
+    """
+    p = resolve_path(path)
+    fmt = detect(p)
+    if fmt is Format.MODEL_DIR:
+        model = _rebuild(p)
+    else:
+        obj = load_file(p, map_location=map_location, trust=trust)
+        if not isinstance(obj, nn.Module):
+            raise ModelClassError(
+                "the file holds weights, not a model",
+                path=str(p),
+                hint="build the model and call torchkeep.load_into(model, path), "
+                "or save it with torchkeep.save_model",
+            )
+        model = obj
+    if map_location is not None:
+        model = model.to(map_location)
+    return model.eval()
+
+
+def _rebuild(directory: Path) -> nn.Module:
+    doc = parse_json((directory / MODEL_FILE).read_bytes(), what="model description", path=str(directory))
+    if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
+        raise CorruptCheckpointError(f"{MODEL_FILE} names no class", path=str(directory))
+    check_format_version(doc.get("format_version"), path=str(directory))
+    cls = import_model_class(doc["class"], source=str(directory))
+    config = unflatten(doc.get("config", {"$": "dict", "v": {}}), _no_tensors, source=str(directory))
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError("the model config is not a dict", path=str(directory))
+    try:
+        model = cls(**config)
+    except TypeError as exc:
+        raise ModelClassError(
+            f"{doc['class']} rejected the saved config: {exc}",
+            path=str(directory),
+            key=doc["class"],
+            hint="the class's constructor changed since saving; pass matching arguments by "
+            "building it yourself and calling torchkeep.load_into",
+        ) from exc
+    load_into(model, directory / WEIGHTS_FILE, strict=True)
+    return model
+
+
+def _no_tensors(node: dict[str, Any]) -> torch.Tensor:
+    raise CorruptCheckpointError("a model config must not refer to tensors")

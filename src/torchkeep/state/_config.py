@@ -1,0 +1,123 @@
+"""Remembering how a model was built, so that it can be rebuilt without pickle.
+
+``torchkeep.save_model`` stores a model's class as an import path plus the keyword arguments of
+its constructor. Those arguments are captured when the model is built, by decorating the class
+with :func:`capture_config` or deriving it from :class:`ConfigMixin`; ``save_model(config=...)``
+overrides them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+from torchkeep.errors import ModelClassError, UnsupportedValueError
+
+CONFIG_ATTR = "_torchkeep_config"
+T = TypeVar("T", bound=type)
+
+
+def _wrap_init(init: Callable[..., None]) -> Callable[..., None]:
+    signature = inspect.signature(init)
+    if getattr(init, "__torchkeep_wrapped__", False):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        # The outermost constructor runs its capture last, so a subclass's arguments win.
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        config: dict[str, Any] = {}
+        for i, (name, value) in enumerate(bound.arguments.items()):
+            kind = signature.parameters[name].kind
+            if i == 0:
+                continue  # self
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                config.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    config["*" + name] = list(value)
+            else:
+                config[name] = value
+        object.__setattr__(self, CONFIG_ATTR, config)
+
+    __init__.__torchkeep_wrapped__ = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def capture_config(cls: T) -> T:
+    """Class decorator: record the constructor's arguments of every instance for ``save_model``.
+
+    Example:
+        >>> @torchkeep.capture_config
+        ... class Net(nn.Module):
+        ...     def __init__(self, width: int = 64): ...
+        >>> torchkeep.save_model(Net(width=128), "net/")  # rebuilt later as Net(width=128)
+    """
+    cls.__init__ = _wrap_init(cls.__init__)  # type: ignore[misc]
+    return cls
+
+
+class ConfigMixin:
+    """Mixin with the same effect as :func:`capture_config` for a class and all its subclasses."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _wrap_init(cls.__dict__["__init__"])  # type: ignore[misc]
+
+
+def captured_config(model: nn.Module) -> dict[str, Any] | None:
+    """The constructor arguments recorded for ``model``, or ``None``."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is not None and any(k.startswith("*") for k in config):
+        raise UnsupportedValueError(
+            f"{type(model).__qualname__} was built with positional *args, which cannot be "
+            "replayed as keyword arguments",
+            hint="pass config={...} to save_model",
+        )
+    return config
+
+
+def class_path(cls: type) -> str:
+    """``package.module:QualName`` for an importable class; refuses local classes."""
+    if "<locals>" in cls.__qualname__:
+        raise ModelClassError(
+            f"{cls.__qualname__} is defined inside a function, so it cannot be imported later",
+            hint="define the class at module level in an importable module",
+        )
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_model_class(path: str, *, source: str) -> type[nn.Module]:
+    """Import the ``module:QualName`` recorded in a model directory; it must be an ``nn.Module``."""
+    module_name, _, qualname = path.partition(":")
+    if not module_name or not qualname:
+        raise ModelClassError(f"invalid class path {path!r}", path=source)
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelClassError(
+            f"cannot import the model class {path}: {exc}",
+            path=source,
+            key=path,
+            hint=f"install or put on sys.path the package that defines {qualname}"
+            + (" (classes defined in a script's __main__ only exist while it runs)"
+               if module_name == "__main__" else ""),
+        ) from exc
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelClassError(
+            f"{path} is not a torch.nn.Module subclass; refusing to call it",
+            path=source,
+            key=path,
+            hint="the model description may have been tampered with",
+        )
+    return obj

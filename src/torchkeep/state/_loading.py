@@ -1,0 +1,194 @@
+"""Loading a state dict into a module, tensor by tensor, with a report of what happened.
+
+Everything is checked before anything is copied: a load that raises leaves the module untouched.
+Tensors are copied one at a time. When the source is a safetensors file and the parameter is a
+contiguous CPU tensor of the same dtype, its bytes are read from the file straight into the
+parameter's memory (``os.preadv``), so loading needs no second copy of the weights. Otherwise the
+mapped source tensor is copied and its pages are released at once.
+
+Modules that customise loading (``_load_from_state_dict`` overrides other than the norm layers',
+load hooks, extra state) are loaded through their own ``load_state_dict`` instead, so their
+semantics are kept.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from torchkeep.errors import IncompatibleStateError
+from torchkeep.state._report import LoadReport, Mismatch
+
+# Names under which checkpoints commonly keep a model's state, tried first when scores tie.
+PREFERRED_ENTRIES = ("model_state_dict", "state_dict", "model", "module", "net", "network")
+_MAX_ENTRY_DEPTH = 3
+
+
+def _tensor_items(obj: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def find_state(module_keys: set[str], obj: Any) -> tuple[Mapping[str, Any], str]:
+    """Find the state dict for a module in a checkpoint: the whole object or an entry in it.
+
+    The candidate sharing the most keys with the module wins; ties go to the top level, then to
+    the usual names (``model_state_dict``, ``state_dict``, ``model``...).
+
+    Returns:
+        The state dict and its dotted location in ``obj`` (``""`` for the top level).
+    """
+    if not isinstance(obj, Mapping):
+        raise IncompatibleStateError(
+            f"the checkpoint holds a {type(obj).__name__}, not a state dict",
+            hint="load it with torchkeep.load and pass the state dict you want",
+        )
+    candidates: list[tuple[str, dict[str, torch.Tensor]]] = []
+
+    def collect(node: Mapping[Any, Any], where: str, depth: int) -> None:
+        tensors = _tensor_items(node)
+        if tensors:
+            candidates.append((where, tensors))
+        if depth < _MAX_ENTRY_DEPTH:
+            for k, v in node.items():
+                if isinstance(v, Mapping):
+                    collect(v, f"{where}.{k}" if where else str(k), depth + 1)
+
+    collect(obj, "", 0)
+    if not candidates:
+        raise IncompatibleStateError(
+            "the checkpoint holds no tensors keyed by name (no state dict); "
+            f"its top-level keys are {', '.join(map(str, list(obj)[:10]))}",
+            hint="pass the state dict itself, e.g. torchkeep.load(path)['model_state_dict']",
+        )
+
+    def rank(item: tuple[int, tuple[str, dict[str, torch.Tensor]]]) -> tuple[int, int, int, int]:
+        order, (where, tensors) = item
+        overlap = len(module_keys & tensors.keys())
+        name = where.rsplit(".", 1)[-1]
+        preferred = PREFERRED_ENTRIES.index(name) if name in PREFERRED_ENTRIES else len(PREFERRED_ENTRIES)
+        return (-overlap, 0 if where == "" else 1, preferred, order)
+
+    where, _ = min(enumerate(candidates), key=rank)[1]
+    node: Any = obj
+    if where:
+        for part in where.split("."):
+            node = next(v for k, v in node.items() if str(k) == part)
+    if where and len(_tensor_items(node)) != len(node):
+        node = _tensor_items(node)
+    return node, where
+
+
+def uses_custom_loading(module: nn.Module) -> bool:
+    """True when some submodule changes how ``load_state_dict`` behaves."""
+    for m in module.modules():
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return True
+        if m._state_dict_hooks or m._state_dict_pre_hooks:
+            return True
+        cls = type(m)
+        if cls.set_extra_state is not nn.Module.set_extra_state:
+            return True
+        custom = cls._load_from_state_dict is not nn.Module._load_from_state_dict
+        if custom and not isinstance(m, _NormBase):
+            return True
+    return False
+
+
+def plan(
+    module: nn.Module, state: Mapping[str, Any], *, source: str | None, entry: str
+) -> LoadReport:
+    """Compare a module's state with a checkpoint's, key by key."""
+    expected = module.state_dict(keep_vars=True)
+    missing = tuple(k for k in expected if k not in state)
+    unexpected = tuple(k for k in state if k not in expected)
+    mismatched: list[Mismatch] = []
+    loaded: list[str] = []
+    for k, target in expected.items():
+        if k not in state:
+            continue
+        value = state[k]
+        found = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+        if isinstance(target, torch.Tensor) and (
+            not isinstance(value, torch.Tensor) or tuple(target.shape) != found
+        ):
+            mismatched.append(Mismatch(key=k, expected=tuple(target.shape), found=found))
+        else:
+            loaded.append(k)
+    return LoadReport(
+        loaded=tuple(loaded),
+        missing=missing,
+        unexpected=unexpected,
+        mismatched=tuple(mismatched),
+        source=source,
+        entry=entry,
+    )
+
+
+def check(report: LoadReport, module: nn.Module, *, strict: bool, skip_mismatched: bool) -> None:
+    """Raise :class:`IncompatibleStateError` when the report breaks the caller's rules."""
+    fatal = (bool(report.missing) or bool(report.unexpected)) if strict else False
+    fatal = fatal or (bool(report.mismatched) and not skip_mismatched)
+    if not fatal:
+        return
+    where = f" from {report.source}" if report.source else ""
+    entry = f" (entry {report.entry!r})" if report.entry else ""
+    hints = []
+    if report.mismatched and not skip_mismatched:
+        hints.append("skip_mismatched=True keeps the module's own values for mismatched shapes")
+    if strict and (report.missing or report.unexpected):
+        hints.append("strict=False loads the matching keys and reports the rest")
+    raise IncompatibleStateError(
+        f"cannot load the state{where}{entry} into {type(module).__name__}: "
+        f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
+        f"{len(report.mismatched)} with another shape\n{report.table()}",
+        path=report.source,
+        report=report,
+        hint="; ".join(hints),
+    )
+
+
+DirectRead = Callable[[torch.Tensor, torch.Tensor], bool]
+
+
+def apply(
+    module: nn.Module,
+    state: Mapping[str, Any],
+    report: LoadReport,
+    *,
+    direct_read: DirectRead | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
+) -> None:
+    """Copy the keys ``report.loaded`` from ``state`` into ``module``, one tensor at a time.
+
+    Args:
+        direct_read: ``(source, target) -> bool`` copies the source's bytes straight from its
+            file into ``target`` and returns True, or returns False when it cannot.
+        release: called with each source tensor once copied, to drop its mapped pages.
+    """
+    if uses_custom_loading(module):
+        subset = {k: state[k] for k in report.loaded}
+        meta = getattr(state, "_metadata", None)
+        if meta is not None:
+            subset = _with_metadata(subset, meta)
+        module.load_state_dict(subset, strict=False)
+        return
+    targets = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key in report.loaded:
+            src, dst = state[key], targets[key]
+            if direct_read is not None and direct_read(src, dst):
+                continue
+            dst.copy_(src)
+            if release is not None:
+                release(src)
+
+
+def _with_metadata(subset: dict[str, Any], meta: Any) -> dict[str, Any]:
+    out: OrderedDict[str, Any] = OrderedDict(subset)
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
