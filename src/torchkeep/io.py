@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -31,7 +31,6 @@ from torchkeep.format import (
     flatten,
     inspect_file,
     load_file,
-    metadata_json,
     parse_json,
     read_into,
     resolve_path,
@@ -237,7 +236,12 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
     }
     directory = Path(path)
     save(model.state_dict(), directory / WEIGHTS_FILE)
-    atomic_write(directory / MODEL_FILE, lambda f: f.write(json.dumps(document, indent=2).encode()))
+    text = json.dumps(document, indent=2).encode()
+
+    def write_description(f: BinaryIO) -> None:
+        f.write(text)
+
+    atomic_write(directory / MODEL_FILE, write_description)
 
 
 def load_model(
@@ -277,12 +281,16 @@ def load_model(
 
 
 def _rebuild(directory: Path) -> nn.Module:
-    doc = parse_json((directory / MODEL_FILE).read_bytes(), what="model description", path=str(directory))
+    doc = parse_json(
+        (directory / MODEL_FILE).read_bytes(), what="model description", path=str(directory)
+    )
     if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
         raise CorruptCheckpointError(f"{MODEL_FILE} names no class", path=str(directory))
     check_format_version(doc.get("format_version"), path=str(directory))
     cls = import_model_class(doc["class"], source=str(directory))
-    config = unflatten(doc.get("config", {"$": "dict", "v": {}}), _no_tensors, source=str(directory))
+    config = unflatten(
+        doc.get("config", {"$": "dict", "v": {}}), _no_tensors, source=str(directory)
+    )
     if not isinstance(config, dict):
         raise CorruptCheckpointError("the model config is not a dict", path=str(directory))
     try:

@@ -3,7 +3,12 @@
 Everything here is private to torchkeep; the public API in :mod:`torchkeep.io` builds on it.
 """
 
-from torchkeep.format._artifact import FORMAT_VERSION, SafetensorsFile, metadata_json, write_artifact
+from torchkeep.format._artifact import (
+    FORMAT_VERSION,
+    SafetensorsFile,
+    metadata_json,
+    write_artifact,
+)
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, relocate

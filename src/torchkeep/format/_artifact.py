@@ -95,7 +95,9 @@ class SafetensorsFile:
             if not isinstance(doc, dict) or "skeleton" not in doc:
                 raise CorruptCheckpointError("the torchkeep header has no skeleton", path=path)
             check_format_version(doc.get("format_version"), path=path)
-            if not isinstance(doc.get("raw", {}), dict) or not isinstance(doc.get("metadata", {}), dict):
+            if not isinstance(doc.get("raw", {}), dict) or not isinstance(
+                doc.get("metadata", {}), dict
+            ):
                 raise CorruptCheckpointError("the torchkeep header is malformed", path=path)
             self.document = doc
 
@@ -129,7 +131,9 @@ class SafetensorsFile:
             dtype = dtype_from_name(raw["dtype"], path=self.path)
             shape = tuple(int(s) for s in raw["shape"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"bad raw entry for {key!r}", path=self.path, key=key) from exc
+            raise CorruptCheckpointError(
+                f"bad raw entry for {key!r}", path=self.path, key=key
+            ) from exc
         if entry.code != "U8" or math.prod(shape) * dtype.itemsize != entry.nbytes:
             raise CorruptCheckpointError(
                 f"tensor {key!r}: {raw['dtype']} {list(shape)} does not match its {entry.nbytes} bytes",
@@ -161,12 +165,12 @@ class SafetensorsFile:
         done: dict[str, torch.Tensor] = {}
 
         def tensor_for(node: dict[str, Any]) -> torch.Tensor:
-            key, location, view = node.get("k"), str(node.get("dev", "cpu")), node.get("view")
+            key, location, view = str(node.get("k")), str(node.get("dev", "cpu")), node.get("view")
             ident = json.dumps([key, location, view, node.get("param"), node.get("rg")])
             if ident in done:
                 return done[ident]
             if (key, location) not in bases:
-                base = self.tensor(key)  # type: ignore[arg-type]
+                base = self.tensor(key)
                 if view is not None and base.data_ptr() % 16:
                     base = base.clone()  # views of any dtype need an aligned base
                 bases[(key, location)] = relocate(
@@ -198,7 +202,9 @@ def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str) -> torch.Ten
         raise CorruptCheckpointError(f"bad view of tensor {key!r}: {view!r}", path=path, key=key)
     extent = 0
     if all(shape):
-        extent = (sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1) * dtype.itemsize
+        extent = (
+            sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
+        ) * dtype.itemsize
     base_bytes = base.numel() * base.element_size()
     if offset + extent > base_bytes:
         raise CorruptCheckpointError(

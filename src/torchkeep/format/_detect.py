@@ -17,6 +17,7 @@ torchkeep-model     a directory with ``torchkeep_model.json`` (``torchkeep.save_
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
 from enum import StrEnum
@@ -40,7 +41,7 @@ class Format(StrEnum):
     MODEL_DIR = "torchkeep-model"
 
 
-def resolve_path(path: str | Path) -> Path:
+def resolve_path(path: str | os.PathLike[str]) -> Path:
     """``path`` itself when it is a file; in a directory, the checkpoint file it holds."""
     p = Path(path)
     if not p.exists():

@@ -10,9 +10,7 @@ import torch
 
 from torchkeep.errors import TorchkeepError
 
-MapLocation: TypeAlias = (
-    str | torch.device | Mapping[str, str] | Callable[[Any, str], Any] | None
-)
+MapLocation: TypeAlias = str | torch.device | Mapping[str, str] | Callable[[Any, str], Any] | None
 
 
 def target_device(location: str, map_location: MapLocation) -> str:
@@ -38,7 +36,7 @@ def relocate(
             result = map_location(own.untyped_storage(), location)
             if result is None:
                 return relocate(own, location, None, key=key, path=path)
-            storage = getattr(result, "_untyped_storage", result)
+            storage: Any = getattr(result, "_untyped_storage", result)
             return torch.empty(0, dtype=t.dtype, device=storage.device).set_(
                 storage, 0, own.shape, own.stride()
             )

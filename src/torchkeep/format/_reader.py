@@ -65,7 +65,9 @@ def _shard_files(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise CorruptCheckpointError("weight_map must map tensor names to file names", path=str(index))
+        raise CorruptCheckpointError(
+            "weight_map must map tensor names to file names", path=str(index)
+        )
     for name in set(weight_map.values()):
         if Path(name).name != name or name in ("", ".", "..") or "\\" in name:
             raise CorruptCheckpointError(
@@ -93,7 +95,9 @@ def _load_sharded(
         if detect(shard) not in (Format.SAFETENSORS, Format.TORCH_ZIP, Format.TORCH_LEGACY):
             raise CorruptCheckpointError(f"shard {name} is not a tensor file", path=str(shard))
         part = load_file(shard, map_location=map_location, dtype=dtype, trust=trust)
-        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+        if not isinstance(part, dict) or not all(
+            isinstance(v, torch.Tensor) for v in part.values()
+        ):
             raise CorruptCheckpointError(f"shard {name} is not a flat state dict", path=str(shard))
         merged.update(part)
     missing = [k for k, v in weight_map.items() if k not in merged]
@@ -166,7 +170,9 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
         obj, metadata, version = st.load(), st.metadata, st.format_version
         fmt = Format(st.format)
     elif fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
-        obj = load_torch(str(p), map_location="cpu", trust=False, zip_format=fmt is Format.TORCH_ZIP)
+        obj = load_torch(
+            str(p), map_location="cpu", trust=False, zip_format=fmt is Format.TORCH_ZIP
+        )
         doc = read_document(str(p)) if fmt is Format.TORCH_ZIP else None
         if doc is not None:
             metadata, version = dict(doc.get("metadata") or {}), str(doc["format_version"])
@@ -184,6 +190,3 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
         metadata=metadata,
         format_version=version,
     )
-
-
-

@@ -86,7 +86,9 @@ def parse_json(data: bytes | str, *, what: str, path: str) -> Any:
     try:
         return json.loads(data, object_pairs_hook=_reject_duplicates, parse_constant=no_constants)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"the {what} is not valid JSON: {exc}", path=path, hint=_HINT) from exc
+        raise CorruptCheckpointError(
+            f"the {what} is not valid JSON: {exc}", path=path, hint=_HINT
+        ) from exc
 
 
 def _is_int(x: Any) -> bool:
@@ -118,7 +120,9 @@ class MappedFile:
     def read(self, start: int, end: int) -> bytes:
         return b"" if self._map is None else self._map[start:end]
 
-    def tensor(self, start: int, end: int, dtype: torch.dtype, shape: Iterable[int]) -> torch.Tensor:
+    def tensor(
+        self, start: int, end: int, dtype: torch.dtype, shape: Iterable[int]
+    ) -> torch.Tensor:
         """The bytes ``[start, end)`` as a tensor of ``dtype`` and ``shape`` (copied if misaligned)."""
         shape = tuple(shape)
         if start == end or self._map is None:
@@ -134,7 +138,7 @@ class MappedFile:
         if self._map is None or t.device.type != "cpu" or not t.is_contiguous():
             return None
         offset = t.data_ptr() - self._addr
-        if 0 <= offset and offset + t.numel() * t.element_size() <= self.size:
+        if offset >= 0 and offset + t.numel() * t.element_size() <= self.size:
             return offset
         return None
 
@@ -208,7 +212,9 @@ def read_header(mapped: MappedFile) -> Header:
     position = data_start
     for e in entries:
         if e.start != position:
-            kind = "overlaps the previous tensor" if e.start < position else "leaves a gap before it"
+            kind = (
+                "overlaps the previous tensor" if e.start < position else "leaves a gap before it"
+            )
             raise bad(f"tensor {e.key!r} {kind} (offset {e.start - data_start})", e.key)
         position = e.end
     if position > size:
@@ -230,7 +236,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def raw_dtypes(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -242,7 +248,9 @@ def raw_dtypes(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     """Stream ``tensors`` to ``f`` in the safetensors layout.
 
     Tensors whose dtype safetensors does not know are written as raw ``U8`` bytes (see
@@ -256,9 +264,17 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: d
         nbytes = t.numel() * t.element_size()
         code = TORCH_TO_SAFETENSORS.get(t.dtype)
         if code is None:
-            header[key] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [offset, offset + nbytes]}
+            header[key] = {
+                "dtype": "U8",
+                "shape": [nbytes],
+                "data_offsets": [offset, offset + nbytes],
+            }
         else:
-            header[key] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+            header[key] = {
+                "dtype": code,
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * ((-(8 + len(blob))) % ALIGN)
@@ -272,7 +288,7 @@ def read_into(fd: int, start: int, nbytes: int, out: torch.Tensor, *, path: str)
     """Read ``nbytes`` at ``start`` straight into the memory of the contiguous CPU tensor ``out``."""
     if nbytes == 0:
         return
-    view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
+    view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], start + done)

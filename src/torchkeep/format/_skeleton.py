@@ -50,7 +50,9 @@ def _where(path: tuple[Any, ...]) -> str:
 
 
 def _unsupported(path: tuple[Any, ...], what: str, hint: str) -> UnsupportedValueError:
-    return UnsupportedValueError(f"cannot store {what} at {_where(path)}", key=_where(path), hint=hint)
+    return UnsupportedValueError(
+        f"cannot store {what} at {_where(path)}", key=_where(path), hint=hint
+    )
 
 
 class _Flattener:
@@ -60,7 +62,9 @@ class _Flattener:
 
     def encode(self, value: Any, path: tuple[Any, ...]) -> Any:
         if len(path) > MAX_DEPTH:
-            raise _unsupported(path, f"a structure nested deeper than {MAX_DEPTH} levels", "flatten it")
+            raise _unsupported(
+                path, f"a structure nested deeper than {MAX_DEPTH} levels", "flatten it"
+            )
         kind = type(value)
         if value is None or kind is bool or kind is str:
             return value
@@ -77,7 +81,10 @@ class _Flattener:
                 raise _unsupported(path, f"a numpy {value.dtype} scalar", "convert it to str")
             return {"$": "np", "dtype": value.dtype.str, "v": self.encode(value.item(), path)}
         if kind is complex:
-            return {"$": "complex", "v": [self.encode(value.real, path), self.encode(value.imag, path)]}
+            return {
+                "$": "complex",
+                "v": [self.encode(value.real, path), self.encode(value.imag, path)],
+            }
         if kind is bytes:
             return {"$": "bytes", "v": base64.b64encode(value).decode("ascii")}
         if kind is torch.Size:
@@ -127,7 +134,9 @@ class _Flattener:
             type(key) is tuple and all(isinstance(k, _SCALAR_KEY_TYPES) for k in key)
         ):
             return self.encode(key, path)
-        raise _unsupported(path, f"a dict key of type {type(key).__qualname__}", "use str or int keys")
+        raise _unsupported(
+            path, f"a dict key of type {type(key).__qualname__}", "use str or int keys"
+        )
 
     def _tensor(self, t: torch.Tensor, path: tuple[Any, ...]) -> dict[str, Any]:
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
@@ -161,7 +170,9 @@ class _Flattener:
 
     def _ndarray(self, a: np.ndarray, path: tuple[Any, ...]) -> dict[str, Any]:
         if a.dtype.kind not in "biufc" or a.dtype.byteorder == ">":
-            raise _unsupported(path, f"a numpy array of dtype {a.dtype}", "convert it with .tolist()")
+            raise _unsupported(
+                path, f"a numpy array of dtype {a.dtype}", "convert it with .tolist()"
+            )
         t = torch.from_numpy(np.array(a, copy=True, order="C"))
         node = self._tensor(t, path)
         node["$"] = "ndarray"
@@ -232,7 +243,7 @@ class _Flattener:
 
 
 def _view_spec(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
-    return (t.storage_offset() * t.element_size(), tuple(t.shape), tuple(t.stride()), t.dtype)
+    return (int(t.storage_offset()) * t.element_size(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def _extent_bytes(spec: tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]) -> int:
@@ -281,7 +292,9 @@ def tensor_nodes(skeleton: Any) -> list[dict[str, Any]]:
 
 
 class _Decoder:
-    def __init__(self, tensor: Callable[[dict[str, Any]], torch.Tensor], source: str | None) -> None:
+    def __init__(
+        self, tensor: Callable[[dict[str, Any]], torch.Tensor], source: str | None
+    ) -> None:
         self.tensor = tensor
         self.source = source
 
@@ -308,7 +321,9 @@ class _Decoder:
                 if not isinstance(v, list):
                     raise self.fail(f"a {tag} without items")
                 items = [self.decode(x, depth + 1) for x in v]
-                return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+                return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](
+                    items
+                )
             if tag in ("tensor", "ndarray"):
                 t = self.tensor(node)
                 return t.numpy() if tag == "ndarray" else t

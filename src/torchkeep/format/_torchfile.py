@@ -16,6 +16,7 @@ import json
 import pickle
 import warnings
 import zipfile
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import torch
@@ -97,10 +98,14 @@ def load_torch(path: str, *, map_location: MapLocation, trust: bool, zip_format:
                 globals=list(scan.unsafe),
                 hint=_TRUST_HINT,
             )
+    if isinstance(map_location, Mapping):
+        map_location = dict(map_location)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=not trust, mmap=zip_format)
+            return torch.load(  # type: ignore[no-any-return]
+                path, map_location=map_location, weights_only=not trust, mmap=zip_format
+            )
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text or "weights_only" in text.lower():

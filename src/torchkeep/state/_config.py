@@ -60,7 +60,7 @@ def capture_config(cls: T) -> T:
         ...     def __init__(self, width: int = 64): ...
         >>> torchkeep.save_model(Net(width=128), "net/")  # rebuilt later as Net(width=128)
     """
-    cls.__init__ = _wrap_init(cls.__init__)  # type: ignore[misc]
+    cls.__init__ = _wrap_init(cls.__init__)  # type: ignore[misc,method-assign]
     return cls
 
 
@@ -70,7 +70,7 @@ class ConfigMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
-            cls.__init__ = _wrap_init(cls.__dict__["__init__"])  # type: ignore[misc]
+            cls.__init__ = _wrap_init(cls.__dict__["__init__"])  # type: ignore[misc,method-assign]
 
 
 def captured_config(model: nn.Module) -> dict[str, Any] | None:
@@ -110,8 +110,11 @@ def import_model_class(path: str, *, source: str) -> type[nn.Module]:
             path=source,
             key=path,
             hint=f"install or put on sys.path the package that defines {qualname}"
-            + (" (classes defined in a script's __main__ only exist while it runs)"
-               if module_name == "__main__" else ""),
+            + (
+                " (classes defined in a script's __main__ only exist while it runs)"
+                if module_name == "__main__"
+                else ""
+            ),
         ) from exc
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ModelClassError(

@@ -70,7 +70,9 @@ def find_state(module_keys: set[str], obj: Any) -> tuple[Mapping[str, Any], str]
         order, (where, tensors) = item
         overlap = len(module_keys & tensors.keys())
         name = where.rsplit(".", 1)[-1]
-        preferred = PREFERRED_ENTRIES.index(name) if name in PREFERRED_ENTRIES else len(PREFERRED_ENTRIES)
+        preferred = (
+            PREFERRED_ENTRIES.index(name) if name in PREFERRED_ENTRIES else len(PREFERRED_ENTRIES)
+        )
         return (-overlap, 0 if where == "" else 1, preferred, order)
 
     where, _ = min(enumerate(candidates), key=rank)[1]

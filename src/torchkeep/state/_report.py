@@ -56,14 +56,19 @@ class LoadReport:
 
     def table(self) -> str:
         """A plain-text table of every key that did not load cleanly (empty when ``ok``)."""
-        rows = [(m.key, "shape mismatch", _shape(m.expected), _shape(m.found)) for m in self.mismatched]
+        rows = [
+            (m.key, "shape mismatch", _shape(m.expected), _shape(m.found)) for m in self.mismatched
+        ]
         rows += [(k, "missing", "present", "-") for k in self.missing]
         rows += [(k, "unexpected", "-", "present") for k in self.unexpected]
         if not rows:
             return ""
         header = ("key", "problem", "expected (module)", "found (checkpoint)")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]
+        ]
         return "\n".join(lines)
 
     def __str__(self) -> str:
