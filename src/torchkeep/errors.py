@@ -51,8 +51,10 @@ class TorchkeepError(Exception):
         key: the tensor or entry involved, when there is one.
         expected: what torchkeep expected to find.
         actual: what it found.
-        hint: the way out, shown on its own line.
+        hint: the way out, shown on its own line (defaults to the class's ``default_hint``).
     """
+
+    default_hint: str | None = None
 
     def __init__(
         self,
@@ -70,7 +72,7 @@ class TorchkeepError(Exception):
         self.key = key
         self.expected = expected
         self.actual = actual
-        self.hint = hint
+        self.hint = hint if hint is not None else self.default_hint
 
     def __str__(self) -> str:
         text = self.message
@@ -84,9 +86,13 @@ class TorchkeepError(Exception):
 class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
     """Nothing readable exists at the given path or reference."""
 
+    default_hint = "check the path"
+
 
 class CorruptCheckpointError(TorchkeepError, ValueError):
     """The bytes are damaged, truncated, or do not match any format torchkeep reads."""
+
+    default_hint = "the file is damaged, truncated or was altered; restore it from a copy"
 
 
 class FormatVersionError(CorruptCheckpointError):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from torchkeep._version import __version__
-from torchkeep.errors import CorruptCheckpointError, ModelClassError, UnsupportedValueError
+from torchkeep.errors import ModelClassError, UnsupportedValueError
 from torchkeep.format import (
     FORMAT_VERSION,
     MODEL_FILE,
@@ -31,14 +31,12 @@ from torchkeep.format import (
     flatten,
     inspect_file,
     load_file,
-    parse_json,
     read_into,
+    read_model_description,
     resolve_path,
-    unflatten,
     write_artifact,
     write_torch,
 )
-from torchkeep.format._artifact import check_format_version
 from torchkeep.state import (
     LoadReport,
     apply,
@@ -281,31 +279,17 @@ def load_model(
 
 
 def _rebuild(directory: Path) -> nn.Module:
-    doc = parse_json(
-        (directory / MODEL_FILE).read_bytes(), what="model description", path=str(directory)
-    )
-    if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
-        raise CorruptCheckpointError(f"{MODEL_FILE} names no class", path=str(directory))
-    check_format_version(doc.get("format_version"), path=str(directory))
-    cls = import_model_class(doc["class"], source=str(directory))
-    config = unflatten(
-        doc.get("config", {"$": "dict", "v": {}}), _no_tensors, source=str(directory)
-    )
-    if not isinstance(config, dict):
-        raise CorruptCheckpointError("the model config is not a dict", path=str(directory))
+    class_name, config = read_model_description(directory)
+    cls = import_model_class(class_name, source=str(directory))
     try:
         model = cls(**config)
     except TypeError as exc:
         raise ModelClassError(
-            f"{doc['class']} rejected the saved config: {exc}",
+            f"{class_name} rejected the saved config: {exc}",
             path=str(directory),
-            key=doc["class"],
+            key=class_name,
             hint="the class's constructor changed since saving; pass matching arguments by "
             "building it yourself and calling torchkeep.load_into",
         ) from exc
     load_into(model, directory / WEIGHTS_FILE, strict=True)
     return model
-
-
-def _no_tensors(node: dict[str, Any]) -> torch.Tensor:
-    raise CorruptCheckpointError("a model config must not refer to tensors")

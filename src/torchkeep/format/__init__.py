@@ -12,7 +12,13 @@ from torchkeep.format._artifact import (
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, relocate
-from torchkeep.format._reader import WEIGHTS_FILE, describe, inspect_file, load_file
+from torchkeep.format._reader import (
+    WEIGHTS_FILE,
+    describe,
+    inspect_file,
+    load_file,
+    read_model_description,
+)
 from torchkeep.format._safetensors import parse_json, read_into
 from torchkeep.format._skeleton import flatten, unflatten
 from torchkeep.format._torchfile import write_torch
@@ -34,6 +40,7 @@ __all__ = [
     "metadata_json",
     "parse_json",
     "read_into",
+    "read_model_description",
     "relocate",
     "resolve_path",
     "unflatten",

@@ -57,6 +57,21 @@ def metadata_json(metadata: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise UnsupportedValueError("metadata must be a dict", hint="pass metadata={'key': value}")
+
+    def check_keys(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise UnsupportedValueError(
+                        f"metadata key {k!r} at {where} is not a string; JSON would turn it into {str(k)!r}",
+                        hint="use string keys in metadata",
+                    )
+                check_keys(v, f"{where}[{k!r}]")
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                check_keys(v, f"{where}[{i}]")
+
+    check_keys(metadata, "metadata")
     try:
         return json.loads(json.dumps(metadata, allow_nan=False))  # type: ignore[no-any-return]
     except (TypeError, ValueError) as exc:
@@ -129,10 +144,12 @@ class SafetensorsFile:
             return entry.dtype, entry.shape
         try:
             dtype = dtype_from_name(raw["dtype"], path=self.path)
-            shape = tuple(int(s) for s in raw["shape"])
+            shape = tuple(raw["shape"])
+            if not all(type(s) is int and s >= 0 for s in shape):
+                raise ValueError(f"invalid shape {raw['shape']!r}")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(
-                f"bad raw entry for {key!r}", path=self.path, key=key
+                f"bad raw entry for {key!r}: {exc}", path=self.path, key=key
             ) from exc
         if entry.code != "U8" or math.prod(shape) * dtype.itemsize != entry.nbytes:
             raise CorruptCheckpointError(

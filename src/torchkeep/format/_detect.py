@@ -16,6 +16,7 @@ torchkeep-model     a directory with ``torchkeep_model.json`` (``torchkeep.save_
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import struct
@@ -47,9 +48,10 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         hint = "check the path"
         if p.parent.is_dir():
-            near = sorted(q.name for q in p.parent.iterdir() if not q.name.startswith("."))[:8]
+            names = [q.name for q in p.parent.iterdir() if not q.name.startswith(".")]
+            near = difflib.get_close_matches(p.name, names, n=5, cutoff=0.5)
             if near:
-                hint = f"check the path; {p.parent} holds: {', '.join(near)}"
+                hint = f"check the path; did you mean {' or '.join(near)} in {p.parent}?"
         raise CheckpointNotFoundError("no such file or directory", path=str(p), hint=hint)
     if not p.is_dir():
         return p
@@ -81,8 +83,8 @@ def detect(path: Path) -> Format:
         return Format.TORCH_LEGACY
     if len(head) == 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
-        if n + 8 <= size:
-            return Format.SAFETENSORS  # torchkeep or plain: the reader looks at the header
+        if n <= 100 * 1024 * 1024:
+            return Format.SAFETENSORS  # torchkeep or plain: the reader validates the header
     if head.lstrip()[:1] == b"{" and size < 64 * 1024 * 1024:
         try:
             doc = json.loads(path.read_bytes())

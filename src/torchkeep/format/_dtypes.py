@@ -48,7 +48,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def dtype_from_name(name: str, *, path: str | None = None) -> torch.dtype:
     """The torch dtype called ``name`` (``"float32"``, ``"torch.float32"``)."""
-    dtype = _ALL_TORCH_DTYPES.get(name.removeprefix("torch."))
+    dtype = _ALL_TORCH_DTYPES.get(name.removeprefix("torch.")) if isinstance(name, str) else None
     if dtype is None:
         raise CorruptCheckpointError(
             f"unknown dtype {name!r}",
@@ -56,7 +56,3 @@ def dtype_from_name(name: str, *, path: str | None = None) -> torch.dtype:
             hint="the file may come from a newer torch; upgrade torch and torchkeep",
         )
     return dtype
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size() if dtype.is_complex else dtype.itemsize

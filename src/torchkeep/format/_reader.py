@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -15,12 +16,13 @@ from torchkeep.errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
-from torchkeep.format._artifact import SafetensorsFile
+from torchkeep.format._artifact import SafetensorsFile, check_format_version
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
 from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, cast, map_tensors
 from torchkeep.format._safetensors import parse_json
+from torchkeep.format._skeleton import unflatten
 from torchkeep.format._torchfile import load_torch, read_document
 
 WEIGHTS_FILE = "model.safetensors"
@@ -110,6 +112,23 @@ def _load_sharded(
     return merged
 
 
+def _no_tensor(node: dict[str, Any]) -> torch.Tensor:
+    raise CorruptCheckpointError("a model config must not refer to tensors")
+
+
+def read_model_description(directory: Path) -> tuple[str, dict[str, Any]]:
+    """The class path and constructor config recorded by ``save_model`` in ``directory``."""
+    source = str(directory)
+    doc = parse_json((directory / MODEL_FILE).read_bytes(), what="model description", path=source)
+    if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
+        raise CorruptCheckpointError(f"{MODEL_FILE} names no class", path=source)
+    check_format_version(doc.get("format_version"), path=source)
+    config = unflatten(doc.get("config", {"$": "dict", "v": {}}), _no_tensor, source=source)
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError("the model config is not a dict", path=source)
+    return doc["class"], config
+
+
 def describe(obj: Any) -> list[TensorInfo]:
     """List every tensor of a loaded structure by dotted path, marking storage shared with another."""
     out: list[TensorInfo] = []
@@ -154,8 +173,12 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
     size = p.stat().st_size
     if fmt is Format.MODEL_DIR:
         inner = inspect_file(p / WEIGHTS_FILE)
-        doc = parse_json((p / MODEL_FILE).read_bytes(), what="model description", path=str(p))
-        meta = {**(doc if isinstance(doc, dict) else {}), **inner.metadata}
+        class_path, config = read_model_description(p)
+        meta = {
+            "class": class_path,
+            "config": json.loads(json.dumps(config, default=str)),
+            **inner.metadata,
+        }
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         return CheckpointInfo(
             path=str(p),

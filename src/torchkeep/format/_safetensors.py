@@ -190,7 +190,7 @@ def read_header(mapped: MappedFile) -> Header:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {key!r} needs exactly dtype, shape and data_offsets", key)
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {key!r} has an unsupported dtype {code!r}", key)
         if not (isinstance(shape, list) and all(_is_int(s) for s in shape)):
             raise bad(f"tensor {key!r} has an invalid shape {shape!r}", key)
@@ -276,7 +276,7 @@ def write_safetensors(
                 "data_offsets": [offset, offset + nbytes],
             }
         offset += nbytes
-    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob = json.dumps(header, separators=(",", ":")).encode("ascii")
     blob += b" " * ((-(8 + len(blob))) % ALIGN)
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)

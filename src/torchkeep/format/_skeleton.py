@@ -342,7 +342,7 @@ class _Decoder:
                 return torch.device(v)  # type: ignore[arg-type]
             if tag == "np":
                 return np.dtype(node["dtype"]).type(self.decode(v, depth + 1))
-        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             if isinstance(exc, CorruptCheckpointError):
                 raise
             raise self.fail(f"bad {tag!r} node ({exc})") from exc

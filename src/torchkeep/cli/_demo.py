@@ -1,0 +1,329 @@
+"""``torchkeep demo``: the whole workflow on synthetic data, on the CPU, in a few seconds.
+
+The demo is a list of steps (:data:`STEPS`), each a function of the shared :class:`DemoRun`,
+so that later features (checkpoint manager, resume, export) are one more step each. A step
+reads what earlier steps left on the run and adds its own results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+import torchkeep as tk
+from torchkeep.cli._demo_model import DemoData, DemoMLP, make_data
+from torchkeep.cli._inspect import render_info
+from torchkeep.cli._output import (
+    Column,
+    fail,
+    handle_errors,
+    human_bytes,
+    is_terminal,
+    print_heading,
+    print_kv,
+    print_line,
+    print_table,
+    stdout_console,
+)
+
+__all__ = ["STEPS", "DemoRun", "demo_command", "register"]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+MODEL_DIR_NAME = "model"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo`` to the ``torchkeep`` app."""
+    app.command("demo")(demo_command)
+
+
+@dataclass
+class DemoRun:
+    """What the steps share: the options, then each step's results.
+
+    Fields without a default are set by the step that produces them.
+    """
+
+    workdir: Path
+    epochs: int
+    seed: int
+    hparams: dict[str, Any]
+    data: DemoData = field(init=False)
+    model: DemoMLP = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    #: check name -> whether reloaded predictions equal the trained model's, bit for bit.
+    identical: dict[str, bool] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.workdir / CHECKPOINT_NAME
+
+    @property
+    def model_dir(self) -> Path:
+        return self.workdir / MODEL_DIR_NAME
+
+
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    model.eval()
+    with torch.no_grad():
+        out: Tensor = model(x)
+    return out
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def step_data(run: DemoRun) -> None:
+    """Make a seeded synthetic classification dataset."""
+    run.data = make_data(run.seed)
+    d = run.data
+    print_kv(
+        [
+            ("train samples", len(d.x_train)),
+            ("validation samples", len(d.x_val)),
+            ("features", d.in_features),
+            ("classes", d.num_classes),
+        ]
+    )
+
+
+def _epoch(run: DemoRun, on_batch: Callable[[], None]) -> tuple[float, float, float]:
+    model, opt, d = run.model, run.optimizer, run.data
+    batch = int(run.hparams["batch_size"])
+    gen = torch.Generator().manual_seed(run.seed + len(run.train_losses))
+    order = torch.randperm(len(d.x_train), generator=gen)
+    model.train()
+    total = 0.0
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
+        torch.autograd.backward(loss)  # typed, unlike Tensor.backward
+        opt.step()
+        total += loss.item() * len(idx)
+        on_batch()
+    logits = _predict(model, d.x_val)
+    val_loss = nn.functional.cross_entropy(logits, d.y_val).item()
+    accuracy = (logits.argmax(dim=1) == d.y_val).float().mean().item()
+    return total / len(order), val_loss, accuracy
+
+
+def step_train(run: DemoRun) -> None:
+    """Train the MLP with Adam, validating after every epoch."""
+    h = run.hparams
+    # Seeds the global RNG too: weight initialisation and dropout masks draw from it.
+    torch.manual_seed(run.seed)
+    run.model = DemoMLP(
+        in_features=run.data.in_features,
+        hidden=int(h["hidden"]),
+        out_features=run.data.num_classes,
+        dropout=float(h["dropout"]),
+    )
+    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=float(h["lr"]))
+    batches = -(-len(run.data.x_train) // int(h["batch_size"]))
+
+    def line(epoch: int, tr: float, va: float, acc: float) -> str:
+        losses = f"train_loss {tr:.4f}  val_loss {va:.4f}  val_acc {acc:.3f}"
+        return f"epoch {epoch}/{run.epochs}  {losses}"
+
+    def record(tr: float, va: float, acc: float) -> None:
+        run.train_losses.append(tr)
+        run.val_losses.append(va)
+        run.val_accuracy.append(acc)
+
+    if not is_terminal():
+        for epoch in range(1, run.epochs + 1):
+            tr, va, acc = _epoch(run, lambda: None)
+            record(tr, va, acc)
+            print_line(line(epoch, tr, va, acc))
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=stdout_console()) as progress:
+        task = progress.add_task("training", total=run.epochs * batches)
+        for epoch in range(1, run.epochs + 1):
+            progress.update(task, description=f"epoch {epoch}/{run.epochs}")
+            tr, va, acc = _epoch(run, lambda: progress.advance(task))
+            record(tr, va, acc)
+            progress.console.print(line(epoch, tr, va, acc), markup=False)
+
+
+def step_save(run: DemoRun) -> None:
+    """Save a tutorial-style checkpoint dict with tk.save, and the model with tk.save_model."""
+    # A previous demo's outputs in the same --workdir are overwritten, atomically, by the API.
+    checkpoint = {
+        "epoch": run.epochs,
+        "model_state_dict": run.model.state_dict(),
+        "optimizer_state_dict": run.optimizer.state_dict(),
+        "loss": run.train_losses[-1],
+        "val_loss": run.val_losses[-1],
+        "val_accuracy": run.val_accuracy[-1],
+    }
+    metadata = {
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "torchkeep_version": tk.__version__,
+        "hyperparameters": run.hparams,
+        "train_losses": run.train_losses,
+        "val_losses": run.val_losses,
+    }
+    tk.save(checkpoint, run.checkpoint, metadata=metadata)
+    tk.save_model(run.model, run.model_dir, config=run.model.config)
+    print_kv(
+        [
+            ("tk.save", f"{run.checkpoint} ({human_bytes(_disk_bytes(run.checkpoint))})"),
+            ("tk.save_model", f"{run.model_dir} ({human_bytes(_disk_bytes(run.model_dir))})"),
+        ]
+    )
+
+
+def step_load_into(run: DemoRun) -> None:
+    """Load the checkpoint into a freshly built model and compare predictions."""
+    torch.manual_seed(run.seed + 1)  # a different initialisation than the trained model
+    fresh = DemoMLP(**run.model.config)
+    expected = _predict(run.model, run.data.x_val)
+    differs_before = not torch.equal(_predict(fresh, run.data.x_val), expected)
+    report = tk.load_into(fresh, run.checkpoint)
+    print_kv(
+        [
+            ("source", report.source),
+            ("entry", report.entry or "(the whole file)"),
+            ("loaded", len(report.loaded)),
+            ("missing", len(report.missing)),
+            ("unexpected", len(report.unexpected)),
+            ("mismatched", len(report.mismatched)),
+        ],
+        title="LoadReport",
+    )
+    if not report.ok:
+        print_line(report.table())
+    run.identical["load_into"] = torch.equal(_predict(fresh, run.data.x_val), expected)
+    print_line()
+    print_line(f"fresh model differed before loading: {_yes(differs_before)}")
+    print_line(f"predictions identical after tk.load_into: {_yes(run.identical['load_into'])}")
+
+
+def step_load_model(run: DemoRun) -> None:
+    """Rebuild the model from its directory with tk.load_model and compare predictions."""
+    model = tk.load_model(run.model_dir)
+    expected = _predict(run.model, run.data.x_val)
+    run.identical["load_model"] = torch.equal(_predict(model, run.data.x_val), expected)
+    print_line(f"rebuilt {type(model).__module__}.{type(model).__qualname__} (eval mode)")
+    print_line(f"predictions identical after tk.load_model: {_yes(run.identical['load_model'])}")
+
+
+def step_inspect(run: DemoRun) -> None:
+    """Show what the checkpoint file holds, as `torchkeep inspect` does."""
+    render_info(tk.inspect(run.checkpoint))
+
+
+def step_summary(run: DemoRun) -> None:
+    """Print the outcome in one table."""
+    print_table(
+        [Column("what"), Column("value")],
+        [
+            ("epochs", run.epochs),
+            ("final train loss", f"{run.train_losses[-1]:.4f}"),
+            ("final val loss", f"{run.val_losses[-1]:.4f}"),
+            ("final val accuracy", f"{run.val_accuracy[-1]:.3f}"),
+            ("checkpoint", f"{run.checkpoint} ({human_bytes(_disk_bytes(run.checkpoint))})"),
+            ("model dir", f"{run.model_dir} ({human_bytes(_disk_bytes(run.model_dir))})"),
+            *((f"predictions identical ({k})", _yes(v)) for k, v in run.identical.items()),
+            ("elapsed", f"{time.perf_counter() - run.started:.1f} s"),
+        ],
+    )
+
+
+#: The demo, in order: (title, step). Later features add a step here.
+STEPS: list[tuple[str, Callable[[DemoRun], None]]] = [
+    ("Make a synthetic dataset", step_data),
+    ("Train a small MLP", step_train),
+    ("Save a checkpoint (tk.save) and the model (tk.save_model)", step_save),
+    ("Load into a fresh model (tk.load_into)", step_load_into),
+    ("Rebuild the model (tk.load_model)", step_load_model),
+    ("Inspect the checkpoint (tk.inspect)", step_inspect),
+    ("Summary", step_summary),
+]
+
+
+@handle_errors
+def demo_command(
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir",
+            file_okay=False,
+            dir_okay=True,
+            show_default=False,
+            help=(
+                "Directory for the files the demo writes: checkpoint.safetensors and model/ "
+                "(created if missing; a previous demo's files are overwritten). "
+                "Default: a fresh temporary directory, printed."
+            ),
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data and the model.")] = 0,
+) -> None:
+    """Train, checkpoint, reload and inspect a small model on synthetic data (CPU, seconds).
+
+    Exits with 1 when a reloaded model does not predict exactly what the trained one does.
+    """
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="torchkeep-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = DemoRun(
+        workdir=workdir.resolve(),
+        epochs=epochs,
+        seed=seed,
+        hparams={"lr": 1e-2, "batch_size": 64, "hidden": 64, "dropout": 0.1, "epochs": epochs},
+    )
+    print_line(f"torchkeep {tk.__version__} demo, torch {torch.__version__}, CPU")
+    print_line(f"workdir: {run.workdir}")
+    # The tensors are tiny: extra threads only add synchronisation, which costs seconds on a
+    # busy machine. Restored afterwards for callers that run the command in-process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, (title, step) in enumerate(STEPS, start=1):
+            print_line()
+            print_heading(f"Step {i}/{len(STEPS)}: {title}")
+            step(run)
+    finally:
+        torch.set_num_threads(threads)
+
+    identical = all(run.identical.values())
+    print_line()
+    print_line(f"predictions identical: {'yes' if identical else 'no'}")
+    if not identical:
+        failed = ", ".join(k for k, v in run.identical.items() if not v)
+        fail(f"predictions differ after reloading with {failed}")

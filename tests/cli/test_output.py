@@ -1,0 +1,158 @@
+"""The output helpers every command shares: tables, JSON, sizes and error reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import torchkeep as tk
+from torchkeep.cli._output import (
+    Column,
+    compact_json,
+    emit_json,
+    format_shape,
+    handle_errors,
+    human_bytes,
+    print_kv,
+    print_table,
+)
+from torchkeep.errors import CorruptCheckpointError
+
+from ._helpers import ANSI, BOX
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (int(1.2 * 1024**2), "1.2 MiB"),
+        (5 * 1024**3, "5.0 GiB"),
+        (3 * 1024**5, "3.0 PiB"),
+        (2048 * 1024**5, "2048.0 PiB"),
+    ],
+)
+def test_human_bytes(n: int, text: str) -> None:
+    assert human_bytes(n) == text
+
+
+def test_format_shape_and_compact_json() -> None:
+    assert format_shape((3, 4)) == "(3, 4)"
+    assert format_shape(()) == "()"
+    assert compact_json("plain text") == "plain text"
+    assert compact_json({"a": [1, 2], "b": None}) == '{"a":[1,2],"b":null}'
+    assert compact_json(0.5) == "0.5"
+
+
+def test_emit_json_handles_tuples_paths_and_non_finite(capsys: pytest.CaptureFixture[str]) -> None:
+    emit_json({"shape": (2, 3), "path": Path("/x/y"), "loss": float("nan"), "tags": {"b", "a"}})
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"shape": [2, 3], "path": "/x/y", "loss": "nan", "tags": ["a", "b"]}
+    assert out.startswith('{\n  "shape"')  # indent 2, keys in their order
+
+
+def test_emit_json_converts_reports_all_the_way_down(capsys: pytest.CaptureFixture[str]) -> None:
+    class Report:
+        def to_dict(self) -> dict[str, object]:
+            return {"where": Path("a/b"), "loss": float("inf"), "shape": (1,)}
+
+    emit_json({"reports": [Report()], 3: None})
+    data = json.loads(capsys.readouterr().out)
+    assert data == {"reports": [{"where": "a/b", "loss": "inf", "shape": [1]}], "3": None}
+
+
+def test_plain_table_is_aligned_without_box_or_ansi(capsys: pytest.CaptureFixture[str]) -> None:
+    print_table(
+        [Column("name"), Column("bytes", justify="right")],
+        [("a.weight", "1.0 KiB"), ("bias", None)],
+        title="tensors",
+    )
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "tensors",
+        "name        bytes",
+        "a.weight  1.0 KiB",
+        "bias            -",
+    ]
+    assert not ANSI.search(out)
+    assert not BOX.search(out)
+
+
+def test_plain_kv(capsys: pytest.CaptureFixture[str]) -> None:
+    print_kv([("format", "safetensors"), ("format version", None)])
+    assert capsys.readouterr().out.splitlines() == [
+        "format          safetensors",
+        "format version  -",
+    ]
+
+
+@pytest.mark.usefixtures("terminal_env")
+def test_terminal_table_is_a_rich_table(capsys: pytest.CaptureFixture[str]) -> None:
+    print_table(["name", "value"], [("[bold]x[/bold]", 1)])
+    out = capsys.readouterr().out
+    assert BOX.search(out)
+    assert "[bold]x[/bold]" in out  # cells are text, never rich markup
+
+
+# --- error handling --------------------------------------------------------------------------
+
+
+def _app(exc: BaseException) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    @handle_errors
+    def fail(name: str = "x") -> None:
+        """A command that raises ``exc``."""
+        raise exc
+
+    @app.command()
+    def other() -> None:  # a second command makes `fail` a subcommand, as in the real app
+        """Nothing."""
+
+    return app
+
+
+def test_torchkeep_error_prints_name_and_message_and_exits_1(runner: CliRunner) -> None:
+    err = tk.TorchkeepError("bad bytes", path="/data/x.pt", hint="save it again")
+    result = runner.invoke(_app(err), ["fail"])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == "TorchkeepError: /data/x.pt: bad bytes\n  hint: save it again\n"
+
+
+def test_subclass_name_is_printed(runner: CliRunner) -> None:
+    err = CorruptCheckpointError("truncated header", key="model.weight")
+    result = runner.invoke(_app(err), ["fail"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "CorruptCheckpointError: truncated header\n"
+        "  hint: the file is damaged, truncated or was altered; restore it from a copy\n"
+    )
+
+
+@pytest.mark.parametrize(("module", "extra"), [("matplotlib.pyplot", "plot"), ("onnx", "onnx")])
+def test_missing_extra_prints_install_hint(runner: CliRunner, module: str, extra: str) -> None:
+    err = ModuleNotFoundError(f"No module named '{module}'", name=module)
+    result = runner.invoke(_app(err), ["fail"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("ModuleNotFoundError: No module named")
+    assert f"pip install 'torchkeep[{extra}]'" in result.stderr
+
+
+def test_other_errors_are_bugs_and_propagate(runner: CliRunner) -> None:
+    result = runner.invoke(_app(RuntimeError("boom")), ["fail"])
+    assert isinstance(result.exception, RuntimeError)
+    unrelated = runner.invoke(_app(ImportError("x", name="somethingelse")), ["fail"])
+    assert isinstance(unrelated.exception, ImportError)
+
+
+def test_usage_errors_keep_exit_code_2(runner: CliRunner) -> None:
+    result = runner.invoke(_app(RuntimeError("never")), ["fail", "--nope"])
+    assert result.exit_code == 2
