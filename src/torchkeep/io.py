@@ -31,6 +31,7 @@ from torchkeep.format import (
     flatten,
     inspect_file,
     load_file,
+    parse_reference,
     read_into,
     read_model_description,
     resolve_path,
@@ -173,6 +174,9 @@ def load_into(
     name: str | None = None
     if isinstance(source, Mapping):
         obj: Any = source
+    elif parse_reference(source) is not None:
+        name = os.fspath(source)
+        obj = load_file(source)
     else:
         p = resolve_path(source)
         name = str(source)

@@ -8,10 +8,11 @@ from torchkeep.format._artifact import (
     SafetensorsFile,
     metadata_json,
     write_artifact,
+    write_pack,
 )
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
 from torchkeep.format._info import CheckpointInfo, TensorInfo
-from torchkeep.format._location import MapLocation, relocate
+from torchkeep.format._location import MapLocation, map_tensors, relocate
 from torchkeep.format._reader import (
     WEIGHTS_FILE,
     describe,
@@ -19,11 +20,39 @@ from torchkeep.format._reader import (
     load_file,
     read_model_description,
 )
-from torchkeep.format._safetensors import parse_json, read_into
+from torchkeep.format._run import (
+    LOCK_FILE,
+    MANIFEST_DIR,
+    METRICS_FILE,
+    PACK_DIR,
+    RUN_FILE,
+    Manifest,
+    RunReader,
+    TensorRef,
+    best_of,
+    is_run,
+    manifest_name,
+    parse_reference,
+)
+from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
 from torchkeep.format._skeleton import flatten, unflatten
 from torchkeep.format._torchfile import write_torch
 
 __all__ = [
+    "LOCK_FILE",
+    "MANIFEST_DIR",
+    "METRICS_FILE",
+    "PACK_DIR",
+    "RUN_FILE",
+    "Manifest",
+    "RunReader",
+    "TensorRef",
+    "best_of",
+    "is_run",
+    "manifest_name",
+    "parse_reference",
+    "tensor_bytes",
+    "write_safetensors",
     "FORMAT_VERSION",
     "MODEL_FILE",
     "WEIGHTS_FILE",
@@ -37,6 +66,7 @@ __all__ = [
     "flatten",
     "inspect_file",
     "load_file",
+    "map_tensors",
     "metadata_json",
     "parse_json",
     "read_into",
@@ -45,5 +75,6 @@ __all__ = [
     "resolve_path",
     "unflatten",
     "write_artifact",
+    "write_pack",
     "write_torch",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import torch
@@ -94,6 +95,20 @@ def write_artifact(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> No
     }
     header = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
     write_safetensors(f, flat.tensors, header)
+
+
+def write_pack(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a flat table of distinct tensors as a torchkeep file whose keys are the table's."""
+    document = {
+        "format_version": FORMAT_VERSION,
+        "torchkeep_version": __version__,
+        "torch_version": str(torch.__version__),
+        "skeleton": {"$": "dict", "v": {k: {"$": "tensor", "k": k} for k in tensors}},
+        "raw": raw_dtypes(tensors),
+        "metadata": {},
+    }
+    header = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
+    write_safetensors(f, tensors, header)
 
 
 class SafetensorsFile:
@@ -178,36 +193,52 @@ class SafetensorsFile:
 
     def load(self, *, map_location: MapLocation = None, dtype: torch.dtype | None = None) -> Any:
         """Rebuild the saved structure: ties restored, tensors mmap-backed while on the CPU."""
-        bases: dict[tuple[str, str], torch.Tensor] = {}
-        done: dict[str, torch.Tensor] = {}
-
-        def tensor_for(node: dict[str, Any]) -> torch.Tensor:
-            key, location, view = str(node.get("k")), str(node.get("dev", "cpu")), node.get("view")
-            ident = json.dumps([key, location, view, node.get("param"), node.get("rg")])
-            if ident in done:
-                return done[ident]
-            if (key, location) not in bases:
-                base = self.tensor(key)
-                if view is not None and base.data_ptr() % 16:
-                    base = base.clone()  # views of any dtype need an aligned base
-                bases[(key, location)] = relocate(
-                    base, location, map_location, key=str(key), path=self.path
-                )
-            t = bases[(key, location)]
-            if view is not None:
-                t = _view_of(t, view, key=str(key), path=self.path)
-            t = cast(t, dtype)
-            if node.get("param"):
-                t = torch.nn.Parameter(t, requires_grad=bool(node.get("rg", True)))
-            elif node.get("rg") and (t.is_floating_point() or t.is_complex()):
-                t = t.requires_grad_(True)
-            done[ident] = t
-            return t
-
-        return unflatten(self.skeleton, tensor_for, source=self.path)
+        return rebuild(
+            self.skeleton, self.tensor, map_location=map_location, dtype=dtype, source=self.path
+        )
 
 
-def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str) -> torch.Tensor:
+def rebuild(
+    skeleton: Any,
+    fetch: Callable[[str], torch.Tensor],
+    *,
+    map_location: MapLocation = None,
+    dtype: torch.dtype | None = None,
+    source: str | None = None,
+) -> Any:
+    """Rebuild the tree of ``skeleton`` with the stored tensors that ``fetch(key)`` returns.
+
+    Places each tensor per ``map_location``, rebuilds views on their (placed) base so that
+    aliasing survives, casts floating tensors to ``dtype``, and returns one object per tied tensor.
+    """
+    bases: dict[tuple[str, str], torch.Tensor] = {}
+    done: dict[str, torch.Tensor] = {}
+
+    def tensor_for(node: dict[str, Any]) -> torch.Tensor:
+        key, location, view = str(node.get("k")), str(node.get("dev", "cpu")), node.get("view")
+        ident = json.dumps([key, location, view, node.get("param"), node.get("rg")])
+        if ident in done:
+            return done[ident]
+        if (key, location) not in bases:
+            base = fetch(key)
+            if view is not None and base.data_ptr() % 16:
+                base = base.clone()  # views of any dtype need an aligned base
+            bases[(key, location)] = relocate(base, location, map_location, key=key, path=source)
+        t = bases[(key, location)]
+        if view is not None:
+            t = _view_of(t, view, key=key, path=source)
+        t = cast(t, dtype)
+        if node.get("param"):
+            t = torch.nn.Parameter(t, requires_grad=bool(node.get("rg", True)))
+        elif node.get("rg") and (t.is_floating_point() or t.is_complex()):
+            t = t.requires_grad_(True)
+        done[ident] = t
+        return t
+
+    return unflatten(skeleton, tensor_for, source=source)
+
+
+def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str | None) -> torch.Tensor:
     """Rebuild a view recorded as byte offset, shape, stride and dtype within ``base``."""
     try:
         offset, shape, stride = int(view["offset"]), list(view["shape"]), list(view["stride"])

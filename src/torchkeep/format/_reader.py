@@ -21,6 +21,7 @@ from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
 from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, cast, map_tensors
+from torchkeep.format._run import PACK_DIR, Manifest, RunReader, load_reference, parse_reference
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import unflatten
 from torchkeep.format._torchfile import load_torch, read_document
@@ -44,7 +45,14 @@ def load_file(
     dtype: torch.dtype | None = None,
     trust: bool = False,
 ) -> Any:
-    """Load any supported checkpoint file (see :mod:`._detect`) without running code from it."""
+    """Load any supported checkpoint file (see :mod:`._detect`) without running code from it.
+
+    ``path`` may also be a run reference (``RUN@latest``, ``RUN@best``, ``RUN@<step>``, ``RUN``).
+    """
+    if parse_reference(path) is not None:
+        return load_reference(
+            path, lambda run, m: run.load(m, map_location=map_location, dtype=dtype)
+        )
     p = resolve_path(path)
     fmt = detect(p)
     if fmt is Format.MODEL_DIR:
@@ -112,6 +120,18 @@ def _load_sharded(
     return merged
 
 
+def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
+    sizes = {p: (run.root / PACK_DIR / p).stat().st_size for p in manifest.packs}
+    return CheckpointInfo(
+        path=f"{run.root}@{manifest.step}",
+        format="torchkeep-run",
+        tensors=tuple(describe(run.load(manifest))),
+        file_bytes=manifest.path.stat().st_size + sum(sizes.values()),
+        metadata={"step": manifest.step, "metrics": manifest.metrics, **manifest.metadata},
+        format_version=str(run.description.get("format_version")),
+    )
+
+
 def _no_tensor(node: dict[str, Any]) -> torch.Tensor:
     raise CorruptCheckpointError("a model config must not refer to tensors")
 
@@ -166,6 +186,9 @@ def describe(obj: Any) -> list[TensorInfo]:
 
 def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Describe a checkpoint without reading its tensor data (tensors are only mapped)."""
+    if parse_reference(path) is not None:
+        info: CheckpointInfo = load_reference(path, _run_info)
+        return info
     p = resolve_path(path)
     fmt = detect(p)
     version: str | None = None

@@ -233,10 +233,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    flat = t.contiguous().reshape(-1)
+    if flat.stride(0) != 1:  # torch calls a one-element view contiguous whatever its stride
+        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def raw_dtypes(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

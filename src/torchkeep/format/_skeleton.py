@@ -163,6 +163,9 @@ class _Flattener:
             node["rg"] = t.requires_grad
         elif t.requires_grad:
             node["rg"] = True
+        if t.is_conj() or t.is_neg():
+            # A lazy conjugate/negative view reads the base's bytes differently: store its values.
+            t = t.detach().resolve_conj().resolve_neg()
         if t.device.type != "cpu":
             node["dev"] = str(t.device)
         self.leaves.append((node, t, ".".join(str(p) for p in path) or "tensor"))

@@ -1,0 +1,394 @@
+"""List the Python globals a pickle-based checkpoint would import, without unpickling it.
+
+Files written by ``torch.save`` are pickles: torch's zip format keeps one in ``<archive>/data.pkl``,
+the legacy format is five pickles in a row followed by raw storage bytes, and some files are a
+bare pickle. Unpickling any of them may import and call whatever the file names (``os.system``,
+``builtins.eval``...). This module walks the opcodes with :func:`pickletools.genops` and never
+executes or unpickles anything: it reports every ``module.qualname`` the file would import
+(``GLOBAL``, ``INST``, and ``STACK_GLOBAL`` with its operands resolved through a small model of
+the stack and memo) and which of them torch's ``weights_only`` unpickler would refuse.
+
+A static scan is only a tripwire. Published pickle scanners are bypassed routinely: parsers
+that disagree with the real unpickler, zip readers that disagree with torch's, operands that
+cannot be resolved without running code. A clean scan therefore proves nothing; the real gate
+is torch's ``weights_only=True`` unpickler, and torchkeep never falls back to
+``weights_only=False``. The scan names the offending globals when that unpickler refuses a file,
+stops obviously hostile files before they reach it, and backs ``torchkeep scan``. It fails
+closed: what it cannot parse is reported as corrupt (or unsafe), never as clean.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import importlib
+import io
+import os
+import pickletools
+import stat
+import struct
+import tarfile
+import warnings
+import zipfile
+import zlib
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from dataclasses import dataclass
+from typing import IO, Any, cast
+
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+    TorchkeepError,
+    UnsafeCheckpointError,
+)
+
+__all__ = [
+    "TAR_FORMAT",
+    "UNRESOLVED",
+    "PickleScan",
+    "is_allowed_global",
+    "scan_file",
+    "scan_pickle_bytes",
+]
+
+UNRESOLVED = "<unresolved STACK_GLOBAL>"
+TAR_FORMAT = "<tar format of PyTorch < 0.4>"
+MAX_RECORD_BYTES = 512 * 1024 * 1024  # a data.pkl holds structure only; tensors live elsewhere
+LEGACY_PICKLES = 5  # magic number, protocol version, sys_info, the object, the storage keys
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch never allows these modules, even when a user allowlists something from them
+_BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+    | {"STRING", "BINSTRING", "SHORT_BINSTRING"}
+)
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_EXT_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
+_PARSE_ERRORS = (ValueError, EOFError, OverflowError, struct.error)
+# what zipfile raises on damaged or hostile archives (OSError: seeks to offsets that lie)
+_ZIP_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError)
+_ZIP_ERRORS += (NotImplementedError, RuntimeError, zlib.error, KeyError, IndexError, *_PARSE_ERRORS)
+_MARK = object()
+_UNKNOWN = object()
+_HINT_CORRUPT = "the file is damaged or is not a PyTorch checkpoint; re-download or re-save it"
+_HINT_UNSAFE = (
+    "do not load this file; a pickle that breaks off after importing code is an attack pattern"
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PickleScan:
+    """What a static scan of a pickle-based file found.
+
+    Attributes:
+        path: the file scanned.
+        records: the pickles scanned: zip record names (``"archive/data.pkl"``), or
+            ``"<pickle 0>"``, ``"<pickle 1>"``... for the legacy format and bare pickles.
+        globals: every ``module.qualname`` the file would import, in first-seen order.
+        unsafe: those torch's ``weights_only`` unpickler refuses (:func:`is_allowed_global`),
+            including :data:`UNRESOLVED` for a ``STACK_GLOBAL`` whose operands are unknown and
+            :data:`TAR_FORMAT` for the pre-0.4 tar format (refused by torch, not scanned).
+    """
+
+    path: str
+    records: tuple[str, ...]
+    globals: tuple[str, ...]
+    unsafe: tuple[str, ...]
+
+    @property
+    def is_safe(self) -> bool:
+        """No global that torch's ``weights_only`` unpickler would refuse."""
+        return not self.unsafe
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "records": list(self.records),
+            "globals": list(self.globals),
+            "unsafe": list(self.unsafe),
+            "is_safe": self.is_safe,
+        }
+
+
+class _Malformed(Exception):
+    """A record that does not parse as a pickle (internal; becomes a torchkeep error)."""
+
+
+class _Reader:
+    """``f`` up to ``end``, reads clamped to what is left; keeps the raw lines it hands out."""
+
+    def __init__(self, f: IO[bytes], end: int) -> None:
+        self._f = f
+        self._end = end
+        self.lines: list[bytes] = []
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def left(self) -> int:
+        return max(self._end - self._f.tell(), 0)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.left()
+        n = left if n < 0 or n > left else n
+        if n > MAX_RECORD_BYTES:
+            raise _Malformed(f"an opcode argument of {n} bytes is beyond the scan limit")
+        return self._f.read(n)
+
+    def readline(self) -> bytes:
+        line = self._f.readline(min(self.left(), MAX_RECORD_BYTES))
+        self.lines.append(line)
+        return line
+
+
+@functools.cache
+def _torch_allowed() -> frozenset[str]:
+    unpickler = importlib.import_module("torch._weights_only_unpickler")
+    return frozenset(unpickler._get_allowed_globals())
+
+
+def _user_allowed() -> set[str]:
+    import torch.serialization
+
+    names: set[str] = set()
+    for entry in torch.serialization.get_safe_globals():
+        if isinstance(entry, tuple):
+            if len(entry) == 2 and isinstance(entry[1], str):
+                names.add(entry[1])
+        else:
+            names.add(f"{getattr(entry, '__module__', '?')}.{getattr(entry, '__qualname__', '?')}")
+    return names
+
+
+def is_allowed_global(name: str) -> bool:
+    """Whether torch's ``weights_only`` unpickler lets a file import ``name`` (``module.qualname``).
+
+    Mirrors ``torch._weights_only_unpickler``: its built-in allowlist (containers, tensor, storage
+    and dtype types, the ``torch._utils._rebuild_*`` functions) plus what the user added with
+    ``torch.serialization.add_safe_globals`` (read on every call), minus the modules torch always
+    blocks (``sys``, ``os``, ``posix``, ``nt``; blocked here with their submodules too).
+    """
+    if name.split(".", 1)[0] in _BLOCKED_MODULES:
+        return False
+    return name in _torch_allowed() or name in _user_allowed()
+
+
+def _global_name(module: str, qualname: str) -> str:
+    # what the unpickler imports: Python 2 names map to Python 3 ones (torch maps them too)
+    if (module, qualname) in NAME_MAPPING:
+        module, qualname = NAME_MAPPING[(module, qualname)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{qualname}"
+
+
+def _apply_stack_effect(op: pickletools.OpcodeInfo, stack: list[object]) -> None:
+    before = op.stack_before
+    if pickletools.markobject in before:
+        while stack and stack.pop() is not _MARK:
+            pass
+        below = before.index(pickletools.markobject)
+    else:
+        below = len(before)
+    del stack[max(len(stack) - below, 0) :]
+    stack.extend([_UNKNOWN] * len(op.stack_after))
+
+
+def _step(
+    op: pickletools.OpcodeInfo,
+    arg: Any,
+    lines: list[bytes],
+    stack: list[object],
+    memo: dict[object, object],
+    found: dict[str, None],
+) -> None:
+    name = op.name
+    top = stack[-1] if stack else _UNKNOWN
+    if name in _STRING_OPS:
+        stack.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+    elif name in ("GLOBAL", "INST"):
+        # pickletools undoes backslash escapes in the argument, pickle does not: use raw lines
+        module, qualname = (line[:-1].decode("utf-8", "replace") for line in lines[-2:])
+        found[_global_name(module, qualname)] = None
+        _apply_stack_effect(op, stack)
+    elif name == "STACK_GLOBAL":
+        attr = stack.pop() if stack else _UNKNOWN
+        owner = stack.pop() if stack else _UNKNOWN
+        if isinstance(owner, str) and isinstance(attr, str):
+            found[_global_name(owner, attr)] = None
+        else:
+            found[UNRESOLVED] = None
+        stack.append(_UNKNOWN)
+    elif name == "MEMOIZE":
+        memo[len(memo)] = top
+    elif name in _PUT_OPS:
+        memo[arg] = top
+    elif name in _GET_OPS:
+        stack.append(memo.get(arg, _UNKNOWN))
+    elif name in _EXT_OPS:
+        registry: dict[int, tuple[str, str]] = getattr(copyreg, "_inverted_registry", {})
+        key = registry.get(arg)
+        found[f"<extension code {arg}>" if key is None else _global_name(*key)] = None
+        stack.append(_UNKNOWN)
+    elif name == "MARK":
+        stack.append(_MARK)
+    elif name == "DUP":
+        stack.append(top)
+    else:
+        _apply_stack_effect(op, stack)
+
+
+def _scan_stream(
+    reader: _Reader, max_pickles: int, found: dict[str, None], records: list[str]
+) -> None:
+    """Scan up to ``max_pickles`` consecutive pickles, stopping cleanly after a STOP."""
+    for index in range(max_pickles):
+        if index and not reader.left():
+            return
+        records.append(f"<pickle {index}>")
+        stack: list[object] = []
+        memo: dict[object, object] = {}
+        reader.lines.clear()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pickletools warns on bad string escapes
+                for op, arg, _pos in pickletools.genops(cast(IO[bytes], reader)):
+                    _step(op, arg, reader.lines, stack, memo, found)
+                    reader.lines.clear()
+        except _PARSE_ERRORS as exc:
+            raise _Malformed(str(exc) or type(exc).__name__) from exc
+
+
+def _broken(path: str, record: str, reason: str, found: dict[str, None]) -> TorchkeepError:
+    unsafe = [g for g in found if not is_allowed_global(g)]
+    if unsafe:
+        return UnsafeCheckpointError(
+            f"{record} breaks off ({reason}) after asking to import {', '.join(unsafe)}",
+            path=path,
+            globals=unsafe,
+            hint=_HINT_UNSAFE,
+        )
+    return CorruptCheckpointError(
+        f"{record} is not a valid pickle: {reason}", path=path, hint=_HINT_CORRUPT
+    )
+
+
+def scan_pickle_bytes(
+    data: bytes, *, name: str = "<pickle>", max_pickles: int = 1
+) -> tuple[list[str], int]:
+    """The globals in up to ``max_pickles`` consecutive pickles in ``data``, and the byte offset
+    where scanning stopped (just after the last STOP read).
+
+    Raises:
+        UnsafeCheckpointError: ``data`` breaks off after importing a refused global.
+        CorruptCheckpointError: ``data`` is not a pickle, or is truncated or malformed.
+    """
+    if max_pickles < 1:
+        raise ValueError(f"max_pickles must be at least 1, got {max_pickles}")
+    found: dict[str, None] = {}
+    records: list[str] = []
+    reader = _Reader(io.BytesIO(data), len(data))
+    try:
+        _scan_stream(reader, max_pickles, found, records)
+    except _Malformed as exc:
+        raise _broken(name, records[-1], str(exc), found) from exc
+    return list(found), reader.tell()
+
+
+def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
+    records: list[str] = []
+    try:
+        with zipfile.ZipFile(f) as archive:
+            infos = [i for i in archive.infolist() if i.filename.endswith(".pkl")]
+            if not infos:
+                raise CorruptCheckpointError(
+                    "zip archive holds no .pkl record", path=path, hint=_HINT_CORRUPT
+                )
+            for info in infos:
+                if info.file_size > MAX_RECORD_BYTES:
+                    raise CorruptCheckpointError(
+                        f"{info.filename} declares {info.file_size} bytes uncompressed, over "
+                        f"the {MAX_RECORD_BYTES >> 20} MiB limit (a zip bomb?)",
+                        path=path,
+                        hint=_HINT_CORRUPT,
+                    )
+                with archive.open(info) as member:  # zipfile stops at the declared size
+                    data = member.read(MAX_RECORD_BYTES)
+                records.append(info.filename)
+                try:  # torch reads one pickle per record and ignores what follows its STOP
+                    _scan_stream(_Reader(io.BytesIO(data), len(data)), 1, found, [])
+                except _Malformed as exc:
+                    raise _broken(path, info.filename, str(exc), found) from exc
+    except TorchkeepError:
+        raise
+    except _ZIP_ERRORS as exc:
+        raise _broken(path, "zip archive", str(exc) or type(exc).__name__, found) from exc
+    return records
+
+
+def _is_tar(f: IO[bytes]) -> bool:
+    # torch.load tries the pre-0.4 tar format first on any non-zip file; mirror its test
+    try:
+        with tarfile.open(fileobj=f, mode="r:"):
+            return True
+    except (tarfile.TarError, *_PARSE_ERRORS, UnicodeError):
+        return False
+    finally:
+        f.seek(0)
+
+
+def scan_file(path: str | os.PathLike[str]) -> PickleScan:
+    """Statically scan a ``torch.save`` file (zip or legacy) or a bare pickle.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``.
+        UnsafeCheckpointError: a pickle breaks off after importing a refused global.
+        CorruptCheckpointError: not a file, empty, or not parseable as the format it claims.
+        StorageError: the file exists but cannot be read.
+    """
+    p = os.fspath(path)
+    try:
+        mode = os.stat(p).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointNotFoundError(
+            f"no file at {p}", path=p, hint="check the path and the working directory"
+        ) from None
+    except OSError as exc:
+        raise StorageError(f"cannot stat {p}: {exc}", path=p, hint="check permissions") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise CorruptCheckpointError(
+            f"{p} is {kind}, not a pickle-based checkpoint",
+            path=p,
+            hint="pass the checkpoint file itself",
+        )
+    found: dict[str, None] = {}
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+            if not head:
+                raise CorruptCheckpointError("the file is empty", path=p, hint=_HINT_CORRUPT)
+            f.seek(0)
+            if head == _ZIP_MAGIC:
+                records = _scan_zip(f, p, found)
+            elif _is_tar(f):  # weights_only refuses this format outright; not scanned
+                records, found[TAR_FORMAT] = ["<tar archive>"], None
+            else:  # legacy torch format (five pickles, then raw bytes) or a bare pickle
+                records = []
+                reader = _Reader(f, os.fstat(f.fileno()).st_size)
+                try:
+                    _scan_stream(reader, LEGACY_PICKLES, found, records)
+                except _Malformed as exc:
+                    raise _broken(p, records[-1], str(exc), found) from exc
+    except TorchkeepError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"cannot read {p}: {exc}", path=p, hint="check the disk") from exc
+    return PickleScan(
+        path=p,
+        records=tuple(records),
+        globals=tuple(found),
+        unsafe=tuple(g for g in found if not is_allowed_global(g)),
+    )

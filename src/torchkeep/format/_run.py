@@ -1,0 +1,313 @@
+"""The on-disk layout of a run of checkpoints, and reading it.
+
+::
+
+    RUN/
+      torchkeep_run.json            the run: format version and retention policy
+      checkpoints/0000000042.json   one manifest per committed checkpoint (step 42)
+      packs/<step>-<rand>.safetensors   immutable tensor packs (torchkeep safetensors files)
+      metrics.jsonl                 every metrics record ever saved, one JSON object a line
+      .lock                         held (flock) by the one writer
+
+A manifest lists every tensor of its checkpoint as (pack, key, dtype, shape, nbytes, hash) next to
+the JSON skeleton of the saved state, its metrics and metadata. A checkpoint is committed when its
+manifest is renamed into ``checkpoints/``, after its packs were fsynced: that rename is the single
+commit point. Readers trust only committed manifests; a pack that no manifest names is garbage
+left by a crash, and the next writer sweeps it. A tensor whose bytes are already stored in the run
+is referenced again, not rewritten, so several manifests may share a pack.
+
+References: ``RUN@latest``, ``RUN@best``, ``RUN@<step>``, or ``RUN`` alone (the latest).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.format._artifact import SafetensorsFile, check_format_version, rebuild
+from torchkeep.format._dtypes import dtype_from_name
+from torchkeep.format._location import MapLocation
+from torchkeep.format._safetensors import parse_json
+
+RUN_FILE = "torchkeep_run.json"
+MANIFEST_DIR = "checkpoints"
+PACK_DIR = "packs"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+_MANIFEST_NAME = re.compile(r"^(\d{10,})\.json$")
+_REFERENCE = re.compile(r"^(?P<run>.+)@(?P<which>latest|best|\d+)$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def manifest_name(step: int) -> str:
+    return f"{step:010d}.json"
+
+
+def is_run(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a run directory."""
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def parse_reference(text: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """``"runs/x@best"`` -> ``(Path("runs/x"), "best")``; a bare run directory means its latest.
+
+    Returns ``None`` when ``text`` is no run reference (an ordinary file path).
+    """
+    text = os.fspath(text)
+    match = _REFERENCE.match(text)
+    if match and is_run(match["run"]):
+        return Path(match["run"]), match["which"]
+    if is_run(text):
+        return Path(text), "latest"
+    return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorRef:
+    """Where one tensor of a checkpoint is stored."""
+
+    pack: str
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    hash: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Manifest:
+    """A committed checkpoint: what it holds and where its tensors are."""
+
+    path: Path
+    step: int
+    time: float
+    metrics: dict[str, Any]
+    metadata: dict[str, Any]
+    skeleton: Any
+    tensors: dict[str, TensorRef]
+
+    @property
+    def packs(self) -> set[str]:
+        return {t.pack for t in self.tensors.values()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data this checkpoint refers to (shared bytes counted)."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _bad(path: Path, what: str, key: str | None = None) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"invalid manifest: {what}",
+        path=str(path),
+        key=key,
+        hint="the manifest was altered or written by an incompatible tool; "
+        "delete it to drop this checkpoint, or restore it from a copy",
+    )
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse and validate a manifest; pack names may not point outside the run."""
+    doc = parse_json(path.read_bytes(), what="manifest", path=str(path))
+    if not isinstance(doc, dict):
+        raise _bad(path, "not a JSON object")
+    check_format_version(doc.get("format_version"), path=str(path))
+    step, tensors = doc.get("step"), doc.get("tensors")
+    if type(step) is not int or step < 0:
+        raise _bad(path, f"step {step!r} is not a non-negative integer")
+    if not isinstance(tensors, dict) or "skeleton" not in doc:
+        raise _bad(path, "no tensor table or skeleton")
+    metrics, metadata = doc.get("metrics", {}), doc.get("metadata", {})
+    if not isinstance(metrics, dict) or not isinstance(metadata, dict):
+        raise _bad(path, "metrics and metadata must be objects")
+    refs: dict[str, TensorRef] = {}
+    for key, ref in tensors.items():
+        try:
+            pack, shape = ref["pack"], tuple(ref["shape"])
+            dtype = dtype_from_name(ref["dtype"], path=str(path))
+            item = TensorRef(
+                pack=pack,
+                key=str(ref["key"]),
+                dtype=ref["dtype"],
+                shape=shape,
+                nbytes=int(ref["nbytes"]),
+                hash=str(ref["hash"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad(path, f"tensor entry {key!r} is malformed ({exc})", key) from exc
+        if not isinstance(pack, str) or not _PLAIN_NAME.match(pack) or Path(pack).name != pack:
+            raise _bad(path, f"tensor {key!r} names pack {pack!r} outside the run", key)
+        if not all(type(s) is int and s >= 0 for s in shape) or (
+            math.prod(shape) * dtype.itemsize != item.nbytes
+        ):
+            raise _bad(path, f"tensor {key!r}: shape and dtype disagree with nbytes", key)
+        refs[key] = item
+    return Manifest(
+        path=path,
+        step=step,
+        time=float(doc.get("time", 0.0)),
+        metrics=metrics,
+        metadata=metadata,
+        skeleton=doc["skeleton"],
+        tensors=refs,
+    )
+
+
+class RunReader:
+    """Read-only view of a run directory: never takes the writer lock, never writes."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if not is_run(self.root):
+            raise CheckpointNotFoundError(
+                "not a torchkeep run (no torchkeep_run.json)",
+                path=str(self.root),
+                hint="create it with torchkeep.CheckpointManager(path)",
+            )
+        doc = parse_json(
+            (self.root / RUN_FILE).read_bytes(), what="run description", path=str(self.root)
+        )
+        if not isinstance(doc, dict):
+            raise CorruptCheckpointError(f"{RUN_FILE} is not a JSON object", path=str(self.root))
+        check_format_version(doc.get("format_version"), path=str(self.root / RUN_FILE))
+        self.description: dict[str, Any] = doc
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        policy = self.description.get("policy", {})
+        return policy if isinstance(policy, dict) else {}
+
+    def steps(self) -> list[int]:
+        """Steps of the committed checkpoints, ascending."""
+        folder = self.root / MANIFEST_DIR
+        if not folder.is_dir():
+            return []
+        found = (_MANIFEST_NAME.match(name) for name in os.listdir(folder))
+        return sorted(int(m[1]) for m in found if m)
+
+    def manifests(self) -> list[Manifest]:
+        return [self.manifest(step) for step in self.steps()]
+
+    def manifest(self, step: int) -> Manifest:
+        path = self.root / MANIFEST_DIR / manifest_name(step)
+        if not path.is_file():
+            raise CheckpointNotFoundError(
+                f"the run has no checkpoint at step {step}",
+                path=str(self.root),
+                hint=f"steps available: {_steps_text(self.steps())}",
+            )
+        manifest = read_manifest(path)
+        if manifest.step != step:
+            raise _bad(path, f"it says step {manifest.step} but is named for step {step}")
+        return manifest
+
+    def best(self, manifests: list[Manifest] | None = None) -> Manifest | None:
+        """The checkpoint with the best value of the run's monitored metric, if any."""
+        monitor, mode = self.policy.get("monitor"), self.policy.get("mode", "min")
+        if not monitor:
+            return None
+        return best_of(manifests if manifests is not None else self.manifests(), monitor, mode)
+
+    def resolve(self, which: str) -> Manifest:
+        """The manifest for ``"latest"``, ``"best"`` or a step number."""
+        if which.isdigit():
+            return self.manifest(int(which))
+        steps = self.steps()
+        if not steps:
+            raise CheckpointNotFoundError(
+                "the run has no committed checkpoint yet", path=str(self.root)
+            )
+        if which == "latest":
+            return self.manifest(steps[-1])
+        best = self.best()
+        if best is None:
+            raise CheckpointNotFoundError(
+                "no best checkpoint: the run monitors no metric, or no checkpoint has it",
+                path=f"{self.root}@best",
+                hint="give the manager monitor='val_loss' (and mode), or use @latest / @<step>",
+            )
+        return best
+
+    def load(
+        self,
+        manifest: Manifest,
+        *,
+        map_location: MapLocation = None,
+        dtype: torch.dtype | None = None,
+    ) -> Any:
+        """Rebuild the saved state of a checkpoint (tensors mapped lazily from its packs)."""
+        packs: dict[str, SafetensorsFile] = {}
+        source = str(manifest.path)
+
+        def fetch(key: str) -> torch.Tensor:
+            ref = manifest.tensors.get(key)
+            if ref is None:
+                raise CorruptCheckpointError(
+                    f"the skeleton refers to tensor {key!r}, which the manifest does not list",
+                    path=source,
+                    key=key,
+                )
+            if ref.pack not in packs:
+                pack_path = self.root / PACK_DIR / ref.pack
+                if not pack_path.is_file():
+                    raise CorruptCheckpointError(
+                        f"pack {ref.pack} of tensor {key!r} is missing",
+                        path=source,
+                        key=key,
+                        hint="the run was damaged (a pack deleted by hand?); load another step",
+                    )
+                packs[ref.pack] = SafetensorsFile(str(pack_path))
+            t = packs[ref.pack].tensor(ref.key)
+            if tuple(t.shape) != ref.shape or str(t.dtype).removeprefix("torch.") != ref.dtype:
+                raise CorruptCheckpointError(
+                    f"tensor {key!r}: the pack holds {t.dtype} {tuple(t.shape)}, "
+                    f"the manifest says {ref.dtype} {ref.shape}",
+                    path=source,
+                    key=key,
+                )
+            return t
+
+        return rebuild(
+            manifest.skeleton, fetch, map_location=map_location, dtype=dtype, source=source
+        )
+
+
+def best_of(manifests: list[Manifest], monitor: str, mode: str) -> Manifest | None:
+    """The manifest whose ``metrics[monitor]`` is best (``mode`` "min" or "max"); NaN never wins."""
+    scored = [
+        (float(m.metrics[monitor]), m.step, m)
+        for m in manifests
+        if isinstance(m.metrics.get(monitor), int | float) and not math.isnan(m.metrics[monitor])
+    ]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    # Ties go to the later step: it holds the most training.
+    return min(scored, key=lambda s: (sign * s[0], -s[1]))[2]
+
+
+def _steps_text(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    shown = ", ".join(map(str, steps[-10:]))
+    return shown if len(steps) <= 10 else f"... {shown}"
+
+
+def load_reference(
+    text: str | os.PathLike[str],
+    loader: Callable[[RunReader, Manifest], Any],
+) -> Any:
+    """Resolve a run reference and hand the reader and manifest to ``loader``."""
+    parsed = parse_reference(text)
+    if parsed is None:
+        raise CheckpointNotFoundError("not a run reference", path=os.fspath(text))
+    reader = RunReader(parsed[0])
+    return loader(reader, reader.resolve(parsed[1]))

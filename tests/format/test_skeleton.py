@@ -1,0 +1,262 @@
+"""Flattening a nested state into a tensor table plus a JSON skeleton, and back, in memory."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from torchkeep import CorruptCheckpointError, UnsupportedValueError
+from torchkeep.format import flatten, unflatten
+from torchkeep.format._skeleton import MAX_DEPTH, tensor_nodes
+
+from ..models import MLP, Opaque, TiedLM, assert_same, fill_
+
+
+def rebuild(obj: Any) -> Any:
+    """flatten -> JSON text -> unflatten, with tensors looked up in the table (views applied)."""
+    flat = flatten(obj)
+    skeleton = json.loads(json.dumps(flat.skeleton, allow_nan=False))
+    table = flat.tensors
+
+    def tensor(node: dict[str, Any]) -> torch.Tensor:
+        base = table[node["k"]].detach().contiguous()
+        view = node.get("view")
+        if view is None:
+            return base
+        dtype = getattr(torch, view["dtype"])
+        start = base.storage_offset() * base.element_size() + view["offset"]
+        return torch.empty(0, dtype=dtype).set_(
+            base.untyped_storage(), start // dtype.itemsize, view["shape"], view["stride"]
+        )
+
+    return unflatten(skeleton, tensor)
+
+
+def test_plain_state_dict_keeps_its_keys() -> None:
+    sd = fill_(MLP(), 0).state_dict()
+    flat = flatten(sd)
+    assert list(flat.tensors) == list(sd)
+    for k, v in sd.items():
+        assert flat.tensors[k] is v
+    json.dumps(flat.skeleton, allow_nan=False)  # plain JSON
+
+
+def test_nested_keys_are_dotted_paths() -> None:
+    obj = {"model": {"fc": {"w": torch.ones(1)}}, "hist": [torch.zeros(1), (torch.ones(2),)]}
+    assert set(flatten(obj).tensors) == {"model.fc.w", "hist.0", "hist.1.0"}
+
+
+def test_a_bare_tensor_gets_a_key() -> None:
+    t = torch.arange(3)
+    flat = flatten(t)
+    assert list(flat.tensors.values())[0] is t
+    assert torch.equal(rebuild(t), t)
+
+
+def test_colliding_dotted_keys_stay_distinct() -> None:
+    obj = {"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}, "__metadata__": torch.full((1,), 2.0)}
+    flat = flatten(obj)
+    assert len(flat.tensors) == 3
+    assert "__metadata__" not in flat.tensors  # reserved by safetensors
+    out = rebuild(obj)
+    assert torch.equal(out["a.b"], torch.ones(1))
+    assert torch.equal(out["a"]["b"], torch.zeros(1))
+    assert torch.equal(out["__metadata__"], torch.full((1,), 2.0))
+
+
+def test_tied_tensors_are_stored_once() -> None:
+    sd = TiedLM().state_dict()
+    flat = flatten(sd)
+    assert len(flat.tensors) == 1
+    nodes = {n["path"]: n for n in tensor_nodes(flat.skeleton)}
+    assert nodes["emb.weight"]["k"] == nodes["out.weight"]["k"]
+    out = rebuild(sd)
+    assert torch.equal(out["emb.weight"], sd["emb.weight"])
+    assert out["emb.weight"].data_ptr() == out["out.weight"].data_ptr()
+
+
+def test_views_of_one_storage_are_stored_once_with_view_specs() -> None:
+    w = torch.randn(4, 6)
+    flat = flatten({"w": w, "wt": w.t(), "row": w[2], "bits": w.view(torch.int32)})
+    assert len(flat.tensors) == 1
+    out = rebuild({"w": w, "wt": w.t(), "row": w[2], "bits": w.view(torch.int32)})
+    assert torch.equal(out["wt"], w.t()) and out["wt"].stride() == (1, 6)
+    assert torch.equal(out["row"], w[2]) and torch.equal(out["bits"], w.view(torch.int32))
+    out["w"][2, 3] = 99.0
+    assert out["wt"][3, 2] == 99.0 and out["row"][3] == 99.0
+
+
+def test_partial_views_store_only_the_range_they_cover() -> None:
+    base = torch.arange(10_000, dtype=torch.float32)
+    obj = {"a": base[100:200], "b": base[150:300]}
+    flat = flatten(obj)
+    stored = sum(t.numel() * t.element_size() for t in flat.tensors.values())
+    assert stored < 1000  # not the 40 kB base
+    out = rebuild(obj)
+    assert torch.equal(out["a"], base[100:200]) and torch.equal(out["b"], base[150:300])
+
+
+def test_a_single_view_is_stored_as_itself() -> None:
+    big = torch.randn(1000)
+    flat = flatten({"slice": big[10:20]})
+    (stored,) = flat.tensors.values()
+    assert stored.numel() == 10
+
+
+def test_containers_and_scalars_keep_their_types() -> None:
+    od: OrderedDict[str, Any] = OrderedDict(b=1, a=2)
+    od._metadata = {"": {"version": 2}}  # type: ignore[attr-defined]
+    obj = {
+        "od": od,
+        "set": {3, 1, 2},
+        "frozen": frozenset({"x"}),
+        "tuple_key": {(1, "a"): "v", 2.5: None, None: 1, True: "t"},
+        "bytes": b"\x00\xff",
+        "complex": 1 + 2j,
+        "np_scalar": np.float32(1.5),
+        "np_int": np.int64(-3),
+        "ndarray": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "big": 2**100,
+        "neg_zero": -0.0,
+        "inf": float("-inf"),
+        "nan": float("nan"),
+    }
+    out = rebuild(obj)
+    assert_same(obj, out)
+    assert out["od"]._metadata == {"": {"version": 2}}
+    assert type(out["np_scalar"]) is np.float32
+
+
+def test_user_dicts_that_look_like_nodes_are_data() -> None:
+    obj = {"$": "tensor", "k": "w", "view": {"offset": 0}}
+    assert rebuild(obj) == obj
+    obj2 = {"x": {"$": "bytes", "v": "AAAA"}}
+    assert rebuild(obj2) == obj2
+
+
+def test_parameters_and_requires_grad_are_recorded() -> None:
+    obj = {"p": nn.Parameter(torch.ones(2)), "frozen": nn.Parameter(torch.ones(1), False)}
+    nodes = {n["path"]: n for n in tensor_nodes(flatten(obj).skeleton)}
+    assert nodes["p"]["param"] is True and nodes["p"]["rg"] is True
+    assert nodes["frozen"]["rg"] is False
+
+
+UNSUPPORTED = {
+    "object": lambda: Opaque(),
+    "lambda": lambda: lambda: 1,
+    "coo": lambda: torch.randn(2, 2).to_sparse(),
+    "csr": lambda: torch.randn(4, 4).to_sparse_csr(),
+    "meta": lambda: torch.empty(2, device="meta"),
+    "quantized": lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8),
+    "np-object": lambda: np.array(["a"], dtype=object),
+    "module": lambda: nn.Linear(1, 1),
+    "iterator": lambda: iter([1]),
+    "range": lambda: range(3),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSUPPORTED))
+@pytest.mark.filterwarnings("ignore:.*quantize_per_tensor.*:UserWarning")
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+def test_unsupported_values_name_their_place(kind: str) -> None:
+    with pytest.raises(UnsupportedValueError) as info:
+        flatten({"model": {"layers": [0, UNSUPPORTED[kind]()]}})
+    assert info.value.key == "obj['model']['layers'][1]"
+    assert "obj['model']['layers'][1]" in str(info.value)
+    assert info.value.hint
+
+
+def test_tensor_subclass_is_refused() -> None:
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(UnsupportedValueError, match="subclass"):
+        flatten({"t": torch.ones(2).as_subclass(Sub)})
+
+
+def test_unsupported_dict_key() -> None:
+    with pytest.raises(UnsupportedValueError) as info:
+        flatten({"d": {Opaque(): 1}})
+    assert "obj['d']" in str(info.value)
+
+
+def test_cycles_and_excessive_depth_are_refused() -> None:
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(UnsupportedValueError, match="contains itself"):
+        flatten({"loop": loop})
+    deep: Any = torch.ones(1)
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(UnsupportedValueError):
+        flatten(deep)
+
+
+def test_shared_subtrees_that_are_not_cycles_are_fine() -> None:
+    shared = {"lr": 0.1}
+    out = rebuild({"a": shared, "b": [shared, shared]})
+    assert out == {"a": {"lr": 0.1}, "b": [{"lr": 0.1}, {"lr": 0.1}]}
+
+
+def _decode(skeleton: Any) -> Any:
+    return unflatten(skeleton, lambda node: torch.zeros(1), source="file.safetensors")
+
+
+@pytest.mark.parametrize(
+    "skeleton",
+    [
+        [1, 2],
+        {"no": "tag"},
+        {"$": "alien", "v": 1},
+        {"$": "dict"},
+        {"$": "dict", "items": [[1]]},
+        {"$": "dict", "items": [[{"$": "list", "v": []}, 1]]},
+        {"$": "list", "v": 3},
+        {"$": "set", "v": [{"$": "list", "v": []}]},
+        {"$": "bytes", "v": "not base64!"},
+        {"$": "bytes", "v": 5},
+        {"$": "float", "v": None},
+        {"$": "float", "v": "abc"},
+        {"$": "complex", "v": [1]},
+        {"$": "complex", "v": 5},
+        {"$": "dtype", "v": "float99"},
+        {"$": "dtype", "v": 5},
+        {"$": "dtype", "v": None},
+        {"$": "device", "v": "toaster:0"},
+        {"$": "device", "v": 3.5},
+        {"$": "size", "v": "abc"},
+        {"$": "size", "v": [[1]]},
+        {"$": "np", "dtype": "not a dtype", "v": 1},
+        {"$": "np"},
+    ],
+    ids=lambda s: json.dumps(s),
+)
+def test_hostile_skeletons_are_corrupt(skeleton: Any) -> None:
+    with pytest.raises(CorruptCheckpointError) as info:
+        _decode({"$": "dict", "v": {"x": skeleton}})
+    assert "file.safetensors" in str(info.value)
+
+
+def test_deep_skeletons_are_corrupt_not_recursion_errors() -> None:
+    node: Any = 1
+    for _ in range(MAX_DEPTH + 10):
+        node = {"$": "list", "v": [node]}
+    with pytest.raises(CorruptCheckpointError):
+        _decode(node)
+    node = 1
+    for _ in range(50_000):
+        node = {"$": "list", "v": [node]}
+    with pytest.raises(CorruptCheckpointError):
+        _decode(node)
+
+
+def test_tensor_nodes_walks_every_container() -> None:
+    obj = {"a": [torch.ones(1), {"b": torch.ones(1)}], 3: (torch.ones(1),)}
+    paths = sorted(n["path"] for n in tensor_nodes(flatten(obj).skeleton))
+    assert paths == ["3.0", "a.0", "a.1.b"]

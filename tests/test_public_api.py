@@ -1,0 +1,145 @@
+"""The public surface: names, signatures and the error hierarchy users catch."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import version
+
+import pytest
+
+import torchkeep
+
+EXPECTED_ALL = [
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "ConfigMixin",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompatibleStateError",
+    "LoadReport",
+    "Mismatch",
+    "ModelClassError",
+    "StorageError",
+    "TensorInfo",
+    "TorchkeepError",
+    "UnsafeCheckpointError",
+    "UnsupportedValueError",
+    "__version__",
+    "capture_config",
+    "inspect",
+    "load",
+    "load_into",
+    "load_model",
+    "save",
+    "save_model",
+]
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert sorted(torchkeep.__all__) == EXPECTED_ALL
+    assert list(torchkeep.__all__) == sorted(torchkeep.__all__)
+    assert len(set(torchkeep.__all__)) == len(torchkeep.__all__)
+
+
+@pytest.mark.parametrize("name", EXPECTED_ALL)
+def test_every_public_name_is_importable(name: str) -> None:
+    module = importlib.import_module("torchkeep")
+    assert getattr(module, name) is not None
+    namespace: dict[str, object] = {}
+    exec(f"from torchkeep import {name}", namespace)
+    assert namespace[name] is getattr(torchkeep, name)
+
+
+def test_star_import_gives_exactly_all() -> None:
+    namespace: dict[str, object] = {}
+    exec("from torchkeep import *", namespace)
+    assert {k for k in namespace if k != "__builtins__"} == set(EXPECTED_ALL)
+
+
+def test_version_is_the_installed_distribution() -> None:
+    assert torchkeep.__version__ == version("torchkeep")
+
+
+def _params(fn: object) -> list[tuple[str, inspect._ParameterKind, object]]:
+    sig = inspect.signature(fn)  # type: ignore[arg-type]
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+
+P, K = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+EMPTY = inspect.Parameter.empty
+
+
+def test_signatures_match_the_spec() -> None:
+    assert _params(torchkeep.save) == [
+        ("obj", P, EMPTY),
+        ("path", P, EMPTY),
+        ("metadata", K, None),
+    ]
+    assert _params(torchkeep.load) == [
+        ("path", P, EMPTY),
+        ("map_location", K, None),
+        ("dtype", K, None),
+        ("trust", K, False),
+    ]
+    assert _params(torchkeep.load_into) == [
+        ("module", P, EMPTY),
+        ("source", P, EMPTY),
+        ("strict", K, True),
+        ("skip_mismatched", K, False),
+    ]
+    assert _params(torchkeep.save_model) == [
+        ("model", P, EMPTY),
+        ("path", P, EMPTY),
+        ("config", K, None),
+    ]
+    assert _params(torchkeep.load_model)[:2] == [("path", P, EMPTY), ("map_location", P, None)]
+    assert ("trust", K, False) in _params(torchkeep.load_model)
+    assert [p[0] for p in _params(torchkeep.inspect)] == ["path"]
+
+
+def test_load_report_fields() -> None:
+    report = torchkeep.LoadReport()
+    assert report.loaded == report.missing == report.unexpected == report.mismatched == ()
+    assert report.ok
+    fields = [f for f in report.__dataclass_fields__]
+    assert fields[:4] == ["loaded", "missing", "unexpected", "mismatched"]
+    m = torchkeep.Mismatch(key="fc.weight", expected=(2, 3), found=(4, 3))
+    bad = torchkeep.LoadReport(loaded=("a",), mismatched=(m,))
+    assert not bad.ok
+    assert bad.to_dict()["mismatched"] == [
+        {"key": "fc.weight", "expected": [2, 3], "found": [4, 3]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "builtin"),
+    [
+        (torchkeep.CheckpointNotFoundError, FileNotFoundError),
+        (torchkeep.CorruptCheckpointError, ValueError),
+        (torchkeep.FormatVersionError, torchkeep.CorruptCheckpointError),
+        (torchkeep.IncompatibleStateError, ValueError),
+        (torchkeep.UnsupportedValueError, TypeError),
+        (torchkeep.ModelClassError, ImportError),
+        (torchkeep.StorageError, OSError),
+        (torchkeep.UnsafeCheckpointError, torchkeep.TorchkeepError),
+    ],
+)
+def test_error_hierarchy(error: type[Exception], builtin: type[Exception]) -> None:
+    assert issubclass(error, torchkeep.TorchkeepError)
+    assert issubclass(error, builtin)
+    assert issubclass(torchkeep.TorchkeepError, Exception)
+
+
+def test_error_message_names_path_and_hint() -> None:
+    err = torchkeep.CorruptCheckpointError(
+        "bad \x1b[31mred\x1b[0m bytes", path="/x/y.pt", key="w", hint="restore it"
+    )
+    text = str(err)
+    assert "/x/y.pt" in text and "bad red bytes" in text and "hint: restore it" in text
+    assert "\x1b" not in text
+    assert (err.path, err.key, err.hint) == ("/x/y.pt", "w", "restore it")
+    unsafe = torchkeep.UnsafeCheckpointError("no", globals=["posix.system"])
+    assert unsafe.globals == ["posix.system"]
+    incompatible = torchkeep.IncompatibleStateError("no", report=torchkeep.LoadReport())
+    assert incompatible.report == torchkeep.LoadReport()
