@@ -20,11 +20,14 @@ from torchkeep.errors import (
 )
 from torchkeep.format import CheckpointInfo, TensorInfo
 from torchkeep.io import inspect, load, load_into, load_model, save, save_model
-from torchkeep.state import ConfigMixin, LoadReport, Mismatch, capture_config
+from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo, RunLockedError
+from torchkeep.state import ConfigMixin, LoadReport, Mismatch, RNGState, capture_config
 
 __all__ = [
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointRecord",
     "ConfigMixin",
     "CorruptCheckpointError",
     "FormatVersionError",
@@ -32,6 +35,9 @@ __all__ = [
     "LoadReport",
     "Mismatch",
     "ModelClassError",
+    "RNGState",
+    "RestoreInfo",
+    "RunLockedError",
     "StorageError",
     "TensorInfo",
     "TorchkeepError",

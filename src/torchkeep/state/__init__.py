@@ -1,5 +1,6 @@
 """What a model or a training run is: loading into modules, reports, rebuilding models."""
 
+from torchkeep.state._app import capture_app, restore_app
 from torchkeep.state._config import (
     ConfigMixin,
     capture_config,
@@ -9,12 +10,15 @@ from torchkeep.state._config import (
 )
 from torchkeep.state._loading import apply, check, find_state, plan
 from torchkeep.state._report import LoadReport, Mismatch
+from torchkeep.state._rng import RNGState
 
 __all__ = [
     "ConfigMixin",
     "LoadReport",
     "Mismatch",
+    "RNGState",
     "apply",
+    "capture_app",
     "capture_config",
     "captured_config",
     "check",
@@ -22,4 +26,5 @@ __all__ = [
     "find_state",
     "import_model_class",
     "plan",
+    "restore_app",
 ]

@@ -1,0 +1,71 @@
+"""One writer per run: an advisory ``flock`` on ``RUN/.lock``.
+
+``flock`` locks belong to the open file, so the kernel drops them when the process dies, however
+it dies (``kill -9`` included): a lock left by a crashed writer is never stale. The file itself
+only records who holds the lock (pid, host, start time) so that the error can name them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+from torchkeep.errors import TorchkeepError
+
+
+class RunLockedError(TorchkeepError):
+    """Another process is writing to this run."""
+
+    default_hint = (
+        "stop the other writer first, or open the run read-only "
+        "(CheckpointManager(path, read_only=True)) to list and load checkpoints"
+    )
+
+
+class RunLock:
+    """The writer lock of a run; released by :meth:`release` or when the process exits."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunLockedError(
+                f"the run is locked by a writer: {holder}", path=str(self.path.parent)
+            ) from None
+        except OSError:
+            f.close()
+            raise
+        f.seek(0)
+        f.truncate()
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        f.write(json.dumps(owner))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):
+            self._file.seek(0)
+            self._file.truncate()
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None

@@ -1,0 +1,589 @@
+"""`CheckpointManager`: a directory of checkpoints with retention, exact resume and async writes.
+
+A save goes in four steps, each one safe to interrupt (layout in ``format/_run.py``):
+
+1. capture the app (models, optimizers, schedulers, RNG, plain values) into one nested state;
+2. hash every tensor; write those whose bytes the run does not hold yet into a new pack
+   (temp file, fsync, rename, fsync of the directory);
+3. commit: write the manifest to a temp file and rename it into ``checkpoints/``;
+4. retention: delete the manifests the policy drops, then the packs no remaining manifest uses.
+
+A crash before 3 leaves no checkpoint, only an unreferenced pack that the next writer sweeps. A
+crash during 4 leaves extra checkpoints or packs, never a manifest pointing at a missing pack,
+because a manifest always goes before its packs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import threading
+from collections.abc import Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import torch
+
+from torchkeep._version import __version__
+from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
+from torchkeep.format import (
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST_DIR,
+    METRICS_FILE,
+    PACK_DIR,
+    RUN_FILE,
+    Manifest,
+    RunReader,
+    TensorRef,
+    flatten,
+    manifest_name,
+    map_tensors,
+    metadata_json,
+    tensor_bytes,
+    write_pack,
+)
+from torchkeep.format._dtypes import dtype_name
+from torchkeep.manager._lock import RunLock
+from torchkeep.manager._retention import Mode, RetentionPolicy, select
+from torchkeep.state import capture_app, restore_app
+from torchkeep.storage import atomic_write, fsync_dir
+from torchkeep.storage._local import sweep_temporaries
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointRecord:
+    """One committed checkpoint of a run, as listed by ``CheckpointManager.checkpoints``.
+
+    Attributes:
+        step: the training step it was saved at.
+        time: when it was committed (seconds since the epoch).
+        metrics: the metrics saved with it.
+        metadata: the user metadata saved with it.
+        size: bytes of tensor data it holds (bytes shared with other checkpoints included).
+        kept: why retention keeps it (``"latest"``, ``"best"``, ``"keep_last"``...).
+        path: its manifest.
+    """
+
+    step: int
+    time: float
+    metrics: dict[str, Any]
+    metadata: dict[str, Any]
+    size: int
+    kept: tuple[str, ...]
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "time": self.time,
+            "metrics": self.metrics,
+            "metadata": self.metadata,
+            "size": self.size,
+            "kept": list(self.kept),
+            "path": self.path,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RestoreInfo:
+    """What ``CheckpointManager.restore`` loaded.
+
+    Attributes:
+        step: the step of the restored checkpoint.
+        metrics: its metrics.
+        metadata: its user metadata.
+        values: the plain (non-stateful) values of the app state, e.g. ``{"epoch": 3}``.
+        path: the manifest read.
+    """
+
+    step: int
+    metrics: dict[str, Any]
+    metadata: dict[str, Any]
+    values: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metrics as JSON numbers: 0-d tensors and numpy scalars become floats, NaN is kept as None."""
+    out: dict[str, Any] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().item() if value.numel() == 1 else value.tolist()
+        elif hasattr(value, "item") and callable(value.item):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[str(name)] = value
+    return metadata_json(out)
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _tensor_hash(data: memoryview) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class CheckpointManager:
+    """A run of checkpoints in one directory: save, restore, retention, references.
+
+    Args:
+        directory: the run directory (created when missing).
+        keep_last: keep the N most recent checkpoints.
+        keep_best: keep the K best by ``monitor``.
+        keep_every: keep every checkpoint whose step is a multiple of E.
+        monitor: the metric that ranks checkpoints (``"val_loss"``).
+        mode: ``"min"`` or ``"max"``.
+        async_save: ``save`` copies the state to host memory and returns; a background thread
+            writes and commits. The next ``save`` (or ``wait``/``close``) waits for it and raises
+            its error if it failed.
+        read_only: open an existing run to list and load only; takes no lock, writes nothing.
+
+    Retention arguments left out are taken from the run's stored policy, so a manager opened on an
+    existing run with no arguments keeps its rules. One writer per run: a second raises
+    ``RunLockedError``.
+
+    Example:
+        >>> app = {"model": model, "optimizer": opt, "rng": torchkeep.RNGState(), "epoch": 0}
+        >>> with torchkeep.CheckpointManager("runs/exp1", keep_last=3, keep_best=1,
+        ...                                  monitor="val_loss") as mgr:
+        ...     info = mgr.restore(app)                     # None on a fresh run
+        ...     start = info.step + 1 if info else 0
+        ...     for epoch in range(start, 10):
+        ...         app["epoch"] = epoch
+        ...         ...
+        ...         mgr.save(epoch, app, metrics={"val_loss": val_loss})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        keep_every: int | None = None,
+        monitor: str | None = None,
+        mode: Mode | None = None,
+        async_save: bool = False,
+        read_only: bool = False,
+    ) -> None:
+        self.root = Path(directory)
+        self.read_only = read_only
+        self.async_save = async_save
+        self._lock = RunLock(self.root / LOCK_FILE)
+        self._pending: Future[CheckpointRecord] | None = None
+        self._mutex = threading.RLock()
+        self._git: str | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        given = {
+            "keep_last": keep_last,
+            "keep_best": keep_best,
+            "keep_every": keep_every,
+            "monitor": monitor,
+            "mode": mode,
+        }
+        if read_only:
+            self._reader = RunReader(self.root)
+            self.policy = RetentionPolicy.from_dict({**self._reader.policy, **_given(given)})
+            self._manifests = {m.step: m for m in self._reader.manifests()}
+            return
+        try:
+            (self.root / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+            (self.root / PACK_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the run directory: {exc}", path=str(self.root)
+            ) from exc
+        self._lock.acquire()
+        try:
+            stored = RunReader(self.root).policy if (self.root / RUN_FILE).is_file() else {}
+            self.policy = RetentionPolicy.from_dict({**stored, **_given(given)})
+            if not (self.root / RUN_FILE).is_file() or stored != self.policy.to_dict():
+                self._write_run_file()
+            self._reader = RunReader(self.root)
+            self._manifests = {m.step: m for m in self._reader.manifests()}
+            self._sweep()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._git = _git_commit()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> list[CheckpointRecord]:
+        """Every committed checkpoint, oldest first, with why it is kept."""
+        self._refresh()
+        with self._mutex:
+            manifests = sorted(self._manifests.items())
+        kept = select([(s, m.metrics) for s, m in manifests], self.policy)
+        return [self._record(m, kept.get(m.step, ())) for _, m in manifests]
+
+    @property
+    def latest(self) -> CheckpointRecord | None:
+        """The most recent checkpoint, or ``None`` on an empty run."""
+        records = self.checkpoints
+        return records[-1] if records else None
+
+    @property
+    def best(self) -> CheckpointRecord | None:
+        """The best checkpoint by the run's ``monitor``, or ``None``."""
+        records = self.checkpoints
+        return next((r for r in records if "best" in r.kept), None)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every metrics record saved in this run (also of checkpoints deleted since), in order."""
+        path = self.root / METRICS_FILE
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+        return records
+
+    def _record(self, m: Manifest, kept: tuple[str, ...]) -> CheckpointRecord:
+        return CheckpointRecord(
+            step=m.step,
+            time=m.time,
+            metrics=m.metrics,
+            metadata=m.metadata,
+            size=m.nbytes,
+            kept=kept,
+            path=str(m.path),
+        )
+
+    def _refresh(self) -> None:
+        if self.read_only:
+            self._manifests = {m.step: m for m in self._reader.manifests()}
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        app: MutableMapping[str, Any],
+        which: str | int = "latest",
+        *,
+        strict: bool = True,
+    ) -> RestoreInfo | None:
+        """Load a checkpoint into ``app`` in place; ``None`` when the run has no checkpoint yet.
+
+        Args:
+            app: the same kind of dict that was saved; stateful objects are loaded in place and
+                plain values are written back into it.
+            which: ``"latest"``, ``"best"``, or a step.
+            strict: raise when the app and the checkpoint hold different entries or keys.
+
+        Raises:
+            IncompatibleStateError: the checkpoint does not fit (another architecture...); the app
+                is left as it was when this is detected before loading.
+            CheckpointNotFoundError: ``which`` names no checkpoint.
+        """
+        self.wait()
+        self._refresh()
+        if not self._manifests:
+            if which != "latest":
+                raise CheckpointNotFoundError(
+                    f"the run has no checkpoint yet, so no {which!r}", path=str(self.root)
+                )
+            return None
+        manifest = self._reader.resolve(str(which))
+        state = self._reader.load(manifest)
+        values = restore_app(app, state, strict=strict, source=str(manifest.path))
+        return RestoreInfo(
+            step=manifest.step,
+            metrics=manifest.metrics,
+            metadata=manifest.metadata,
+            values=values,
+            path=str(manifest.path),
+        )
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        app: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> CheckpointRecord | None:
+        """Save a checkpoint of ``app`` at ``step``, then apply retention.
+
+        Returns the new record, or ``None`` with ``async_save`` (the write goes on in the
+        background; ``wait()`` returns the record).
+
+        Raises:
+            UnsupportedValueError: the app holds a value that cannot be stored.
+            StorageError: the disk failed; earlier checkpoints are intact.
+        """
+        self._check_writable()
+        if type(step) is not int or step < 0:
+            raise TorchkeepError(f"step must be a non-negative int, not {step!r}")
+        self.wait()
+        clean_metrics = _clean_metrics(metrics)
+        user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
+        state = capture_app(app)
+        if not self.async_save:
+            return self._write(step, state, clean_metrics, user_metadata)
+        staged = map_tensors(state, lambda t: t.detach().to("cpu", copy=True))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
+        self._pending = self._executor.submit(
+            self._write, step, staged, clean_metrics, user_metadata
+        )
+        return None
+
+    def wait(self) -> CheckpointRecord | None:
+        """Wait for a pending async save; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else pending.result()
+
+    def _write(
+        self, step: int, state: Any, metrics: dict[str, Any], metadata: dict[str, Any]
+    ) -> CheckpointRecord:
+        flat = flatten(state)
+        with self._mutex:
+            index = {
+                (r.hash, r.dtype, r.shape): r
+                for m in self._manifests.values()
+                for r in m.tensors.values()
+            }
+        pack = f"{step:010d}-{secrets.token_hex(4)}.safetensors"
+        refs: dict[str, TensorRef] = {}
+        new: dict[str, torch.Tensor] = {}
+        for key, t in flat.tensors.items():
+            t = t.detach()
+            data = tensor_bytes(t)
+            ref = TensorRef(
+                pack=pack,
+                key=key,
+                dtype=dtype_name(t.dtype),
+                shape=tuple(t.shape),
+                nbytes=data.nbytes,
+                hash=_tensor_hash(data),
+            )
+            existing = index.get((ref.hash, ref.dtype, ref.shape))
+            if existing is not None:
+                refs[key] = existing  # the run already holds these bytes
+            else:
+                refs[key] = index[(ref.hash, ref.dtype, ref.shape)] = ref
+                new[key] = t
+        now = datetime.datetime.now(datetime.UTC)
+        document: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "time": now.timestamp(),
+            "metrics": metrics,
+            "metadata": metadata,
+            "system": {
+                "created": now.isoformat(),
+                "host": socket.gethostname(),
+                "python": platform.python_version(),
+                "torch_version": str(torch.__version__),
+                "torchkeep_version": __version__,
+                "git_commit": self._git,
+            },
+            "skeleton": flat.skeleton,
+            "tensors": {k: {**_fields(r), "shape": list(r.shape)} for k, r in refs.items()},
+        }
+        pack_path = self.root / PACK_DIR / pack
+        manifest_path = self.root / MANIFEST_DIR / manifest_name(step)
+        try:
+            if new:
+                atomic_write(pack_path, lambda f: write_pack(f, new))
+            text = json.dumps(document, separators=(",", ":")).encode()
+            atomic_write(manifest_path, lambda f: _write_bytes(f, text))  # the commit point
+        except BaseException:
+            with contextlib.suppress(OSError):
+                pack_path.unlink()
+            raise
+        with self._mutex:
+            return self._committed(step, document, metrics, metadata, flat.skeleton, refs)
+
+    def _committed(
+        self,
+        step: int,
+        document: dict[str, Any],
+        metrics: dict[str, Any],
+        metadata: dict[str, Any],
+        skeleton: Any,
+        refs: dict[str, TensorRef],
+    ) -> CheckpointRecord:
+        """Book-keeping once a manifest is committed: history, then retention."""
+        previous = self._manifests.get(step)
+        self._manifests[step] = Manifest(
+            path=self.root / MANIFEST_DIR / manifest_name(step),
+            step=step,
+            time=document["time"],
+            metrics=metrics,
+            metadata=metadata,
+            skeleton=skeleton,
+            tensors=refs,
+        )
+        self._append_history(step, document["time"], metrics)
+        kept = self._apply_retention(self.policy, replaced=previous)
+        return self._record(self._manifests[step], kept.get(step, ()))
+
+    def _append_history(self, step: int, time: float, metrics: dict[str, Any]) -> None:
+        line = json.dumps({"step": step, "time": time, "metrics": metrics}) + "\n"
+        try:
+            with open(self.root / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot record metrics: {exc}", path=str(self.root)) from exc
+
+    # -- retention and garbage collection -------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        keep_every: int | None = None,
+        dry_run: bool = False,
+    ) -> list[int]:
+        """Delete checkpoints that these rules (plus the latest and the best) do not keep.
+
+        The run's stored policy is not changed. Returns the steps deleted (or that would be, with
+        ``dry_run``).
+        """
+        self._check_writable()
+        self.wait()
+        policy = RetentionPolicy(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            keep_every=keep_every,
+            monitor=self.policy.monitor,
+            mode=self.policy.mode,
+        )
+        kept = select([(s, m.metrics) for s, m in self._manifests.items()], policy)
+        doomed = sorted(set(self._manifests) - set(kept))
+        if not dry_run:
+            self._apply_retention(policy)
+        return doomed
+
+    def _apply_retention(
+        self, policy: RetentionPolicy, replaced: Manifest | None = None
+    ) -> dict[int, tuple[str, ...]]:
+        kept = select([(s, m.metrics) for s, m in self._manifests.items()], policy)
+        doomed = sorted(set(self._manifests) - set(kept))
+        for step in doomed:
+            # The manifest goes first: from then on nothing refers to its packs.
+            with contextlib.suppress(FileNotFoundError):
+                self._manifests[step].path.unlink()
+            del self._manifests[step]
+        if doomed:
+            fsync_dir(self.root / MANIFEST_DIR)
+        if doomed or replaced is not None:
+            self._collect_packs()
+        return kept
+
+    def _collect_packs(self) -> None:
+        """Delete packs that no committed manifest refers to."""
+        used = {ref.pack for m in self._manifests.values() for ref in m.tensors.values()}
+        folder = self.root / PACK_DIR
+        for name in os.listdir(folder):
+            if name.endswith(".safetensors") and name not in used:
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+        fsync_dir(folder)
+
+    def _sweep(self) -> None:
+        """Remove what crashed writers left: temporary files and unreferenced packs."""
+        for folder in (self.root, self.root / MANIFEST_DIR, self.root / PACK_DIR):
+            for entry in os.listdir(folder):
+                if ".tkp-" in entry and entry.startswith("."):
+                    sweep_temporaries(folder / entry.split(".tkp-")[0][1:])
+        self._collect_packs()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _write_run_file(self) -> None:
+        document = {
+            "format_version": FORMAT_VERSION,
+            "kind": "torchkeep-run",
+            "torchkeep_version": __version__,
+            "policy": self.policy.to_dict(),
+        }
+        text = json.dumps(document, indent=2).encode()
+        atomic_write(self.root / RUN_FILE, lambda f: _write_bytes(f, text))
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise TorchkeepError(
+                "this manager was opened read-only",
+                path=str(self.root),
+                hint="open it without read_only=True",
+            )
+        if not self._lock.held:
+            raise TorchkeepError(
+                "this manager is closed", path=str(self.root), hint="open a new one"
+            )
+
+    def close(self) -> None:
+        """Finish a pending save (raising its error), then release the run's writer lock."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._lock.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.read_only else "writer"
+        return f"CheckpointManager({str(self.root)!r}, {mode}, {len(self._manifests)} checkpoints)"
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _fields(ref: TensorRef) -> dict[str, Any]:
+    return {
+        "pack": ref.pack,
+        "key": ref.key,
+        "dtype": ref.dtype,
+        "shape": ref.shape,
+        "nbytes": ref.nbytes,
+        "hash": ref.hash,
+    }
+
+
+def _write_bytes(f: BinaryIO, data: bytes) -> None:
+    f.write(data)

@@ -1,0 +1,237 @@
+"""CheckpointManager in one process: commit protocol, retention, dedup, lock, references."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep as tk
+from torchkeep.manager import RunLockedError
+
+
+def make_app(seed: int = 0) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return {"model": model, "optimizer": opt, "epoch": 0}
+
+
+def train_step(app: dict[str, Any]) -> float:
+    x = torch.randn(16, 4)
+    loss = app["model"](x).pow(2).mean()
+    app["optimizer"].zero_grad()
+    loss.backward()
+    app["optimizer"].step()
+    return float(loss.detach())
+
+
+def files(run: Path, sub: str) -> list[str]:
+    return sorted(p.name for p in (run / sub).iterdir())
+
+
+def test_save_then_restore_into_fresh_app_is_exact(tmp_path: Path) -> None:
+    app = make_app()
+    with tk.CheckpointManager(tmp_path / "run") as mgr:
+        for step in range(3):
+            train_step(app)
+            app["epoch"] = step
+            record = mgr.save(step, app, metrics={"loss": torch.tensor(0.5 - step / 10)})
+            assert record is not None and record.step == step
+    fresh = make_app(seed=1)
+    with tk.CheckpointManager(tmp_path / "run") as mgr:
+        info = mgr.restore(fresh)
+    assert info is not None and info.step == 2 and info.values["epoch"] == 2
+    assert fresh["epoch"] == 2
+    assert info.metrics == {"loss": pytest.approx(0.3)}
+    for a, b in zip(
+        app["model"].state_dict().values(), fresh["model"].state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    sa, sb = app["optimizer"].state_dict(), fresh["optimizer"].state_dict()
+    for k in sa["state"]:
+        assert torch.equal(sa["state"][k]["exp_avg_sq"], sb["state"][k]["exp_avg_sq"])
+
+
+def test_restore_on_empty_run_returns_none(tmp_path: Path) -> None:
+    with tk.CheckpointManager(tmp_path / "run") as mgr:
+        assert mgr.restore(make_app()) is None
+        assert mgr.latest is None and mgr.best is None and mgr.checkpoints == []
+
+
+def test_retention_keeps_exactly_the_expected_and_leaves_no_orphans(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    app = make_app()
+    losses = [5.0, 1.0, 4.0, 3.0, 6.0]
+    with tk.CheckpointManager(run, keep_last=2, keep_best=1, monitor="val_loss") as mgr:
+        for step, loss in enumerate(losses):
+            train_step(app)
+            mgr.save(step, app, metrics={"val_loss": loss})
+        assert [c.step for c in mgr.checkpoints] == [1, 3, 4]
+        assert mgr.best is not None and mgr.best.step == 1
+        assert mgr.latest is not None and mgr.latest.step == 4
+    assert files(run, "checkpoints") == ["0000000001.json", "0000000003.json", "0000000004.json"]
+    used = set()
+    for name in files(run, "checkpoints"):
+        doc = json.loads((run / "checkpoints" / name).read_text())
+        used |= {t["pack"] for t in doc["tensors"].values()}
+    assert set(files(run, "packs")) == used
+    assert not [p for p in run.rglob("*") if ".tkp-" in p.name]
+    # the metrics history keeps every step, deleted checkpoints included
+    history = tk.CheckpointManager(run, read_only=True).history
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
+
+
+def test_identical_tensors_are_not_written_again(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    app = make_app()
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, app)
+        mgr.save(1, app)  # nothing changed: the second checkpoint references the first's pack
+        assert len(files(run, "packs")) == 1
+        for p in app["model"][3].parameters():  # fine-tune only the head
+            p.data.add_(1.0)
+        mgr.save(2, app)
+    packs = files(run, "packs")
+    assert len(packs) == 2
+    second = (run / "packs" / packs[1]).stat().st_size
+    head_bytes = sum(p.numel() * 4 for p in app["model"][3].parameters())
+    assert second < head_bytes + 4096
+
+
+def test_crash_before_commit_leaves_no_checkpoint_and_is_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    app = make_app()
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, app)
+    import torchkeep.manager._manager as manager_module
+
+    real = manager_module.atomic_write
+
+    def failing(path: Any, write: Any) -> None:
+        if Path(path).parent.name == "checkpoints":
+            raise OSError(28, "No space left on device")
+        real(path, write)
+
+    train_step(app)
+    mgr = tk.CheckpointManager(run)
+    monkeypatch.setattr(manager_module, "atomic_write", failing)
+    with pytest.raises(OSError):
+        mgr.save(1, app)
+    mgr.close()
+    monkeypatch.setattr(manager_module, "atomic_write", real)
+    # simulate a pack orphaned by a kill between the pack's rename and the manifest's
+    (run / "packs" / "0000000009-deadbeef.safetensors").write_bytes(b"orphan")
+    with tk.CheckpointManager(run) as mgr:
+        assert [c.step for c in mgr.checkpoints] == [0]
+    assert len(files(run, "packs")) == 1
+    assert tk.load(f"{run}@latest")["epoch"] == 0
+
+
+def test_second_writer_is_refused_readers_are_not(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, make_app())
+        with pytest.raises(RunLockedError, match=str(os.getpid())):
+            tk.CheckpointManager(run)
+        reader = tk.CheckpointManager(run, read_only=True)
+        assert [c.step for c in reader.checkpoints] == [0]
+        assert tk.load(f"{run}@0")["epoch"] == 0
+        with pytest.raises(tk.TorchkeepError, match="read-only"):
+            reader.save(1, make_app())
+    tk.CheckpointManager(run).close()  # released on close
+
+
+def test_policy_is_remembered(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    tk.CheckpointManager(run, keep_last=1, monitor="acc", mode="max").close()
+    with tk.CheckpointManager(run) as mgr:
+        assert (
+            mgr.policy.keep_last == 1 and mgr.policy.monitor == "acc" and mgr.policy.mode == "max"
+        )
+        app = make_app()
+        for step, acc in enumerate([0.2, 0.9, 0.1]):
+            mgr.save(step, app, metrics={"acc": acc})
+        assert [c.step for c in mgr.checkpoints] == [1, 2]
+
+
+def test_references_work_in_load_load_into_and_inspect(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    app = make_app()
+    with tk.CheckpointManager(run, monitor="val_loss") as mgr:
+        for step, loss in enumerate([3.0, 1.0, 2.0]):
+            train_step(app)
+            app["epoch"] = step
+            mgr.save(step, app, metrics={"val_loss": loss})
+    assert tk.load(f"{run}@best")["epoch"] == 1
+    assert tk.load(f"{run}@latest")["epoch"] == 2
+    assert tk.load(f"{run}@0")["epoch"] == 0
+    assert tk.load(str(run))["epoch"] == 2
+    fresh = make_app(seed=3)["model"]
+    report = tk.load_into(fresh, f"{run}@latest")
+    assert report.entry == "model" and report.ok
+    for a, b in zip(app["model"].state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    info = tk.inspect(f"{run}@best")
+    assert info.format == "torchkeep-run" and info.metadata["step"] == 1
+    with pytest.raises(tk.CheckpointNotFoundError, match="step 7"):
+        tk.load(f"{run}@7")
+
+
+def test_restore_into_another_architecture_names_the_differences(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, make_app())
+        other = make_app()
+        other["model"] = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        before = [p.clone() for p in other["model"].parameters()]
+        with pytest.raises(tk.IncompatibleStateError) as err:
+            mgr.restore(other)
+        assert "0.weight" in str(err.value)
+        assert all(
+            torch.equal(a, b) for a, b in zip(before, other["model"].parameters(), strict=True)
+        )
+
+
+def test_run_written_by_newer_format_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, make_app())
+    doc = json.loads((run / "torchkeep_run.json").read_text())
+    doc["format_version"] = "2.0"
+    (run / "torchkeep_run.json").write_text(json.dumps(doc))
+    with pytest.raises(tk.FormatVersionError, match="upgrade"):
+        tk.CheckpointManager(run)
+    with pytest.raises(tk.FormatVersionError):
+        tk.load(f"{run}@latest")
+
+
+def test_async_save_commits_in_background_and_surfaces_errors(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    app = make_app()
+    with tk.CheckpointManager(run, async_save=True) as mgr:
+        assert mgr.save(0, app, metrics={"loss": 1.0}) is None
+        weights = {k: v.clone() for k, v in app["model"].state_dict().items()}
+        train_step(app)  # changes the weights while the write may still run
+        record = mgr.wait()
+        assert record is not None and record.step == 0
+    saved = tk.load(f"{run}@0")["model"]
+    assert all(torch.equal(saved[k], v) for k, v in weights.items())
+
+    class Broken:
+        def state_dict(self) -> dict[str, Any]:
+            return {"x": object()}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            pass
+
+    with tk.CheckpointManager(run, async_save=True) as mgr, pytest.raises(tk.UnsupportedValueError):
+        mgr.save(1, {"broken": Broken()})
+        mgr.wait()
