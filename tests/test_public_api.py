@@ -12,7 +12,9 @@ import torchkeep
 
 EXPECTED_ALL = [
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointRecord",
     "ConfigMixin",
     "CorruptCheckpointError",
     "FormatVersionError",
@@ -20,6 +22,9 @@ EXPECTED_ALL = [
     "LoadReport",
     "Mismatch",
     "ModelClassError",
+    "RNGState",
+    "RestoreInfo",
+    "RunLockedError",
     "StorageError",
     "TensorInfo",
     "TorchkeepError",
