@@ -235,3 +235,13 @@ def test_async_save_commits_in_background_and_surfaces_errors(tmp_path: Path) ->
     with tk.CheckpointManager(run, async_save=True) as mgr, pytest.raises(tk.UnsupportedValueError):
         mgr.save(1, {"broken": Broken()})
         mgr.wait()
+
+
+def test_equal_tensors_stored_once_come_back_as_distinct_memory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, {"a": torch.zeros(4), "b": torch.zeros(4), "steps": [torch.tensor(3.0)] * 1})
+    state = tk.load(f"{run}@0")
+    state["a"].add_(1.0)  # an in-place update (as Adam does to its step) must not leak
+    assert torch.equal(state["b"], torch.zeros(4))
+    assert state["a"].data_ptr() != state["b"].data_ptr()

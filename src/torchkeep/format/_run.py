@@ -245,6 +245,7 @@ class RunReader:
     ) -> Any:
         """Rebuild the saved state of a checkpoint (tensors mapped lazily from its packs)."""
         packs: dict[str, SafetensorsFile] = {}
+        fetched: set[tuple[str, str]] = set()
         source = str(manifest.path)
 
         def fetch(key: str) -> torch.Tensor:
@@ -273,6 +274,11 @@ class RunReader:
                     path=source,
                     key=key,
                 )
+            if (ref.pack, ref.key) in fetched:
+                # Equal bytes are stored once, but distinct tensors must not share memory:
+                # an in-place update of one (Adam's step += 1) would change the other.
+                return t.clone()
+            fetched.add((ref.pack, ref.key))
             return t
 
         return rebuild(
