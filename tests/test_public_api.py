@@ -32,12 +32,15 @@ EXPECTED_ALL = [
     "UnsupportedValueError",
     "__version__",
     "capture_config",
+    "freeze",
     "inspect",
     "load",
     "load_into",
     "load_model",
     "save",
     "save_model",
+    "trainable_param_groups",
+    "unfreeze",
 ]
 
 
@@ -92,6 +95,7 @@ def test_signatures_match_the_spec() -> None:
         ("source", P, EMPTY),
         ("strict", K, True),
         ("skip_mismatched", K, False),
+        ("rename", K, None),
     ]
     assert _params(torchkeep.save_model) == [
         ("model", P, EMPTY),

@@ -21,7 +21,16 @@ from torchkeep.errors import (
 from torchkeep.format import CheckpointInfo, TensorInfo
 from torchkeep.io import inspect, load, load_into, load_model, save, save_model
 from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo, RunLockedError
-from torchkeep.state import ConfigMixin, LoadReport, Mismatch, RNGState, capture_config
+from torchkeep.state import (
+    ConfigMixin,
+    LoadReport,
+    Mismatch,
+    RNGState,
+    capture_config,
+    freeze,
+    trainable_param_groups,
+    unfreeze,
+)
 
 __all__ = [
     "CheckpointInfo",
@@ -45,10 +54,13 @@ __all__ = [
     "UnsupportedValueError",
     "__version__",
     "capture_config",
+    "freeze",
     "inspect",
     "load",
     "load_into",
     "load_model",
     "save",
     "save_model",
+    "trainable_param_groups",
+    "unfreeze",
 ]

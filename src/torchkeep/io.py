@@ -8,6 +8,7 @@ whole model (weights plus how to rebuild it) without pickle; ``inspect`` describ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,7 @@ from torchkeep.format import (
 )
 from torchkeep.state import (
     LoadReport,
+    adapt_keys,
     apply,
     captured_config,
     check,
@@ -47,6 +49,7 @@ from torchkeep.state import (
     find_state,
     import_model_class,
     plan,
+    renamed_state,
 )
 from torchkeep.storage import atomic_write
 
@@ -148,6 +151,7 @@ def load_into(
     *,
     strict: bool = True,
     skip_mismatched: bool = False,
+    rename: Mapping[str, str] | None = None,
 ) -> LoadReport:
     """Load a checkpoint into ``module`` in place, tensor by tensor, and report what happened.
 
@@ -163,6 +167,10 @@ def load_into(
         strict: raise on missing or unexpected keys. With ``strict=False`` they are reported.
         skip_mismatched: leave parameters whose shape differs (a new classifier head) at their
             current values and report them, instead of raising.
+        rename: regular expression -> replacement rules applied in order to the checkpoint's
+            keys (``{r"^fc[.]": "head."}``). Wrapper prefixes (``module.`` from DDP,
+            ``_orig_mod.`` from ``torch.compile``, a LightningModule's ``model.``) are handled
+            without rules when unambiguous. ``report.renamed`` says what was changed.
 
     Returns:
         A :class:`LoadReport` with the loaded, missing, unexpected and mismatched keys.
@@ -189,8 +197,12 @@ def load_into(
             obj = reader.load()
         else:
             obj = load_file(p)
-    state, entry = find_state(set(module.state_dict().keys()), obj)
-    report = plan(module, state, source=name, entry=entry)
+    module_keys = set(module.state_dict().keys())
+    state, entry = find_state(module_keys, obj, rename)
+    mapping, renamed = adapt_keys(list(state.keys()), module_keys, rename, path=name)
+    if any(old != new for old, new in mapping.items()):
+        state = renamed_state(state, mapping)
+    report = dataclasses.replace(plan(module, state, source=name, entry=entry), renamed=renamed)
     check(report, module, strict=strict, skip_mismatched=skip_mismatched)
     with _direct_reader(reader) as (direct, release):
         apply(module, state, report, direct_read=direct, release=release)

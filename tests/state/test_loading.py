@@ -374,5 +374,6 @@ def test_report_str_and_dict() -> None:
         "missing": ["b"],
         "unexpected": ["c"],
         "mismatched": [{"key": "d", "expected": [1, 2], "found": [3]}],
+        "renamed": [],
     }
     assert LoadReport(loaded=("a",)).table() == ""

@@ -15,14 +15,14 @@ import torch
 import typer
 
 import torchkeep as tk
-from torchkeep.cli import _demo, _inspect
+from torchkeep.cli import _demo, _inspect, _run
 from torchkeep.cli._output import print_line
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="torchkeep",
-    help="Safe, exact and fast checkpoints for PyTorch: inspect, reload and verify them.",
+    help="Safe, exact and fast checkpoints for PyTorch: inspect files; list, prune and plot runs.",
     no_args_is_help=True,
     # A checkpoint tool's locals are tensors and state dicts: never dump them in a traceback.
     pretty_exceptions_show_locals=False,
@@ -54,6 +54,7 @@ def _root(
 # Each module registers its command(s); the order is the order of `torchkeep --help`.
 _COMMANDS = (
     _inspect,
+    _run,
     _demo,
 )
 for _module in _COMMANDS:

@@ -8,6 +8,8 @@ from torchkeep.state._config import (
     class_path,
     import_model_class,
 )
+from torchkeep.state._freeze import freeze, trainable_param_groups, unfreeze
+from torchkeep.state._keys import adapt_keys, renamed_state
 from torchkeep.state._loading import apply, check, find_state, plan
 from torchkeep.state._report import LoadReport, Mismatch
 from torchkeep.state._rng import RNGState
@@ -17,6 +19,7 @@ __all__ = [
     "LoadReport",
     "Mismatch",
     "RNGState",
+    "adapt_keys",
     "apply",
     "capture_app",
     "capture_config",
@@ -24,7 +27,11 @@ __all__ = [
     "check",
     "class_path",
     "find_state",
+    "freeze",
     "import_model_class",
     "plan",
+    "renamed_state",
     "restore_app",
+    "trainable_param_groups",
+    "unfreeze",
 ]

@@ -14,14 +14,15 @@ semantics are kept.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from torchkeep.errors import IncompatibleStateError
+from torchkeep.errors import IncompatibleStateError, TorchkeepError
+from torchkeep.state._keys import adapt_keys
 from torchkeep.state._report import LoadReport, Mismatch
 
 # Names under which checkpoints commonly keep a model's state, tried first when scores tie.
@@ -33,7 +34,19 @@ def _tensor_items(obj: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def find_state(module_keys: set[str], obj: Any) -> tuple[Mapping[str, Any], str]:
+def _overlap(module_keys: set[str], keys: Iterable[str], rename: Mapping[str, str] | None) -> int:
+    """Keys that match once wrapper prefixes and rename rules are applied."""
+    keys = list(keys)
+    try:
+        mapping, _ = adapt_keys(keys, module_keys, rename)
+    except TorchkeepError:
+        return len(module_keys.intersection(keys))
+    return len(module_keys.intersection(mapping.values()))
+
+
+def find_state(
+    module_keys: set[str], obj: Any, rename: Mapping[str, str] | None = None
+) -> tuple[Mapping[str, Any], str]:
     """Find the state dict for a module in a checkpoint: the whole object or an entry in it.
 
     The candidate sharing the most keys with the module wins; ties go to the top level, then to
@@ -68,7 +81,7 @@ def find_state(module_keys: set[str], obj: Any) -> tuple[Mapping[str, Any], str]
 
     def rank(item: tuple[int, tuple[str, dict[str, torch.Tensor]]]) -> tuple[int, int, int, int]:
         order, (where, tensors) = item
-        overlap = len(module_keys & tensors.keys())
+        overlap = _overlap(module_keys, tensors.keys(), rename)
         name = where.rsplit(".", 1)[-1]
         preferred = (
             PREFERRED_ENTRIES.index(name) if name in PREFERRED_ENTRIES else len(PREFERRED_ENTRIES)

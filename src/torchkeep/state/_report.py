@@ -30,6 +30,8 @@ class LoadReport:
         source: the file or reference that was read, when there was one.
         entry: where in the checkpoint the module's state was found (``"model_state_dict"``),
             or ``""`` when the checkpoint is the state dict itself.
+        renamed: how the checkpoint's keys were changed to match (rename rules applied,
+            wrapper prefixes such as ``module.`` stripped or added), one line each.
     """
 
     loaded: tuple[str, ...] = ()
@@ -38,6 +40,7 @@ class LoadReport:
     mismatched: tuple[Mismatch, ...] = ()
     source: str | None = None
     entry: str = ""
+    renamed: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -48,6 +51,7 @@ class LoadReport:
         return {
             "source": self.source,
             "entry": self.entry,
+            "renamed": list(self.renamed),
             "loaded": list(self.loaded),
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
@@ -76,8 +80,10 @@ class LoadReport:
             f"LoadReport: {len(self.loaded)} loaded, {len(self.missing)} missing, "
             f"{len(self.unexpected)} unexpected, {len(self.mismatched)} mismatched"
         )
-        body = self.table()
-        return f"{head}\n{body}" if body else head
+        lines = [head, *(f"  keys: {note}" for note in self.renamed)]
+        if body := self.table():
+            lines.append(body)
+        return "\n".join(lines)
 
 
 def _shape(shape: tuple[int, ...]) -> str:

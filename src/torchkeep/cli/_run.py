@@ -1,0 +1,435 @@
+"""``torchkeep ls | prune | plot``: the checkpoints of a run, its retention, its metric curves.
+
+``ls`` and ``plot`` open the run read-only (``CheckpointManager(run, read_only=True)``): they
+take no lock and write nothing, so they work while a training process is writing to the run.
+``prune`` takes the writer lock; a running writer makes it fail with ``RunLockedError``, except
+with ``--dry-run``, which only reads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import torchkeep as tk
+from torchkeep.cli._output import (
+    Column,
+    compact_json,
+    emit_json,
+    fail,
+    handle_errors,
+    human_bytes,
+    print_kv,
+    print_line,
+    print_table,
+)
+from torchkeep.manager import RetentionPolicy, select
+
+__all__ = [
+    "disk_bytes",
+    "ls_command",
+    "metric_history",
+    "plot_command",
+    "prune_command",
+    "register",
+    "render_run",
+    "write_plot",
+]
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``ls``, ``prune`` and ``plot`` to the ``torchkeep`` app."""
+    app.command("ls")(ls_command)
+    app.command("prune")(prune_command)
+    app.command("plot")(plot_command)
+
+
+_RUN_ARG = typer.Argument(
+    metavar="RUN", help="A run directory (written by torchkeep.CheckpointManager).", show_default=False
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def disk_bytes(root: str | os.PathLike[str]) -> int:
+    """Bytes of every file under ``root`` (apparent sizes, as ``du --apparent-size``)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:  # deleted by a writer meanwhile
+                continue
+    return total
+
+
+def _run_name(root: str | os.PathLike[str]) -> str:
+    return Path(root).resolve().name or str(root)
+
+
+def _local_time(seconds: float) -> str:
+    return _dt.datetime.fromtimestamp(seconds).isoformat(timespec="seconds")
+
+
+def _metric_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return compact_json(value)
+
+
+def _policy_text(policy: RetentionPolicy) -> str:
+    rules = [
+        f"{name}={value}"
+        for name in ("keep_last", "keep_best", "keep_every")
+        if (value := getattr(policy, name)) is not None
+    ]
+    text = ", ".join(rules) if rules else "keep everything (no retention rule)"
+    if policy.monitor:
+        text += f"; best = {policy.mode} {policy.monitor}"
+    return text
+
+
+def _metric_names(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Union of the metric names of ``records`` (dicts with a ``metrics`` dict), in first-seen order."""
+    names: dict[str, None] = {}
+    for record in records:
+        metrics = record.get("metrics")
+        if isinstance(metrics, dict):
+            names.update(dict.fromkeys(metrics))
+    return list(names)
+
+
+def _marks(records: Sequence[tk.CheckpointRecord]) -> dict[int, str]:
+    marks: dict[int, list[str]] = {}
+    if records:
+        marks.setdefault(records[-1].step, []).append("latest")
+    for record in records:
+        if "best" in record.kept:
+            marks.setdefault(record.step, []).append("best")
+    return {step: ",".join(m) for step, m in marks.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# ls
+
+
+def render_run(mgr: tk.CheckpointManager) -> None:
+    """Print the checkpoints of a run as a table, then its policy and totals.
+
+    Args:
+        mgr: a manager opened on the run (read-only is enough).
+    """
+    records = mgr.checkpoints
+    marks = _marks(records)
+    names = _metric_names([{"metrics": r.metrics} for r in records])
+    if records:
+        print_table(
+            [
+                Column("step", justify="right"),
+                Column("mark"),
+                Column("time"),
+                *(Column(name, justify="right") for name in names),
+                Column("size", justify="right"),
+                Column("kept because"),
+            ],
+            [
+                (
+                    r.step,
+                    marks.get(r.step),
+                    _local_time(r.time),
+                    *(_metric_text(r.metrics.get(name)) for name in names),
+                    human_bytes(r.size),
+                    ",".join(r.kept),
+                )
+                for r in records
+            ],
+        )
+    else:
+        print_line("no checkpoints yet")
+    on_disk = disk_bytes(mgr.root)
+    print_line()
+    print_kv(
+        [
+            ("run", _run_name(mgr.root)),
+            ("policy", _policy_text(mgr.policy)),
+            ("checkpoints", f"{len(records)} ({len(mgr.history)} saved in all)"),
+            ("on disk", f"{human_bytes(on_disk)} ({on_disk:,} bytes)"),
+        ]
+    )
+
+
+@handle_errors
+def ls_command(
+    run: Annotated[str, _RUN_ARG],
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print {run, policy, checkpoints: [record...]} as JSON, and nothing else."
+        ),
+    ] = False,
+) -> None:
+    """List the checkpoints of a run: step, time, metrics, size and why each is kept.
+
+    Marks the latest and the best checkpoint (by the run's monitored metric). Opens the run
+    read-only: never takes the writer lock, so it works while training writes to the run.
+    """
+    with tk.CheckpointManager(run, read_only=True) as mgr:
+        if not as_json:
+            render_run(mgr)
+            return
+        records = mgr.checkpoints
+        marks = _marks(records)
+        emit_json(
+            {
+                "run": str(mgr.root),
+                "policy": mgr.policy.to_dict(),
+                "checkpoints": [r.to_dict() for r in records],
+                "latest": next((s for s, m in marks.items() if "latest" in m), None),
+                "best": next((s for s, m in marks.items() if "best" in m), None),
+                "disk_bytes": disk_bytes(mgr.root),
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# prune
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    return ", ".join(map(str, steps)) if steps else "none"
+
+
+@handle_errors
+def prune_command(
+    run: Annotated[str, _RUN_ARG],
+    keep_last: Annotated[
+        int | None,
+        typer.Option("--keep-last", min=1, metavar="N", help="Keep the N most recent checkpoints."),
+    ] = None,
+    keep_best: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-best",
+            min=1,
+            metavar="K",
+            help="Keep the K best by the run's monitored metric.",
+        ),
+    ] = None,
+    keep_every: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-every",
+            min=1,
+            metavar="E",
+            help="Keep every checkpoint whose step is a multiple of E.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Only show what would be deleted; reads the run without locking it.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the outcome as JSON, and nothing else.")
+    ] = False,
+) -> None:
+    """Delete the checkpoints of a run that these rules do not keep.
+
+    The rules combine as a union; the latest and the best checkpoint always stay. The run's
+    stored policy is not changed. Takes the run's writer lock: fails with RunLockedError while
+    a training process writes to the run.
+    """
+    if keep_last is None and keep_best is None and keep_every is None:
+        raise typer.UsageError("give at least one rule: --keep-last, --keep-best or --keep-every")
+    # Read-only first: a writer would create a run at a mistyped path.
+    with tk.CheckpointManager(run, read_only=True) as reader:
+        stored = reader.policy
+        records = reader.checkpoints
+    rules = RetentionPolicy(
+        keep_last=keep_last,
+        keep_best=keep_best,
+        keep_every=keep_every,
+        monitor=stored.monitor,
+        mode=stored.mode,
+    )
+    before = disk_bytes(run)
+    if dry_run:
+        kept = select([(r.step, r.metrics) for r in records], rules)
+        deleted = sorted({r.step for r in records} - set(kept))
+    else:
+        with tk.CheckpointManager(run) as mgr:
+            records = mgr.checkpoints  # the writer's view, after it swept a crashed save
+            kept = select([(r.step, r.metrics) for r in records], rules)
+            deleted = mgr.prune(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
+    after = before if dry_run else disk_bytes(run)
+    stay = [r.step for r in records if r.step not in deleted]
+    if as_json:
+        emit_json(
+            {
+                "run": str(Path(run)),
+                "dry_run": dry_run,
+                "rules": rules.to_dict(),
+                "deleted": deleted,
+                "kept": [{"step": s, "kept": list(kept.get(s, ()))} for s in stay],
+                "disk_bytes_before": before,
+                "disk_bytes_after": after,
+            }
+        )
+        return
+    action = "would delete" if dry_run else "deleted"
+    print_table(
+        [Column("step", justify="right"), Column("action"), Column("kept because")],
+        [
+            (r.step, action if r.step in deleted else "keep", ",".join(kept.get(r.step, ())))
+            for r in records
+        ],
+        title=f"rules: {_policy_text(rules)}",
+    )
+    print_line()
+    print_line(f"{action} {len(deleted)} checkpoint(s): {_steps_text(deleted)}")
+    print_line(f"kept {len(stay)} checkpoint(s): {_steps_text(stay)}")
+    if dry_run:
+        print_line("dry run: nothing was deleted")
+    else:
+        print_line(f"on disk: {human_bytes(before)} -> {human_bytes(after)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# plot
+
+
+def metric_history(history: Sequence[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Per metric, ``step -> value`` over every save of a run (``CheckpointManager.history``).
+
+    A step saved more than once (a run resumed from an earlier checkpoint) keeps its last
+    value; values that are not numbers (``None`` for NaN) become NaN, plotted as a gap.
+    """
+    curves: dict[str, dict[int, float]] = {name: {} for name in _metric_names(history)}
+    for record in history:
+        step, metrics = record.get("step"), record.get("metrics")
+        if not isinstance(step, int) or not isinstance(metrics, dict):
+            continue
+        for name, value in metrics.items():
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            curves[name][step] = float(value) if number else math.nan
+    return {name: dict(sorted(c.items())) for name, c in curves.items()}
+
+
+def write_plot(
+    mgr: tk.CheckpointManager, output: str | os.PathLike[str], metrics: Sequence[str] = ()
+) -> Path:
+    """Draw the metric curves of a run into an image file (PNG, SVG, PDF by its suffix).
+
+    One subplot per metric, steps on x: the whole history as a line, the retained checkpoints
+    as dots, the best checkpoint (by the run's monitored metric) as an annotated star.
+
+    Args:
+        mgr: a manager opened on the run (read-only is enough).
+        output: the image file to write.
+        metrics: the metrics to draw; default every numeric metric of the history.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ImportError: matplotlib is not installed (the ``plot`` extra).
+        typer.Exit: no history, an unknown metric, or the file cannot be written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    name = _run_name(mgr.root)
+    curves = metric_history(mgr.history)
+    if not curves:
+        fail(f"{name}: the run has no metrics to plot (save with metrics={{...}})")
+    unknown = [m for m in metrics if m not in curves]
+    if unknown:
+        fail(f"{name}: no metric {unknown[0]!r} in the run; metrics: {', '.join(curves)}")
+    chosen = list(dict.fromkeys(metrics)) or [
+        m for m, c in curves.items() if any(not math.isnan(v) for v in c.values())
+    ]
+    if not chosen:
+        fail(f"{name}: no metric of the run has a numeric value")
+    records = mgr.checkpoints
+    best = next((r for r in records if "best" in r.kept), None)
+
+    fig = Figure(figsize=(8, 1.0 + 2.6 * len(chosen)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(chosen), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, metric in zip(axes, chosen, strict=True):
+        curve = curves[metric]
+        ax.plot(list(curve), list(curve.values()), color="tab:blue", lw=1.5, label="history")
+        kept = [(r.step, curve[r.step]) for r in records if r.step in curve]
+        if kept:
+            ax.plot(*zip(*kept, strict=True), "o", color="tab:blue", ms=6, label="kept checkpoint")
+        if best is not None and not math.isnan(curve.get(best.step, math.nan)):
+            value = curve[best.step]
+            ax.axvline(best.step, color="tab:orange", ls=":", lw=1, alpha=0.7)
+            ax.plot([best.step], [value], "*", color="tab:orange", ms=16, mec="black", label="best")
+            ax.annotate(
+                f"best ({mgr.policy.monitor}): step {best.step}\n{metric} {value:.4g}",
+                (best.step, value),
+                xytext=(12, 12),
+                textcoords="offset points",
+                fontsize=9,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "0.6", "alpha": 0.9},
+                arrowprops={"arrowstyle": "-", "color": "0.5"},
+            )
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("step")
+    monitor = f", best by {mgr.policy.mode} {mgr.policy.monitor}" if mgr.policy.monitor else ""
+    fig.suptitle(f"{name}: {len(records)} checkpoints kept{monitor}")
+
+    path = Path(output)
+    try:
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as err:
+        fail(f"cannot write {path}: {err}")
+    return path
+
+
+@handle_errors
+def plot_command(
+    run: Annotated[str, _RUN_ARG],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            dir_okay=False,
+            show_default=False,
+            help="Image file to write; the format follows the suffix (.png, .svg, .pdf).",
+        ),
+    ],
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            metavar="NAME",
+            show_default=False,
+            help="A metric to plot (repeat for several). Default: every metric of the run.",
+        ),
+    ] = None,
+) -> None:
+    """Plot the metrics of a run against the step: its history, kept checkpoints and the best.
+
+    Needs matplotlib (pip install 'torchkeep[plot]'). Opens the run read-only.
+    """
+    with tk.CheckpointManager(run, read_only=True) as mgr:
+        path = write_plot(mgr, output, metric or ())
+    print_line(f"wrote {path}")
