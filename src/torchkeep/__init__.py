@@ -7,6 +7,7 @@ Example:
 """
 
 from torchkeep._version import __version__
+from torchkeep.diff import DiffReport, TensorDiff, diff
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -19,7 +20,7 @@ from torchkeep.errors import (
     UnsupportedValueError,
 )
 from torchkeep.format import CheckpointInfo, TensorInfo
-from torchkeep.io import inspect, load, load_into, load_model, save, save_model
+from torchkeep.io import convert, inspect, load, load_into, load_model, save, save_model
 from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo, RunLockedError
 from torchkeep.state import (
     ConfigMixin,
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointRecord",
     "ConfigMixin",
     "CorruptCheckpointError",
+    "DiffReport",
     "FormatVersionError",
     "IncompatibleStateError",
     "LoadReport",
@@ -48,12 +50,15 @@ __all__ = [
     "RestoreInfo",
     "RunLockedError",
     "StorageError",
+    "TensorDiff",
     "TensorInfo",
     "TorchkeepError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "__version__",
     "capture_config",
+    "convert",
+    "diff",
     "freeze",
     "inspect",
     "load",

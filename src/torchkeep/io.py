@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from torchkeep._version import __version__
-from torchkeep.errors import ModelClassError, UnsupportedValueError
+from torchkeep.errors import IncompatibleStateError, ModelClassError, UnsupportedValueError
 from torchkeep.format import (
     FORMAT_VERSION,
     MODEL_FILE,
@@ -309,3 +311,52 @@ def _rebuild(directory: Path) -> nn.Module:
         ) from exc
     load_into(model, directory / WEIGHTS_FILE, strict=True)
     return model
+
+
+def convert(
+    source: PathLike,
+    destination: PathLike,
+    *,
+    strip_prefix: str | None = None,
+    rename: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    only: str | list[str] | None = None,
+) -> CheckpointInfo:
+    """Convert a checkpoint to another format (by ``destination``'s suffix), optionally reshaping it.
+
+    Without key options the whole structure is kept, so a legacy ``.pt`` becomes a safetensors
+    file holding the same checkpoint dict. With ``strip_prefix``, ``rename`` or ``only``, the
+    state dict inside the checkpoint (the largest dict of tensors, e.g. ``state_dict``) is
+    written alone, with its keys changed. The source is read safely (``weights_only``).
+
+    Args:
+        source: any checkpoint :func:`load` reads.
+        destination: ``.safetensors`` (default) or ``.pt/.pth/.bin/.ckpt/.tar``.
+        strip_prefix: removed from the start of every key that has it (``"module."``).
+        rename: regular expression -> replacement, applied to the keys in order.
+        dtype: cast floating-point tensors (``torch.bfloat16``).
+        only: glob(s) over the source keys to keep (``"encoder.*"``).
+
+    Returns:
+        :func:`inspect` of the written file.
+    """
+    obj = load(source, dtype=dtype)
+    info = inspect(source)
+    metadata = {**info.metadata, "converted_from": os.fspath(source)}
+    if strip_prefix is not None or rename or only:
+        state, _ = find_state(set(), obj)
+        patterns = [only] if isinstance(only, str) else list(only or [])
+        keys = [
+            k for k in state if not patterns or any(fnmatch.fnmatchcase(k, p) for p in patterns)
+        ]
+        if not keys:
+            raise IncompatibleStateError(
+                f"no tensor key matches {patterns}", path=os.fspath(source), hint="check --only"
+            )
+        rules = dict(rename or {})
+        if strip_prefix:
+            rules = {"^" + re.escape(strip_prefix): "", **rules}
+        mapping, _ = adapt_keys(keys, [], rules, path=os.fspath(source))
+        obj = {mapping[k]: state[k] for k in keys}
+    save(obj, destination, metadata=metadata)
+    return inspect(destination)

@@ -15,7 +15,7 @@ import torch
 import typer
 
 import torchkeep as tk
-from torchkeep.cli import _demo, _inspect, _run
+from torchkeep.cli import _compare, _demo, _inspect, _run
 from torchkeep.cli._output import print_line
 
 __all__ = ["app", "main"]
@@ -54,6 +54,7 @@ def _root(
 # Each module registers its command(s); the order is the order of `torchkeep --help`.
 _COMMANDS = (
     _inspect,
+    _compare,
     _run,
     _demo,
 )

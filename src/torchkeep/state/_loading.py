@@ -49,8 +49,9 @@ def find_state(
 ) -> tuple[Mapping[str, Any], str]:
     """Find the state dict for a module in a checkpoint: the whole object or an entry in it.
 
-    The candidate sharing the most keys with the module wins; ties go to the top level, then to
-    the usual names (``model_state_dict``, ``state_dict``, ``model``...).
+    The candidate sharing the most keys with the module wins (after wrapper prefixes and rename
+    rules); ties go to the candidate with more tensors, then to the top level, then to the usual
+    names (``model_state_dict``, ``state_dict``, ``model``...).
 
     Returns:
         The state dict and its dotted location in ``obj`` (``""`` for the top level).
@@ -79,14 +80,16 @@ def find_state(
             hint="pass the state dict itself, e.g. torchkeep.load(path)['model_state_dict']",
         )
 
-    def rank(item: tuple[int, tuple[str, dict[str, torch.Tensor]]]) -> tuple[int, int, int, int]:
+    def rank(
+        item: tuple[int, tuple[str, dict[str, torch.Tensor]]],
+    ) -> tuple[int, int, int, int, int]:
         order, (where, tensors) = item
         overlap = _overlap(module_keys, tensors.keys(), rename)
         name = where.rsplit(".", 1)[-1]
         preferred = (
             PREFERRED_ENTRIES.index(name) if name in PREFERRED_ENTRIES else len(PREFERRED_ENTRIES)
         )
-        return (-overlap, 0 if where == "" else 1, preferred, order)
+        return (-overlap, -len(tensors), 0 if where == "" else 1, preferred, order)
 
     where, _ = min(enumerate(candidates), key=rank)[1]
     node: Any = obj
