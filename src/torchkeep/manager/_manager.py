@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import math
+import operator
 import os
 import platform
 import secrets
@@ -339,8 +340,9 @@ class CheckpointManager:
             StorageError: the disk failed; earlier checkpoints are intact.
         """
         self._check_writable()
-        if type(step) is not int or step < 0:
-            raise TorchkeepError(f"step must be a non-negative int, not {step!r}")
+        if isinstance(step, bool) or not hasattr(step, "__index__") or operator.index(step) < 0:
+            raise TorchkeepError(f"step must be a non-negative integer, not {step!r}")
+        step = operator.index(step)
         self.wait()
         clean_metrics = _clean_metrics(metrics)
         user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
