@@ -15,7 +15,7 @@ import torch
 import typer
 
 import torchkeep as tk
-from torchkeep.cli import _compare, _demo, _inspect, _run
+from torchkeep.cli import _compare, _demo, _inspect, _plot, _run
 from torchkeep.cli._output import print_line
 
 __all__ = ["app", "main"]
@@ -56,6 +56,7 @@ _COMMANDS = (
     _inspect,
     _compare,
     _run,
+    _plot,
     _demo,
 )
 for _module in _COMMANDS:

@@ -22,6 +22,16 @@ from torch import Tensor, nn
 
 import torchkeep as tk
 from torchkeep.cli._demo_model import DemoData, DemoMLP, make_data
+from torchkeep.cli._demo_resume import (
+    PLOT_NAME,
+    RUN_DIR_NAME,
+    STRAIGHT_DIR_NAME,
+    step_compare,
+    step_ls,
+    step_plot,
+    step_resume,
+    step_stop,
+)
 from torchkeep.cli._inspect import render_info
 from torchkeep.cli._output import (
     Column,
@@ -66,6 +76,8 @@ class DemoRun:
     val_accuracy: list[float] = field(default_factory=list)
     #: check name -> whether reloaded predictions equal the trained model's, bit for bit.
     identical: dict[str, bool] = field(default_factory=dict)
+    #: whether the stopped-and-resumed run ended bit-identical to the uninterrupted one.
+    resumed_exactly: bool | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -75,6 +87,18 @@ class DemoRun:
     @property
     def model_dir(self) -> Path:
         return self.workdir / MODEL_DIR_NAME
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / RUN_DIR_NAME
+
+    @property
+    def straight_dir(self) -> Path:
+        return self.workdir / STRAIGHT_DIR_NAME
+
+    @property
+    def plot_path(self) -> Path:
+        return self.workdir / PLOT_NAME
 
 
 def _predict(model: nn.Module, x: Tensor) -> Tensor:
@@ -258,6 +282,16 @@ def step_summary(run: DemoRun) -> None:
             ("checkpoint", f"{run.checkpoint} ({human_bytes(_disk_bytes(run.checkpoint))})"),
             ("model dir", f"{run.model_dir} ({human_bytes(_disk_bytes(run.model_dir))})"),
             *((f"predictions identical ({k})", _yes(v)) for k, v in run.identical.items()),
+            *(
+                [("checkpoint run", f"{run.run_dir} ({human_bytes(_disk_bytes(run.run_dir))})")]
+                if run.run_dir.is_dir()
+                else []
+            ),
+            *(
+                [("resumed = uninterrupted, bit for bit", _yes(run.resumed_exactly))]
+                if run.resumed_exactly is not None
+                else []
+            ),
             ("elapsed", f"{time.perf_counter() - run.started:.1f} s"),
         ],
     )
@@ -271,6 +305,11 @@ STEPS: list[tuple[str, Callable[[DemoRun], None]]] = [
     ("Load into a fresh model (tk.load_into)", step_load_into),
     ("Rebuild the model (tk.load_model)", step_load_model),
     ("Inspect the checkpoint (tk.inspect)", step_inspect),
+    ("Train with tk.CheckpointManager in a new process, stopped early", step_stop),
+    ("Resume the run in another new process", step_resume),
+    ("Train without interruption and compare with the resumed run", step_compare),
+    ("List the run (torchkeep ls)", step_ls),
+    ("Plot the run's metrics (torchkeep plot)", step_plot),
     ("Summary", step_summary),
 ]
 
@@ -285,8 +324,9 @@ def demo_command(
             dir_okay=True,
             show_default=False,
             help=(
-                "Directory for the files the demo writes: checkpoint.safetensors and model/ "
-                "(created if missing; a previous demo's files are overwritten). "
+                "Directory for the files the demo writes: checkpoint.safetensors, model/, "
+                "the checkpoint runs run/ and run-uninterrupted/, and curves.png "
+                "(created if missing; a previous demo's files are replaced). "
                 "Default: a fresh temporary directory, printed."
             ),
         ),
@@ -294,9 +334,12 @@ def demo_command(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data and the model.")] = 0,
 ) -> None:
-    """Train, checkpoint, reload and inspect a small model on synthetic data (CPU, seconds).
+    """Train, checkpoint, reload, inspect, stop and resume a small model (CPU, seconds).
 
-    Exits with 1 when a reloaded model does not predict exactly what the trained one does.
+    Then trains it with a CheckpointManager in a new process that stops early, resumes it in
+    another, compares with an uninterrupted run, lists the run and plots its metrics. Exits
+    with 1 when a reloaded model does not predict exactly what the trained one does, or when the
+    resumed run differs from the uninterrupted one.
     """
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="torchkeep-demo-"))
@@ -327,3 +370,5 @@ def demo_command(
     if not identical:
         failed = ", ".join(k for k, v in run.identical.items() if not v)
         fail(f"predictions differ after reloading with {failed}")
+    if run.resumed_exactly is False:
+        fail("the resumed run differs from the uninterrupted run")

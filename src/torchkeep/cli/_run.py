@@ -1,6 +1,6 @@
-"""``torchkeep ls | prune | plot``: the checkpoints of a run, its retention, its metric curves.
+"""``torchkeep ls | prune``: the checkpoints of a run and its retention.
 
-``ls`` and ``plot`` open the run read-only (``CheckpointManager(run, read_only=True)``): they
+``ls`` opens the run read-only (``CheckpointManager(run, read_only=True)``): they
 take no lock and write nothing, so they work while a training process is writing to the run.
 ``prune`` takes the writer lock; a running writer makes it fail with ``RunLockedError``, except
 with ``--dry-run``, which only reads.
@@ -9,7 +9,6 @@ with ``--dry-run``, which only reads.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,6 @@ from torchkeep.cli._output import (
     Column,
     compact_json,
     emit_json,
-    fail,
     handle_errors,
     human_bytes,
     print_kv,
@@ -32,26 +30,27 @@ from torchkeep.cli._output import (
 from torchkeep.manager import RetentionPolicy, select
 
 __all__ = [
+    "RUN_ARGUMENT",
     "disk_bytes",
     "ls_command",
-    "metric_history",
-    "plot_command",
+    "metric_names",
     "prune_command",
     "register",
     "render_run",
-    "write_plot",
+    "run_name",
 ]
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``ls``, ``prune`` and ``plot`` to the ``torchkeep`` app."""
+    """Add ``ls`` and ``prune`` to the ``torchkeep`` app."""
     app.command("ls")(ls_command)
     app.command("prune")(prune_command)
-    app.command("plot")(plot_command)
 
 
-_RUN_ARG = typer.Argument(
-    metavar="RUN", help="A run directory (written by torchkeep.CheckpointManager).", show_default=False
+RUN_ARGUMENT = typer.Argument(
+    metavar="RUN",
+    help="A run directory (written by torchkeep.CheckpointManager).",
+    show_default=False,
 )
 
 
@@ -71,7 +70,7 @@ def disk_bytes(root: str | os.PathLike[str]) -> int:
     return total
 
 
-def _run_name(root: str | os.PathLike[str]) -> str:
+def run_name(root: str | os.PathLike[str]) -> str:
     return Path(root).resolve().name or str(root)
 
 
@@ -99,8 +98,8 @@ def _policy_text(policy: RetentionPolicy) -> str:
     return text
 
 
-def _metric_names(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Union of the metric names of ``records`` (dicts with a ``metrics`` dict), in first-seen order."""
+def metric_names(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The metric names of ``records`` (dicts with a ``metrics`` dict), in first-seen order."""
     names: dict[str, None] = {}
     for record in records:
         metrics = record.get("metrics")
@@ -131,7 +130,7 @@ def render_run(mgr: tk.CheckpointManager) -> None:
     """
     records = mgr.checkpoints
     marks = _marks(records)
-    names = _metric_names([{"metrics": r.metrics} for r in records])
+    names = metric_names([{"metrics": r.metrics} for r in records])
     if records:
         print_table(
             [
@@ -160,7 +159,7 @@ def render_run(mgr: tk.CheckpointManager) -> None:
     print_line()
     print_kv(
         [
-            ("run", _run_name(mgr.root)),
+            ("run", run_name(mgr.root)),
             ("policy", _policy_text(mgr.policy)),
             ("checkpoints", f"{len(records)} ({len(mgr.history)} saved in all)"),
             ("on disk", f"{human_bytes(on_disk)} ({on_disk:,} bytes)"),
@@ -170,11 +169,15 @@ def render_run(mgr: tk.CheckpointManager) -> None:
 
 @handle_errors
 def ls_command(
-    run: Annotated[str, _RUN_ARG],
+    run: Annotated[str, RUN_ARGUMENT],
     as_json: Annotated[
         bool,
         typer.Option(
-            "--json", help="Print {run, policy, checkpoints: [record...]} as JSON, and nothing else."
+            "--json",
+            help=(
+                "Print the run, its policy and its checkpoints (CheckpointRecord.to_dict()) "
+                "as JSON, and nothing else."
+            ),
         ),
     ] = False,
 ) -> None:
@@ -211,7 +214,8 @@ def _steps_text(steps: Sequence[int]) -> str:
 
 @handle_errors
 def prune_command(
-    run: Annotated[str, _RUN_ARG],
+    ctx: typer.Context,
+    run: Annotated[str, RUN_ARGUMENT],
     keep_last: Annotated[
         int | None,
         typer.Option("--keep-last", min=1, metavar="N", help="Keep the N most recent checkpoints."),
@@ -252,7 +256,7 @@ def prune_command(
     a training process writes to the run.
     """
     if keep_last is None and keep_best is None and keep_every is None:
-        raise typer.UsageError("give at least one rule: --keep-last, --keep-best or --keep-every")
+        ctx.fail("give at least one rule: --keep-last, --keep-best or --keep-every")
     # Read-only first: a writer would create a run at a mistyped path.
     with tk.CheckpointManager(run, read_only=True) as reader:
         stored = reader.policy
@@ -304,132 +308,3 @@ def prune_command(
         print_line("dry run: nothing was deleted")
     else:
         print_line(f"on disk: {human_bytes(before)} -> {human_bytes(after)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# plot
-
-
-def metric_history(history: Sequence[dict[str, Any]]) -> dict[str, dict[int, float]]:
-    """Per metric, ``step -> value`` over every save of a run (``CheckpointManager.history``).
-
-    A step saved more than once (a run resumed from an earlier checkpoint) keeps its last
-    value; values that are not numbers (``None`` for NaN) become NaN, plotted as a gap.
-    """
-    curves: dict[str, dict[int, float]] = {name: {} for name in _metric_names(history)}
-    for record in history:
-        step, metrics = record.get("step"), record.get("metrics")
-        if not isinstance(step, int) or not isinstance(metrics, dict):
-            continue
-        for name, value in metrics.items():
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            curves[name][step] = float(value) if number else math.nan
-    return {name: dict(sorted(c.items())) for name, c in curves.items()}
-
-
-def write_plot(
-    mgr: tk.CheckpointManager, output: str | os.PathLike[str], metrics: Sequence[str] = ()
-) -> Path:
-    """Draw the metric curves of a run into an image file (PNG, SVG, PDF by its suffix).
-
-    One subplot per metric, steps on x: the whole history as a line, the retained checkpoints
-    as dots, the best checkpoint (by the run's monitored metric) as an annotated star.
-
-    Args:
-        mgr: a manager opened on the run (read-only is enough).
-        output: the image file to write.
-        metrics: the metrics to draw; default every numeric metric of the history.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ImportError: matplotlib is not installed (the ``plot`` extra).
-        typer.Exit: no history, an unknown metric, or the file cannot be written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    name = _run_name(mgr.root)
-    curves = metric_history(mgr.history)
-    if not curves:
-        fail(f"{name}: the run has no metrics to plot (save with metrics={{...}})")
-    unknown = [m for m in metrics if m not in curves]
-    if unknown:
-        fail(f"{name}: no metric {unknown[0]!r} in the run; metrics: {', '.join(curves)}")
-    chosen = list(dict.fromkeys(metrics)) or [
-        m for m, c in curves.items() if any(not math.isnan(v) for v in c.values())
-    ]
-    if not chosen:
-        fail(f"{name}: no metric of the run has a numeric value")
-    records = mgr.checkpoints
-    best = next((r for r in records if "best" in r.kept), None)
-
-    fig = Figure(figsize=(8, 1.0 + 2.6 * len(chosen)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(chosen), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, metric in zip(axes, chosen, strict=True):
-        curve = curves[metric]
-        ax.plot(list(curve), list(curve.values()), color="tab:blue", lw=1.5, label="history")
-        kept = [(r.step, curve[r.step]) for r in records if r.step in curve]
-        if kept:
-            ax.plot(*zip(*kept, strict=True), "o", color="tab:blue", ms=6, label="kept checkpoint")
-        if best is not None and not math.isnan(curve.get(best.step, math.nan)):
-            value = curve[best.step]
-            ax.axvline(best.step, color="tab:orange", ls=":", lw=1, alpha=0.7)
-            ax.plot([best.step], [value], "*", color="tab:orange", ms=16, mec="black", label="best")
-            ax.annotate(
-                f"best ({mgr.policy.monitor}): step {best.step}\n{metric} {value:.4g}",
-                (best.step, value),
-                xytext=(12, 12),
-                textcoords="offset points",
-                fontsize=9,
-                bbox={"boxstyle": "round", "fc": "white", "ec": "0.6", "alpha": 0.9},
-                arrowprops={"arrowstyle": "-", "color": "0.5"},
-            )
-        ax.set_ylabel(metric)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-    axes[-1].set_xlabel("step")
-    monitor = f", best by {mgr.policy.mode} {mgr.policy.monitor}" if mgr.policy.monitor else ""
-    fig.suptitle(f"{name}: {len(records)} checkpoints kept{monitor}")
-
-    path = Path(output)
-    try:
-        fig.savefig(path, dpi=110)
-    except (OSError, ValueError) as err:
-        fail(f"cannot write {path}: {err}")
-    return path
-
-
-@handle_errors
-def plot_command(
-    run: Annotated[str, _RUN_ARG],
-    output: Annotated[
-        Path,
-        typer.Option(
-            "--output",
-            "-o",
-            dir_okay=False,
-            show_default=False,
-            help="Image file to write; the format follows the suffix (.png, .svg, .pdf).",
-        ),
-    ],
-    metric: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--metric",
-            "-m",
-            metavar="NAME",
-            show_default=False,
-            help="A metric to plot (repeat for several). Default: every metric of the run.",
-        ),
-    ] = None,
-) -> None:
-    """Plot the metrics of a run against the step: its history, kept checkpoints and the best.
-
-    Needs matplotlib (pip install 'torchkeep[plot]'). Opens the run read-only.
-    """
-    with tk.CheckpointManager(run, read_only=True) as mgr:
-        path = write_plot(mgr, output, metric or ())
-    print_line(f"wrote {path}")

@@ -194,7 +194,14 @@ class RunReader:
         return sorted(int(m[1]) for m in found if m)
 
     def manifests(self) -> list[Manifest]:
-        return [self.manifest(step) for step in self.steps()]
+        """Every committed manifest; one deleted meanwhile by a writer's retention is skipped."""
+        found = []
+        for step in self.steps():
+            try:
+                found.append(self.manifest(step))
+            except (CheckpointNotFoundError, FileNotFoundError):
+                continue
+        return found
 
     def manifest(self, step: int) -> Manifest:
         path = self.root / MANIFEST_DIR / manifest_name(step)
