@@ -287,6 +287,10 @@ def test_scanning_imports_nothing(tmp_path: Path) -> None:
 def test_global_name_is_taken_raw_like_pickle_does() -> None:
     # pickletools would undo the escape and say builtins.eval; pickle looks up the raw name
     assert scan_pickle_bytes(b"cbuiltins\nev\\x61l\n.")[0] == ["builtins.ev\\x61l"]
+    # escapes pickletools cannot undo, and non-ASCII names, are reported rather than fatal
+    assert scan_pickle_bytes(b"cbuiltins\neva\\\n)R.")[0] == ["builtins.eva\\"]
+    assert scan_pickle_bytes("cm\u00f3d\nf\n.".encode())[0] == ["m\u00f3d.f"]
+    assert scan_pickle_bytes(b"(im\\\nf\n.")[0] == ["m\\.f"]  # INST
 
 
 # -- broken files -------------------------------------------------------------------------------

@@ -117,11 +117,16 @@ class _Malformed(Exception):
 
 
 class _Reader:
-    """``f`` up to ``end``, reads clamped to what is left; keeps the raw lines it hands out."""
+    """``f`` up to ``end``, reads clamped to what is left; keeps the raw lines it reads.
+
+    pickletools undoes backslash escapes in GLOBAL/INST names (and fails on bad ones) where
+    pickle takes the raw bytes, so those opcodes get a stand-in line and the caller the raw one.
+    """
 
     def __init__(self, f: IO[bytes], end: int) -> None:
         self._f = f
         self._end = end
+        self._op = b""
         self.lines: list[bytes] = []
 
     def tell(self) -> int:
@@ -135,12 +140,15 @@ class _Reader:
         n = left if n < 0 or n > left else n
         if n > MAX_RECORD_BYTES:
             raise _Malformed(f"an opcode argument of {n} bytes is beyond the scan limit")
-        return self._f.read(n)
+        data = self._f.read(n)
+        if n == 1:  # an opcode (no opcode reads a 1-byte argument and then a line)
+            self._op = data
+        return data
 
     def readline(self) -> bytes:
         line = self._f.readline(min(self.left(), MAX_RECORD_BYTES))
         self.lines.append(line)
-        return line
+        return b"x\n" if self._op in (b"c", b"i") and line.endswith(b"\n") else line
 
 
 @functools.cache
@@ -209,7 +217,6 @@ def _step(
     if name in _STRING_OPS:
         stack.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
     elif name in ("GLOBAL", "INST"):
-        # pickletools undoes backslash escapes in the argument, pickle does not: use raw lines
         module, qualname = (line[:-1].decode("utf-8", "replace") for line in lines[-2:])
         found[_global_name(module, qualname)] = None
         _apply_stack_effect(op, stack)
