@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from torchkeep.format import load_file
+from torchkeep.format import load_file, tensors_by_path
 from torchkeep.format._dtypes import dtype_name
 
 
@@ -87,24 +86,6 @@ class DiffReport:
             "changed": [c.to_dict() for c in self.changed],
             "identical": list(self.identical),
         }
-
-
-def tensors_by_path(obj: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of a nested checkpoint by dotted path (``model_state_dict.fc.weight``)."""
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(x: Any, path: tuple[str, ...]) -> None:
-        if isinstance(x, torch.Tensor):
-            out[".".join(path) or "tensor"] = x
-        elif isinstance(x, Mapping):
-            for k, v in x.items():
-                walk(v, (*path, str(k)))
-        elif isinstance(x, list | tuple):
-            for i, v in enumerate(x):
-                walk(v, (*path, str(i)))
-
-    walk(obj, ())
-    return out
 
 
 def _compare(key: str, x: torch.Tensor, y: torch.Tensor) -> TensorDiff:

@@ -19,6 +19,7 @@ from torchkeep.format._reader import (
     inspect_file,
     load_file,
     read_model_description,
+    tensors_by_path,
 )
 from torchkeep.format._run import (
     LOCK_FILE,
@@ -52,6 +53,7 @@ __all__ = [
     "manifest_name",
     "parse_reference",
     "tensor_bytes",
+    "tensors_by_path",
     "write_safetensors",
     "FORMAT_VERSION",
     "MODEL_FILE",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,31 +150,16 @@ def read_model_description(directory: Path) -> tuple[str, dict[str, Any]]:
     return doc["class"], config
 
 
-def describe(obj: Any) -> list[TensorInfo]:
-    """List every tensor of a loaded structure by dotted path, marking storage shared with another."""
-    out: list[TensorInfo] = []
-    owners: dict[tuple[str, int], str] = {}
+def tensors_by_path(obj: Any) -> dict[str, torch.Tensor]:
+    """Every tensor (and numeric numpy array) of a nested structure by dotted path, in order."""
+    out: dict[str, torch.Tensor] = {}
 
     def walk(x: Any, path: tuple[str, ...]) -> None:
-        name = ".".join(path) or "tensor"
         if isinstance(x, np.ndarray) and x.dtype.kind in "biufc":
             x = torch.from_numpy(x)
         if isinstance(x, torch.Tensor):
-            storage = x.untyped_storage()
-            ident = (str(x.device), storage.data_ptr()) if storage.nbytes() else None
-            owner = owners.get(ident) if ident else None
-            if ident and owner is None:
-                owners[ident] = name
-            out.append(
-                TensorInfo(
-                    name=name,
-                    dtype=dtype_name(x.dtype),
-                    shape=tuple(x.shape),
-                    nbytes=x.numel() * x.element_size(),
-                    shared_with=owner,
-                )
-            )
-        elif isinstance(x, dict):
+            out[".".join(path) or "tensor"] = x
+        elif isinstance(x, Mapping):
             for k, v in x.items():
                 walk(v, (*path, str(k)))
         elif isinstance(x, list | tuple):
@@ -181,6 +167,28 @@ def describe(obj: Any) -> list[TensorInfo]:
                 walk(v, (*path, str(i)))
 
     walk(obj, ())
+    return out
+
+
+def describe(obj: Any) -> list[TensorInfo]:
+    """List every tensor of a loaded structure by dotted path, marking storage shared with another."""
+    out: list[TensorInfo] = []
+    owners: dict[tuple[str, int], str] = {}
+    for name, x in tensors_by_path(obj).items():
+        storage = x.untyped_storage()
+        ident = (str(x.device), storage.data_ptr()) if storage.nbytes() else None
+        owner = owners.get(ident) if ident else None
+        if ident and owner is None:
+            owners[ident] = name
+        out.append(
+            TensorInfo(
+                name=name,
+                dtype=dtype_name(x.dtype),
+                shape=tuple(x.shape),
+                nbytes=x.numel() * x.element_size(),
+                shared_with=owner,
+            )
+        )
     return out
 
 
