@@ -36,7 +36,7 @@ from torchkeep.format._run import (
     parse_reference,
 )
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
-from torchkeep.format._skeleton import flatten, unflatten
+from torchkeep.format._skeleton import Flattened, flatten, unflatten
 from torchkeep.format._torchfile import write_torch
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "MODEL_FILE",
     "WEIGHTS_FILE",
     "CheckpointInfo",
+    "Flattened",
     "Format",
     "MapLocation",
     "SafetensorsFile",

@@ -45,6 +45,7 @@ from torchkeep.format import (
     METRICS_FILE,
     PACK_DIR,
     RUN_FILE,
+    Flattened,
     Manifest,
     RunReader,
     TensorRef,
@@ -348,8 +349,9 @@ class CheckpointManager:
         user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
         state = capture_app(app)
         if not self.async_save:
-            return self._write(step, state, clean_metrics, user_metadata)
-        staged = map_tensors(state, lambda t: t.detach().to("cpu", copy=True))
+            return self._write(step, flatten(state), clean_metrics, user_metadata)
+        # Copy to host memory now, and flatten here so that unstorable values fail in save().
+        staged = flatten(map_tensors(state, lambda t: t.detach().to("cpu", copy=True)))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
         self._pending = self._executor.submit(
@@ -363,9 +365,8 @@ class CheckpointManager:
         return None if pending is None else pending.result()
 
     def _write(
-        self, step: int, state: Any, metrics: dict[str, Any], metadata: dict[str, Any]
+        self, step: int, flat: Flattened, metrics: dict[str, Any], metadata: dict[str, Any]
     ) -> CheckpointRecord:
-        flat = flatten(state)
         with self._mutex:
             index = {
                 (r.hash, r.dtype, r.shape): r
