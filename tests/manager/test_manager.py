@@ -245,3 +245,21 @@ def test_equal_tensors_stored_once_come_back_as_distinct_memory(tmp_path: Path) 
     state["a"].add_(1.0)  # an in-place update (as Adam does to its step) must not leak
     assert torch.equal(state["b"], torch.zeros(4))
     assert state["a"].data_ptr() != state["b"].data_ptr()
+
+
+def test_async_staging_buffers_are_allocated_once(tmp_path: Path) -> None:
+    app = make_app()
+    train_step(app)  # so that the optimizer has its state from the first save on
+    with tk.CheckpointManager(tmp_path / "run", async_save=True) as mgr:
+        mgr.save(0, app)
+        first = {k: v.data_ptr() for k, v in mgr._staging.items()}
+        train_step(app)
+        mgr.save(1, app)
+        assert {k: v.data_ptr() for k, v in mgr._staging.items()} == first
+        app["model"][3] = nn.Linear(8, 5)  # a new shape gets a new buffer, the rest are reused
+        mgr.save(2, app)
+        mgr.wait()
+    assert tk.load(f"{tmp_path / 'run'}@2")["model"]["3.weight"].shape == (5, 8)
+    assert torch.equal(
+        tk.load(f"{tmp_path / 'run'}@1")["model"]["0.weight"], app["model"][0].weight
+    )

@@ -51,7 +51,6 @@ from torchkeep.format import (
     TensorRef,
     flatten,
     manifest_name,
-    map_tensors,
     metadata_json,
     tensor_bytes,
     write_pack,
@@ -141,8 +140,8 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def _tensor_hash(data: memoryview) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def _tensor_hash(t: torch.Tensor) -> str:
+    return "sha256:" + hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
 class CheckpointManager:
@@ -194,6 +193,8 @@ class CheckpointManager:
         self._lock = RunLock(self.root / LOCK_FILE)
         self._pending: Future[CheckpointRecord] | None = None
         self._mutex = threading.RLock()
+        self._staging: dict[str, torch.Tensor] = {}
+        self._hasher: ThreadPoolExecutor | None = None
         self._git: str | None = None
         self._executor: ThreadPoolExecutor | None = None
         given = {
@@ -350,14 +351,39 @@ class CheckpointManager:
         state = capture_app(app)
         if not self.async_save:
             return self._write(step, flatten(state), clean_metrics, user_metadata)
-        # Copy to host memory now, and flatten here so that unstorable values fail in save().
-        staged = flatten(map_tensors(state, lambda t: t.detach().to("cpu", copy=True)))
+        # Flatten here so that unstorable values fail in save(), then copy to host memory.
+        staged = self._stage(flatten(state))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
         self._pending = self._executor.submit(
             self._write, step, staged, clean_metrics, user_metadata
         )
         return None
+
+    def _stage(self, flat: Flattened) -> Flattened:
+        """Copy every tensor into host buffers allocated once and reused by later saves.
+
+        Buffers are pinned when the source is on a GPU, so the copy runs at full bandwidth. The
+        previous write has finished (``save`` waited for it), so its buffers are free again.
+        """
+        staged: dict[str, torch.Tensor] = {}
+        on_gpu = False
+        for key, t in flat.tensors.items():
+            t = t.detach()
+            buf = self._staging.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                pin = t.is_cuda and torch.cuda.is_available()
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            try:
+                buf.copy_(t, non_blocking=t.is_cuda)
+            except (RuntimeError, NotImplementedError):  # dtypes without copy kernels
+                buf = t.to("cpu", copy=True)
+            on_gpu = on_gpu or t.is_cuda
+            staged[key] = buf
+        if on_gpu:
+            torch.cuda.synchronize()
+        self._staging = staged  # buffers of tensors no longer saved are dropped
+        return Flattened(skeleton=flat.skeleton, tensors=staged)
 
     def wait(self) -> CheckpointRecord | None:
         """Wait for a pending async save; raise its error if it failed."""
@@ -376,16 +402,19 @@ class CheckpointManager:
         pack = f"{step:010d}-{secrets.token_hex(4)}.safetensors"
         refs: dict[str, TensorRef] = {}
         new: dict[str, torch.Tensor] = {}
-        for key, t in flat.tensors.items():
-            t = t.detach()
-            data = tensor_bytes(t)
+        tensors = {key: t.detach() for key, t in flat.tensors.items()}
+        # sha256 releases the GIL: hash several tensors at once so hashing keeps up with the disk.
+        hashes = dict(
+            zip(tensors, self._hash_pool().map(_tensor_hash, tensors.values()), strict=True)
+        )
+        for key, t in tensors.items():
             ref = TensorRef(
                 pack=pack,
                 key=key,
                 dtype=dtype_name(t.dtype),
                 shape=tuple(t.shape),
-                nbytes=data.nbytes,
-                hash=_tensor_hash(data),
+                nbytes=t.numel() * t.element_size(),
+                hash=hashes[key],
             )
             existing = index.get((ref.hash, ref.dtype, ref.shape))
             if existing is not None:
@@ -448,6 +477,14 @@ class CheckpointManager:
         self._append_history(step, document["time"], metrics)
         kept = self._apply_retention(self.policy, replaced=previous)
         return self._record(self._manifests[step], kept.get(step, ()))
+
+    def _hash_pool(self) -> ThreadPoolExecutor:
+        if self._hasher is None:
+            workers = min(4, os.cpu_count() or 1)
+            self._hasher = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="torchkeep-hash"
+            )
+        return self._hasher
 
     def _append_history(self, step: int, time: float, metrics: dict[str, Any]) -> None:
         line = json.dumps({"step": step, "time": time, "metrics": metrics}) + "\n"
@@ -552,9 +589,11 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            for pool in (self._executor, self._hasher):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._executor = self._hasher = None
+            self._staging = {}
             self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
