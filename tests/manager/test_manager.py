@@ -263,3 +263,47 @@ def test_async_staging_buffers_are_allocated_once(tmp_path: Path) -> None:
     assert torch.equal(
         tk.load(f"{tmp_path / 'run'}@1")["model"]["0.weight"], app["model"][0].weight
     )
+
+
+def test_async_writer_error_surfaces_at_the_next_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchkeep.manager._manager as manager_module
+
+    def disk_full(path: Any, write: Any) -> None:
+        raise tk.StorageError("could not write the file: No space left on device", path=str(path))
+
+    app = make_app()
+    mgr = tk.CheckpointManager(tmp_path / "run", async_save=True)
+    mgr.save(0, app)
+    mgr.wait()
+    monkeypatch.setattr(manager_module, "atomic_write", disk_full)
+    assert mgr.save(1, app) is None  # returns at once; the failure happens in the writer
+    with pytest.raises(tk.StorageError, match="No space left"):
+        mgr.save(2, app)  # the next call raises the writer's error
+    monkeypatch.undo()
+    mgr.save(3, app)
+    mgr.close()
+    assert [c.step for c in tk.CheckpointManager(tmp_path / "run", read_only=True).checkpoints] == [
+        0,
+        3,
+    ]
+
+
+def test_process_exiting_with_a_pending_async_save_finishes_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torchkeep as tk\n"
+        "m = torch.nn.Linear(512, 512)\n"
+        f"mgr = tk.CheckpointManager({str(tmp_path / 'run')!r}, async_save=True)\n"
+        "mgr.save(7, {'model': m})\n"
+        "# no wait(), no close(): the interpreter exits with the write pending\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    state = tk.load(f"{tmp_path / 'run'}@latest")
+    assert state["model"]["weight"].shape == (512, 512)

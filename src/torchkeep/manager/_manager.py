@@ -15,6 +15,7 @@ because a manifest always goes before its packs.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -26,7 +27,9 @@ import platform
 import secrets
 import socket
 import subprocess
+import sys
 import threading
+import weakref
 from collections.abc import Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -355,6 +358,9 @@ class CheckpointManager:
         staged = self._stage(flatten(state))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
+            # A process that exits with a write pending finishes it (the executor's thread is
+            # joined at exit); if that write then fails, say so rather than exit silently.
+            atexit.register(_report_at_exit, weakref.ref(self))
         self._pending = self._executor.submit(
             self._write, step, staged, clean_metrics, user_metadata
         )
@@ -403,10 +409,7 @@ class CheckpointManager:
         refs: dict[str, TensorRef] = {}
         new: dict[str, torch.Tensor] = {}
         tensors = {key: t.detach() for key, t in flat.tensors.items()}
-        # sha256 releases the GIL: hash several tensors at once so hashing keeps up with the disk.
-        hashes = dict(
-            zip(tensors, self._hash_pool().map(_tensor_hash, tensors.values()), strict=True)
-        )
+        hashes = self._hashes(tensors)
         for key, t in tensors.items():
             ref = TensorRef(
                 pack=pack,
@@ -478,13 +481,16 @@ class CheckpointManager:
         kept = self._apply_retention(self.policy, replaced=previous)
         return self._record(self._manifests[step], kept.get(step, ()))
 
-    def _hash_pool(self) -> ThreadPoolExecutor:
-        if self._hasher is None:
-            workers = min(4, os.cpu_count() or 1)
-            self._hasher = ThreadPoolExecutor(
-                max_workers=workers, thread_name_prefix="torchkeep-hash"
-            )
-        return self._hasher
+    def _hashes(self, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+        """sha256 of every tensor; sha256 releases the GIL, so several run at once."""
+        try:
+            if self._hasher is None:
+                workers = min(4, os.cpu_count() or 1)
+                self._hasher = ThreadPoolExecutor(workers, thread_name_prefix="torchkeep-hash")
+            digests = list(self._hasher.map(_tensor_hash, tensors.values()))
+        except RuntimeError:  # the interpreter is exiting: no new threads, hash here
+            digests = [_tensor_hash(t) for t in tensors.values()]
+        return dict(zip(tensors, digests, strict=True))
 
     def _append_history(self, step: int, time: float, metrics: dict[str, Any]) -> None:
         line = json.dumps({"step": step, "time": time, "metrics": metrics}) + "\n"
@@ -610,6 +616,16 @@ class CheckpointManager:
     def __repr__(self) -> str:
         mode = "read-only" if self.read_only else "writer"
         return f"CheckpointManager({str(self.root)!r}, {mode}, {len(self._manifests)} checkpoints)"
+
+
+def _report_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
+    manager = ref()
+    pending = None if manager is None else manager._pending
+    if manager is not None and pending is not None and pending.done() and pending.exception():
+        print(
+            f"torchkeep: the last async save to {manager.root} failed: {pending.exception()}",
+            file=sys.stderr,
+        )
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:
