@@ -46,7 +46,7 @@ def test_save_then_restore_into_fresh_app_is_exact(tmp_path: Path) -> None:
     fresh = make_app(seed=1)
     with tk.CheckpointManager(tmp_path / "run") as mgr:
         info = mgr.restore(fresh)
-    assert info is not None and info.step == 2 and info.values["epoch"] == 2
+    assert info is not None and info.step == 2 and info.values["epoch"] == 2 == info["epoch"]
     assert fresh["epoch"] == 2
     assert info.metrics == {"loss": pytest.approx(0.3)}
     for a, b in zip(

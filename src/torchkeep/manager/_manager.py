@@ -118,6 +118,19 @@ class RestoreInfo:
     values: dict[str, Any] = field(default_factory=dict)
     path: str = ""
 
+    def __getitem__(self, name: str) -> Any:
+        """A plain value of the restored app state: ``info["epoch"]``."""
+        return self.values[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "metrics": self.metrics,
+            "metadata": self.metadata,
+            "values": {k: v for k, v in self.values.items() if isinstance(v, int | float | str)},
+            "path": self.path,
+        }
+
 
 def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     """Metrics as JSON numbers: 0-d tensors and numpy scalars become floats, NaN is kept as None."""
