@@ -1,9 +1,13 @@
-"""Save/load benchmark: torchkeep against torch.save and safetensors on the same state, in one run.
+"""torchkeep against torch.save/load, safetensors and torch.distributed.checkpoint, in one run.
 
-Usage: python benchmarks/run.py [--mib 256] [--repeat 3] [--json results.json]
+Usage: python benchmarks/run.py [--sizes 256,1024] [--large] [--repeat 3] [--quick]
+                                [--json benchmarks/results.json] [--dir DIR]
 
-Prints a table of median times (and ratios to torch.save / torch.load) and the peak RSS growth
-of ``load_into`` against ``torch.load`` + ``load_state_dict``, each measured in a fresh process.
+For each state size: save times (raw fsync'd write of the same bytes as the disk's limit), load
+times with a cold page cache, peak RSS growth while loading into a model (fresh process each),
+sha256 throughput. Then a training loop with checkpoints (slowdown, stall per save) and a
+fine-tuning run (bytes written per checkpoint). Prints a table, the ratios and PASS/MISS per
+target of the issue; never fails on a miss. Writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -11,118 +15,226 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import safetensors.torch
-import torch
+from _common import Target, drop_caches, evict, machine_info
+from _saveload import bench_size, ratios
+from train_loop import bench_finetune, bench_train
 
-import torchkeep as tk
-
-RSS_PROBE = r"""
-import sys, torch, torchkeep as tk
-
-def status(field):  # VmRSS now, VmHWM peak; ru_maxrss would include the parent's peak
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-mib, path, how = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-with torch.device("meta"):
-    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(mib // 4)])
-model = model.to_empty(device="cpu")
-for p in model.parameters():
-    p.data.zero_()  # touch the pages so that the model itself is resident
-before = max(status("VmRSS"), status("VmHWM"))
-if how == "torchkeep":
-    tk.load_into(model, path)
-else:
-    model.load_state_dict(torch.load(path, weights_only=True))
-print(status("VmHWM") - before)
-"""
+HERE = Path(__file__).resolve().parent
 
 
-def median_time(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _cold(paths: list[Path]) -> None:
+    """Make the next read come from the disk: drop the page cache if allowed, else evict files."""
+    if not drop_caches():
+        evict(paths)
+
+
+def _targets(
+    sizes: list[dict[str, Any]], train: dict[str, Any], ft: dict[str, Any]
+) -> list[Target]:
+    ways = train["ways"]
+    copy = train["copy_into_preallocated_seconds"]
+    tk_stall = ways["CheckpointManager (async)"]["steady_stall"]
+    dcp_stall = ways["dcp.async_save"]["steady_stall"]
+    out = [
+        Target(
+            "(1a) async stall / copy into preallocated",
+            tk_stall / copy,
+            1.5,
+            detail=f"[{tk_stall * 1e3:.1f} ms vs {copy * 1e3:.1f} ms]",
+        ),
+        Target(
+            "(1b) async stall / DCP async_save stall",
+            tk_stall / dcp_stall,
+            0.5,
+            detail=f"[{tk_stall * 1e3:.1f} ms vs {dcp_stall * 1e3:.1f} ms]",
+        ),
+    ]
+    for res in sizes:
+        raw = res["save_seconds"]["raw os.write + fsync"]
+        for name in ("torchkeep.save", "CheckpointManager sync"):
+            s = res["save_seconds"][name]
+            out.append(
+                Target(
+                    f"(2) {res['mib']} MiB {name} throughput / raw fsync'd write",
+                    raw / s,
+                    0.9,
+                    atleast=True,
+                    detail=f"[{res['bytes'] / s / 1e9:.2f} vs {res['bytes'] / raw / 1e9:.2f} GB/s]",
+                )
+            )
+    out.append(
+        Target(
+            "(3) fine-tune bytes written per checkpoint / trainable bytes",
+            ft["ratio"],
+            1.1,
+            detail=f"[{ft['pack_bytes_per_save']} vs {ft['trainable_bytes']}]",
+        )
+    )
+    for res in sizes:
+        grow = res["rss_growth_mib"]["torchkeep.load_into"]
+        out.append(
+            Target(
+                f"(4) {res['mib']} MiB load_into peak RSS growth / state size",
+                max(grow, 4 / 1024) / res["mib"],
+                0.25,
+                detail=f"[{grow:.1f} MiB]",
+            )
+        )
+    for res in sizes:
+        best = max(res["hash_bytes_per_s"].items(), key=lambda kv: kv[1])
+        single = res["hash_bytes_per_s"]["sha256 1 thread"]
+        write = res["write_bytes_per_s"]
+        out.append(
+            Target(
+                f"(5) {res['mib']} MiB sha256 1 thread / disk write bandwidth",
+                single / write,
+                4.0,
+                atleast=True,
+                detail=f"[{single / 1e9:.2f} vs {write / 1e9:.2f} GB/s]",
+            )
+        )
+        out.append(
+            Target(
+                f"(5) {res['mib']} MiB {best[0]} / disk write bandwidth",
+                best[1] / write,
+                4.0,
+                atleast=True,
+                detail=f"[{best[1] / 1e9:.2f} vs {write / 1e9:.2f} GB/s]",
+            )
+        )
+    return out
+
+
+def _print_size(res: dict[str, Any]) -> None:
+    gb = res["bytes"] / 1e9
+    raw = res["save_seconds"]["raw os.write + fsync"]
+    print(f"\n== state {res['mib']} MiB ({res['bytes']} bytes) ==")
+    print(f"{'save':42s} {'median s':>9s} {'GB/s':>6s} {'vs raw':>7s} {'stall s':>8s}")
+    for name, s in res["save_seconds"].items():
+        stall = res["save_stall_seconds"].get(name)
+        tail = f" {stall:8.3f}" if stall is not None else ""
+        print(f"{name:42s} {s:9.3f} {gb / s:6.2f} {raw / s:6.2f}x{tail}")
+    base = res["load_seconds"]["torch.load"]
+    print(
+        f"{'load (cold cache, every tensor read)':42s} {'median s':>9s} {'GB/s':>6s} {'vs torch':>8s}"
+    )
+    for name, s in res["load_seconds"].items():
+        print(f"{name:42s} {s:9.3f} {gb / s:6.2f} {s / base:7.2f}x")
+    print(f"{'peak RSS growth loading into a model':42s} {'MiB':>9s} {'/ state':>8s}")
+    for name, grow in res["rss_growth_mib"].items():
+        print(f"{name:42s} {grow:9.1f} {grow / res['mib']:8.3f}")
+    for name, bps in res["hash_bytes_per_s"].items():
+        print(f"{name:42s} {bps / 1e9:9.2f} GB/s {bps / res['write_bytes_per_s']:5.2f}x write bw")
+
+
+def _print_train(train: dict[str, Any], ft: dict[str, Any]) -> None:
+    print(
+        f"\n== training loop: {train['params_mib']:.0f} MiB params, {train['state_mib']:.0f} MiB "
+        f"state with Adam, {train['steps']} steps, a save every {train['every']} =="
+    )
+    copy = train["copy_into_preallocated_seconds"]
+    print(f"copy into preallocated buffers (reference stall): {copy * 1e3:.1f} ms")
+    print(f"{'way':32s} {'total s':>8s} {'slowdown':>9s} {'1st stall':>10s} {'steady stall':>13s}")
+    for how, w in train["ways"].items():
+        print(
+            f"{how:32s} {w['seconds']:8.2f} {w['slowdown']:8.2f}x {w['first_stall'] * 1e3:8.1f}ms"
+            f" {w['steady_stall'] * 1e3:10.1f}ms ({w['steady_stall'] / copy:5.2f}x copy)"
+        )
+    print(
+        f"\n== fine-tuning, {ft['trainable_bytes'] / ft['total_param_bytes']:.0%} of parameters "
+        f"trainable ==\npack bytes added per checkpoint: {ft['pack_bytes_per_save']}, trainable "
+        f"bytes {ft['trainable_bytes']}, ratio {ft['ratio']:.3f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mib", type=int, default=256, help="state size in MiB (multiple of 4)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--sizes", default="256,1024", help="state sizes in MiB, comma separated")
+    parser.add_argument("--large", action="store_true", help="add a 4096 MiB state")
+    parser.add_argument("--repeat", type=int, default=3, help="median of this many runs")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, repeat 1")
+    parser.add_argument("--json", type=Path, default=HERE / "results.json")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: tmp)")
+    parser.add_argument("--train-mib", type=int, default=64, help="training model params, MiB")
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-every", type=int, default=15)
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.large:
+        sizes.append(4096)
+    train_args = (args.train_mib, args.train_steps, args.train_every)
+    if args.quick:
+        sizes, args.repeat, train_args = [64], 1, (16, 12, 4)
 
-    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(args.mib // 4)])
-    state = model.state_dict()
-    results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
+    started = time.time()
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="torchkeep-bench-") as tmp:
+        root = Path(tmp)
+        machine = machine_info(root)
+        can_drop = drop_caches()
+        cache = (
+            "dropped with /proc/sys/vm/drop_caches before each load"
+            if can_drop
+            else "drop_caches refused; files evicted with posix_fadvise(DONTNEED) before each load"
+        )
+        print(f"torchkeep benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        print(f"cpu: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM")
+        print(
+            f"disk free: {machine['disk_free_gib']} GiB at {root}; load average {machine['load_average']}"
+        )
+        print(
+            f"python {machine['python']}, torch {machine['torch']}, safetensors "
+            f"{machine['safetensors']}, torchkeep {machine['torchkeep']}"
+        )
+        print(f"page cache: {cache}; repeat {args.repeat} (median)")
+        results = []
+        for mib in sizes:
+            results.append(bench_size(mib, root, args.repeat, _cold))
+            _print_size(results[-1])
+        train = bench_train(root, *train_args, args.repeat)
+        ft = bench_finetune(root)
+        _print_train(train, ft)
 
-        def torch_save_fsync() -> None:
-            with open(d / "torch-fsync.pt", "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+    targets = _targets(results, train, ft)
+    all_ratios: dict[str, float] = {}
+    for res in results:
+        all_ratios.update({f"{res['mib']} MiB {k}": v for k, v in ratios(res).items()})
+    copy = train["copy_into_preallocated_seconds"]
+    for how, w in train["ways"].items():
+        all_ratios[f"train slowdown: {how}"] = w["slowdown"]
+        if how != "none":
+            all_ratios[f"train steady stall / copy: {how}"] = max(w["steady_stall"], 1e-9) / copy
+    all_ratios["finetune bytes written / trainable bytes"] = ft["ratio"]
+    for t in targets:
+        all_ratios[f"target {t.name}"] = t.ratio
 
-        saves: dict[str, Callable[[], object]] = {
-            "torch.save": lambda: torch.save(state, d / "torch.pt"),
-            "torch.save + fsync": torch_save_fsync,
-            "safetensors.save_file": lambda: safetensors.torch.save_file(
-                state, d / "st.safetensors"
-            ),
-            "torchkeep.save (.safetensors)": lambda: tk.save(state, d / "tk.safetensors"),
-            "torchkeep.save (.pt)": lambda: tk.save(state, d / "tk.pt"),
-        }
-        for name, fn in saves.items():
-            results[f"save: {name}"] = median_time(fn, args.repeat)
-
-        def touch(obj: dict[str, torch.Tensor]) -> None:
-            for t in obj.values():
-                t.sum()
-
-        loads: dict[str, Callable[[], object]] = {
-            "torch.load": lambda: touch(torch.load(d / "torch.pt", weights_only=True)),
-            "torch.load mmap": lambda: touch(
-                torch.load(d / "torch.pt", weights_only=True, mmap=True)
-            ),
-            "safetensors.load_file": lambda: touch(
-                safetensors.torch.load_file(d / "st.safetensors")
-            ),
-            "torchkeep.load": lambda: touch(tk.load(d / "tk.safetensors")),
-        }
-        for name, fn in loads.items():
-            results[f"load: {name}"] = median_time(fn, args.repeat)
-        for how, path in (("torch", d / "torch.pt"), ("torchkeep", d / "tk.safetensors")):
-            out = subprocess.run(
-                [sys.executable, "-c", RSS_PROBE, str(args.mib), str(path), how],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            results[f"peak RSS growth MiB: load into model ({how})"] = float(out.stdout.strip())
-
-    print(f"state: {args.mib} MiB, torch {torch.__version__}, torchkeep {tk.__version__}")
-    base_save, base_load = results["save: torch.save"], results["load: torch.load"]
-    for name, value in results.items():
-        if name.startswith("save"):
-            print(f"{name:45s} {value:8.3f} s  {value / base_save:5.2f}x torch.save")
-        elif name.startswith("load"):
-            print(f"{name:45s} {value:8.3f} s  {value / base_load:5.2f}x torch.load")
-        else:
-            print(f"{name:45s} {value:8.1f}    {value / args.mib:5.2f}x state size")
-    if args.json:
-        args.json.write_text(json.dumps({"mib": args.mib, "results": results}, indent=2))
+    print("\n== targets ==")
+    for t in targets:
+        print(t.line())
+    machine["load_average_end"] = list(os.getloadavg())
+    machine["wall_seconds"] = round(time.time() - started, 1)
+    print(
+        f"\nwall time {machine['wall_seconds']} s; load average at end {machine['load_average_end']}"
+    )
+    document = {
+        "machine": machine,
+        "page_cache": {"drop_caches": can_drop, "how": cache},
+        "repeat": args.repeat,
+        "sizes": results,
+        "train_loop": train,
+        "finetune": ft,
+        "targets": [t.to_dict() for t in targets],
+        "ratios": all_ratios,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results written to {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -132,6 +132,11 @@ class RestoreInfo:
         }
 
 
+# A small tensor equal to one in an older pack is written again rather than referenced: it
+# costs next to nothing, and a reference would keep the whole older pack alive on disk.
+MIN_SHARED_BYTES = 64 * 1024
+
+
 def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     """Metrics as JSON numbers: 0-d tensors and numpy scalars become floats, NaN is kept as None."""
     out: dict[str, Any] = {}
@@ -433,7 +438,7 @@ class CheckpointManager:
                 hash=hashes[key],
             )
             existing = index.get((ref.hash, ref.dtype, ref.shape))
-            if existing is not None:
+            if existing is not None and (existing.pack == pack or ref.nbytes >= MIN_SHARED_BYTES):
                 refs[key] = existing  # the run already holds these bytes
             else:
                 refs[key] = index[(ref.hash, ref.dtype, ref.shape)] = ref
