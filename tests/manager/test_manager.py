@@ -116,7 +116,7 @@ def test_crash_before_commit_leaves_no_checkpoint_and_is_swept(
     app = make_app()
     with tk.CheckpointManager(run) as mgr:
         mgr.save(0, app)
-    import torchkeep.manager._manager as manager_module
+    import torchkeep.manager._writer as manager_module
 
     real = manager_module.atomic_write
 
@@ -257,10 +257,10 @@ def test_async_staging_buffers_are_allocated_once(tmp_path: Path) -> None:
     train_step(app)  # so that the optimizer has its state from the first save on
     with tk.CheckpointManager(tmp_path / "run", async_save=True) as mgr:
         mgr.save(0, app)
-        first = {k: v.data_ptr() for k, v in mgr._staging.items()}
+        first = {k: v.data_ptr() for k, v in mgr._stager.buffers.items()}
         train_step(app)
         mgr.save(1, app)
-        assert {k: v.data_ptr() for k, v in mgr._staging.items()} == first
+        assert {k: v.data_ptr() for k, v in mgr._stager.buffers.items()} == first
         app["model"][3] = nn.Linear(8, 5)  # a new shape gets a new buffer, the rest are reused
         mgr.save(2, app)
         mgr.wait()
@@ -273,7 +273,7 @@ def test_async_staging_buffers_are_allocated_once(tmp_path: Path) -> None:
 def test_async_writer_error_surfaces_at_the_next_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torchkeep.manager._manager as manager_module
+    import torchkeep.manager._writer as manager_module
 
     def disk_full(path: Any, write: Any) -> None:
         raise tk.StorageError("could not write the file: No space left on device", path=str(path))

@@ -17,27 +17,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime
-import hashlib
 import json
-import math
 import operator
 import os
-import platform
-import secrets
-import socket
-import subprocess
 import sys
 import threading
 import weakref
 from collections.abc import Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
-
-import torch
+from typing import Any
 
 from torchkeep._version import __version__
 from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
@@ -51,118 +41,24 @@ from torchkeep.format import (
     Flattened,
     Manifest,
     RunReader,
-    TensorRef,
     flatten,
-    manifest_name,
     metadata_json,
-    tensor_bytes,
-    write_pack,
 )
-from torchkeep.format._dtypes import dtype_name
 from torchkeep.manager._lock import RunLock
+from torchkeep.manager._records import CheckpointRecord, RestoreInfo
 from torchkeep.manager._retention import Mode, RetentionPolicy, select
+from torchkeep.manager._writer import (
+    Hasher,
+    Stager,
+    clean_metrics,
+    collect_packs,
+    sweep,
+    system_info,
+    write_bytes,
+    write_checkpoint,
+)
 from torchkeep.state import capture_app, restore_app
 from torchkeep.storage import atomic_write, fsync_dir
-from torchkeep.storage._local import sweep_temporaries
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CheckpointRecord:
-    """One committed checkpoint of a run, as listed by ``CheckpointManager.checkpoints``.
-
-    Attributes:
-        step: the training step it was saved at.
-        time: when it was committed (seconds since the epoch).
-        metrics: the metrics saved with it.
-        metadata: the user metadata saved with it.
-        size: bytes of tensor data it holds (bytes shared with other checkpoints included).
-        kept: why retention keeps it (``"latest"``, ``"best"``, ``"keep_last"``...).
-        path: its manifest.
-    """
-
-    step: int
-    time: float
-    metrics: dict[str, Any]
-    metadata: dict[str, Any]
-    size: int
-    kept: tuple[str, ...]
-    path: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "time": self.time,
-            "metrics": self.metrics,
-            "metadata": self.metadata,
-            "size": self.size,
-            "kept": list(self.kept),
-            "path": self.path,
-        }
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RestoreInfo:
-    """What ``CheckpointManager.restore`` loaded.
-
-    Attributes:
-        step: the step of the restored checkpoint.
-        metrics: its metrics.
-        metadata: its user metadata.
-        values: the plain (non-stateful) values of the app state, e.g. ``{"epoch": 3}``.
-        path: the manifest read.
-    """
-
-    step: int
-    metrics: dict[str, Any]
-    metadata: dict[str, Any]
-    values: dict[str, Any] = field(default_factory=dict)
-    path: str = ""
-
-    def __getitem__(self, name: str) -> Any:
-        """A plain value of the restored app state: ``info["epoch"]``."""
-        return self.values[name]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "metrics": self.metrics,
-            "metadata": self.metadata,
-            "values": {k: v for k, v in self.values.items() if isinstance(v, int | float | str)},
-            "path": self.path,
-        }
-
-
-# A small tensor equal to one in an older pack is written again rather than referenced: it
-# costs next to nothing, and a reference would keep the whole older pack alive on disk.
-MIN_SHARED_BYTES = 64 * 1024
-
-
-def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Metrics as JSON numbers: 0-d tensors and numpy scalars become floats, NaN is kept as None."""
-    out: dict[str, Any] = {}
-    for name, value in (metrics or {}).items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().item() if value.numel() == 1 else value.tolist()
-        elif hasattr(value, "item") and callable(value.item):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[str(name)] = value
-    return metadata_json(out)
-
-
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def _tensor_hash(t: torch.Tensor) -> str:
-    return "sha256:" + hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
 class CheckpointManager:
@@ -214,9 +110,9 @@ class CheckpointManager:
         self._lock = RunLock(self.root / LOCK_FILE)
         self._pending: Future[CheckpointRecord] | None = None
         self._mutex = threading.RLock()
-        self._staging: dict[str, torch.Tensor] = {}
-        self._hasher: ThreadPoolExecutor | None = None
-        self._git: str | None = None
+        self._stager = Stager()
+        self._hasher = Hasher()
+        self._system: dict[str, Any] = {}
         self._executor: ThreadPoolExecutor | None = None
         given = {
             "keep_last": keep_last,
@@ -245,11 +141,11 @@ class CheckpointManager:
                 self._write_run_file()
             self._reader = RunReader(self.root)
             self._manifests = {m.step: m for m in self._reader.manifests()}
-            self._sweep()
+            sweep(self.root, self._manifests.values())
         except BaseException:
             self._lock.release()
             raise
-        self._git = _git_commit()
+        self._system = system_info()
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -367,47 +263,20 @@ class CheckpointManager:
             raise TorchkeepError(f"step must be a non-negative integer, not {step!r}")
         step = operator.index(step)
         self.wait()
-        clean_metrics = _clean_metrics(metrics)
+        cleaned = clean_metrics(metrics)
         user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
         state = capture_app(app)
         if not self.async_save:
-            return self._write(step, flatten(state), clean_metrics, user_metadata)
+            return self._write(step, flatten(state), cleaned, user_metadata)
         # Flatten here so that unstorable values fail in save(), then copy to host memory.
-        staged = self._stage(flatten(state))
+        staged = self._stager.stage(flatten(state))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
             # A process that exits with a write pending finishes it (the executor's thread is
             # joined at exit); if that write then fails, say so rather than exit silently.
             atexit.register(_report_at_exit, weakref.ref(self))
-        self._pending = self._executor.submit(
-            self._write, step, staged, clean_metrics, user_metadata
-        )
+        self._pending = self._executor.submit(self._write, step, staged, cleaned, user_metadata)
         return None
-
-    def _stage(self, flat: Flattened) -> Flattened:
-        """Copy every tensor into host buffers allocated once and reused by later saves.
-
-        Buffers are pinned when the source is on a GPU, so the copy runs at full bandwidth. The
-        previous write has finished (``save`` waited for it), so its buffers are free again.
-        """
-        staged: dict[str, torch.Tensor] = {}
-        on_gpu = False
-        for key, t in flat.tensors.items():
-            t = t.detach()
-            buf = self._staging.get(key)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                pin = t.is_cuda and torch.cuda.is_available()
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-            try:
-                buf.copy_(t, non_blocking=t.is_cuda)
-            except (RuntimeError, NotImplementedError):  # dtypes without copy kernels
-                buf = t.to("cpu", copy=True)
-            on_gpu = on_gpu or t.is_cuda
-            staged[key] = buf
-        if on_gpu:
-            torch.cuda.synchronize()
-        self._staging = staged  # buffers of tensors no longer saved are dropped
-        return Flattened(skeleton=flat.skeleton, tensors=staged)
 
     def wait(self) -> CheckpointRecord | None:
         """Wait for a pending async save; raise its error if it failed."""
@@ -418,97 +287,23 @@ class CheckpointManager:
         self, step: int, flat: Flattened, metrics: dict[str, Any], metadata: dict[str, Any]
     ) -> CheckpointRecord:
         with self._mutex:
-            index = {
-                (r.hash, r.dtype, r.shape): r
-                for m in self._manifests.values()
-                for r in m.tensors.values()
-            }
-        pack = f"{step:010d}-{secrets.token_hex(4)}.safetensors"
-        refs: dict[str, TensorRef] = {}
-        new: dict[str, torch.Tensor] = {}
-        tensors = {key: t.detach() for key, t in flat.tensors.items()}
-        hashes = self._hashes(tensors)
-        for key, t in tensors.items():
-            ref = TensorRef(
-                pack=pack,
-                key=key,
-                dtype=dtype_name(t.dtype),
-                shape=tuple(t.shape),
-                nbytes=t.numel() * t.element_size(),
-                hash=hashes[key],
-            )
-            existing = index.get((ref.hash, ref.dtype, ref.shape))
-            if existing is not None and (existing.pack == pack or ref.nbytes >= MIN_SHARED_BYTES):
-                refs[key] = existing  # the run already holds these bytes
-            else:
-                refs[key] = index[(ref.hash, ref.dtype, ref.shape)] = ref
-                new[key] = t
-        now = datetime.datetime.now(datetime.UTC)
-        document: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "time": now.timestamp(),
-            "metrics": metrics,
-            "metadata": metadata,
-            "system": {
-                "created": now.isoformat(),
-                "host": socket.gethostname(),
-                "python": platform.python_version(),
-                "torch_version": str(torch.__version__),
-                "torchkeep_version": __version__,
-                "git_commit": self._git,
-            },
-            "skeleton": flat.skeleton,
-            "tensors": {k: {**_fields(r), "shape": list(r.shape)} for k, r in refs.items()},
-        }
-        pack_path = self.root / PACK_DIR / pack
-        manifest_path = self.root / MANIFEST_DIR / manifest_name(step)
-        try:
-            if new:
-                atomic_write(pack_path, lambda f: write_pack(f, new))
-            text = json.dumps(document, separators=(",", ":")).encode()
-            atomic_write(manifest_path, lambda f: _write_bytes(f, text))  # the commit point
-        except BaseException:
-            with contextlib.suppress(OSError):
-                pack_path.unlink()
-            raise
-        with self._mutex:
-            return self._committed(step, document, metrics, metadata, flat.skeleton, refs)
-
-    def _committed(
-        self,
-        step: int,
-        document: dict[str, Any],
-        metrics: dict[str, Any],
-        metadata: dict[str, Any],
-        skeleton: Any,
-        refs: dict[str, TensorRef],
-    ) -> CheckpointRecord:
-        """Book-keeping once a manifest is committed: history, then retention."""
-        previous = self._manifests.get(step)
-        self._manifests[step] = Manifest(
-            path=self.root / MANIFEST_DIR / manifest_name(step),
-            step=step,
-            time=document["time"],
+            known = [r for m in self._manifests.values() for r in m.tensors.values()]
+        manifest = write_checkpoint(
+            self.root,
+            step,
+            flat,
+            self._hasher.hashes(flat.tensors),
+            known,
             metrics=metrics,
             metadata=metadata,
-            skeleton=skeleton,
-            tensors=refs,
+            system=self._system,
         )
-        self._append_history(step, document["time"], metrics)
-        kept = self._apply_retention(self.policy, replaced=previous)
-        return self._record(self._manifests[step], kept.get(step, ()))
-
-    def _hashes(self, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-        """sha256 of every tensor; sha256 releases the GIL, so several run at once."""
-        try:
-            if self._hasher is None:
-                workers = min(4, os.cpu_count() or 1)
-                self._hasher = ThreadPoolExecutor(workers, thread_name_prefix="torchkeep-hash")
-            digests = list(self._hasher.map(_tensor_hash, tensors.values()))
-        except RuntimeError:  # the interpreter is exiting: no new threads, hash here
-            digests = [_tensor_hash(t) for t in tensors.values()]
-        return dict(zip(tensors, digests, strict=True))
+        with self._mutex:
+            previous = self._manifests.get(step)
+            self._manifests[step] = manifest
+            self._append_history(step, manifest.time, metrics)
+            kept = self._apply_retention(self.policy, replaced=previous)
+            return self._record(manifest, kept.get(step, ()))
 
     def _append_history(self, step: int, time: float, metrics: dict[str, Any]) -> None:
         line = json.dumps({"step": step, "time": time, "metrics": metrics}) + "\n"
@@ -563,26 +358,8 @@ class CheckpointManager:
         if doomed:
             fsync_dir(self.root / MANIFEST_DIR)
         if doomed or replaced is not None:
-            self._collect_packs()
+            collect_packs(self.root, self._manifests.values())
         return kept
-
-    def _collect_packs(self) -> None:
-        """Delete packs that no committed manifest refers to."""
-        used = {ref.pack for m in self._manifests.values() for ref in m.tensors.values()}
-        folder = self.root / PACK_DIR
-        for name in os.listdir(folder):
-            if name.endswith(".safetensors") and name not in used:
-                with contextlib.suppress(FileNotFoundError):
-                    (folder / name).unlink()
-        fsync_dir(folder)
-
-    def _sweep(self) -> None:
-        """Remove what crashed writers left: temporary files and unreferenced packs."""
-        for folder in (self.root, self.root / MANIFEST_DIR, self.root / PACK_DIR):
-            for entry in os.listdir(folder):
-                if ".tkp-" in entry and entry.startswith("."):
-                    sweep_temporaries(folder / entry.split(".tkp-")[0][1:])
-        self._collect_packs()
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -594,7 +371,7 @@ class CheckpointManager:
             "policy": self.policy.to_dict(),
         }
         text = json.dumps(document, indent=2).encode()
-        atomic_write(self.root / RUN_FILE, lambda f: _write_bytes(f, text))
+        atomic_write(self.root / RUN_FILE, lambda f: write_bytes(f, text))
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -613,11 +390,11 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            for pool in (self._executor, self._hasher):
-                if pool is not None:
-                    pool.shutdown(wait=True)
-            self._executor = self._hasher = None
-            self._staging = {}
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._hasher.close()
+            self._stager = Stager()
             self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
@@ -648,18 +425,3 @@ def _report_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
-
-
-def _fields(ref: TensorRef) -> dict[str, Any]:
-    return {
-        "pack": ref.pack,
-        "key": ref.key,
-        "dtype": ref.dtype,
-        "shape": ref.shape,
-        "nbytes": ref.nbytes,
-        "hash": ref.hash,
-    }
-
-
-def _write_bytes(f: BinaryIO, data: bytes) -> None:
-    f.write(data)

@@ -1,0 +1,242 @@
+"""Writing one checkpoint into a run: staging, hashing, packs, the manifest, garbage collection.
+
+The commit protocol (see ``format/_run.py``): the new tensors go into a pack (temp file, fsync,
+rename, fsync of the directory), then the manifest is renamed into ``checkpoints/``, the single
+commit point. A tensor whose bytes the run already holds is referenced, not written again. Packs
+are deleted only when no committed manifest refers to them, and always after the manifests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from torchkeep._version import __version__
+from torchkeep.format import (
+    FORMAT_VERSION,
+    MANIFEST_DIR,
+    PACK_DIR,
+    Flattened,
+    Manifest,
+    TensorRef,
+    manifest_name,
+    metadata_json,
+    tensor_bytes,
+    write_pack,
+)
+from torchkeep.format._dtypes import dtype_name
+from torchkeep.storage import atomic_write, fsync_dir
+from torchkeep.storage._local import sweep_temporaries
+
+# A small tensor equal to one in an older pack is written again rather than referenced: it
+# costs next to nothing, and a reference would keep the whole older pack alive on disk.
+MIN_SHARED_BYTES = 64 * 1024
+
+
+def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metrics as JSON numbers: 0-d tensors and numpy scalars become floats, NaN becomes None."""
+    out: dict[str, Any] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().item() if value.numel() == 1 else value.tolist()
+        elif hasattr(value, "item") and callable(value.item):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[str(name)] = value
+    return metadata_json(out)
+
+
+def system_info() -> dict[str, Any]:
+    """Where and with what a checkpoint was written (the git commit of the working directory)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+        commit = result.stdout.strip() or None if result.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch_version": str(torch.__version__),
+        "torchkeep_version": __version__,
+        "git_commit": commit,
+    }
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    return "sha256:" + hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
+class Hasher:
+    """sha256 of many tensors at once: hashlib releases the GIL, so threads run in parallel."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def hashes(self, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+        try:
+            if self._pool is None:
+                workers = min(4, os.cpu_count() or 1)
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="torchkeep-hash")
+            digests = list(self._pool.map(tensor_hash, tensors.values()))
+        except RuntimeError:  # the interpreter is exiting: no new threads, hash here
+            digests = [tensor_hash(t) for t in tensors.values()]
+        return dict(zip(tensors, digests, strict=True))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class Stager:
+    """Copies a state into host buffers allocated once and reused by later saves.
+
+    Buffers are pinned when the source is on a GPU, so the copy runs at full bandwidth. The
+    caller makes sure the previous write has finished before staging again.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def stage(self, flat: Flattened) -> Flattened:
+        staged: dict[str, torch.Tensor] = {}
+        on_gpu = False
+        for key, t in flat.tensors.items():
+            t = t.detach()
+            buf = self.buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                pin = t.is_cuda and torch.cuda.is_available()
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            try:
+                buf.copy_(t, non_blocking=t.is_cuda)
+            except (RuntimeError, NotImplementedError):  # dtypes without copy kernels
+                buf = t.to("cpu", copy=True)
+            on_gpu = on_gpu or t.is_cuda
+            staged[key] = buf
+        if on_gpu:
+            torch.cuda.synchronize()
+        self.buffers = staged  # buffers of tensors no longer saved are dropped
+        return Flattened(skeleton=flat.skeleton, tensors=staged)
+
+
+def write_checkpoint(
+    root: Path,
+    step: int,
+    flat: Flattened,
+    hashes: Mapping[str, str],
+    known: Iterable[TensorRef],
+    *,
+    metrics: dict[str, Any],
+    metadata: dict[str, Any],
+    system: dict[str, Any],
+) -> Manifest:
+    """Write the new tensors of ``flat`` into a pack and commit its manifest.
+
+    Args:
+        known: the tensors the run already stores, to reference instead of writing again.
+
+    Returns:
+        The committed manifest.
+    """
+    index = {(r.hash, r.dtype, r.shape): r for r in known}
+    pack = f"{step:010d}-{secrets.token_hex(4)}.safetensors"
+    refs: dict[str, TensorRef] = {}
+    new: dict[str, torch.Tensor] = {}
+    for key, t in flat.tensors.items():
+        ref = TensorRef(
+            pack=pack,
+            key=key,
+            dtype=dtype_name(t.dtype),
+            shape=tuple(t.shape),
+            nbytes=t.numel() * t.element_size(),
+            hash=hashes[key],
+        )
+        existing = index.get((ref.hash, ref.dtype, ref.shape))
+        if existing is not None and (existing.pack == pack or ref.nbytes >= MIN_SHARED_BYTES):
+            refs[key] = existing  # the run already holds these bytes
+        else:
+            refs[key] = index[(ref.hash, ref.dtype, ref.shape)] = ref
+            new[key] = t.detach()
+    now = datetime.datetime.now(datetime.UTC)
+    document: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "time": now.timestamp(),
+        "metrics": metrics,
+        "metadata": metadata,
+        "system": {"created": now.isoformat(), **system},
+        "skeleton": flat.skeleton,
+        "tensors": {k: {**_fields(r), "shape": list(r.shape)} for k, r in refs.items()},
+    }
+    pack_path = root / PACK_DIR / pack
+    manifest_path = root / MANIFEST_DIR / manifest_name(step)
+    try:
+        if new:
+            atomic_write(pack_path, lambda f: write_pack(f, new))
+        text = json.dumps(document, separators=(",", ":")).encode()
+        atomic_write(manifest_path, lambda f: write_bytes(f, text))  # the commit point
+    except BaseException:
+        with contextlib.suppress(OSError):
+            pack_path.unlink()
+        raise
+    return Manifest(
+        path=manifest_path,
+        step=step,
+        time=document["time"],
+        metrics=metrics,
+        metadata=metadata,
+        skeleton=flat.skeleton,
+        tensors=refs,
+    )
+
+
+def collect_packs(root: Path, manifests: Iterable[Manifest]) -> None:
+    """Delete packs that no committed manifest refers to."""
+    used = {ref.pack for m in manifests for ref in m.tensors.values()}
+    folder = root / PACK_DIR
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors") and name not in used:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+    fsync_dir(folder)
+
+
+def sweep(root: Path, manifests: Iterable[Manifest]) -> None:
+    """Remove what crashed writers left: temporary files and unreferenced packs."""
+    for folder in (root, root / MANIFEST_DIR, root / PACK_DIR):
+        for entry in os.listdir(folder):
+            if ".tkp-" in entry and entry.startswith("."):
+                sweep_temporaries(folder / entry.split(".tkp-")[0][1:])
+    collect_packs(root, manifests)
+
+
+def _fields(ref: TensorRef) -> dict[str, Any]:
+    return {
+        "pack": ref.pack,
+        "key": ref.key,
+        "dtype": ref.dtype,
+        "shape": ref.shape,
+        "nbytes": ref.nbytes,
+        "hash": ref.hash,
+    }
+
+
+def write_bytes(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
