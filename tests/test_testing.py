@@ -21,13 +21,11 @@ import torchkeep as tk
 from torchkeep.testing import (
     ResumeReport,
     TrainProcessError,
-    _loss_divergence,
     _resolve,
-    _StateComparison,
     _stop_points,
-    _tensor_difference,
     assert_resumes_exactly,
 )
+from torchkeep.testing._exact import _loss_divergence, _StateComparison, _tensor_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 
