@@ -308,10 +308,10 @@ class CheckpointManager:
     def _append_history(self, step: int, time: float, metrics: dict[str, Any]) -> None:
         line = json.dumps({"step": step, "time": time, "metrics": metrics}) + "\n"
         try:
+            # Not fsynced: every committed manifest holds its own metrics, and a history line
+            # lost in a power cut costs nothing the checkpoints do not keep.
             with open(self.root / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
         except OSError as exc:
             raise StorageError(f"cannot record metrics: {exc}", path=str(self.root)) from exc
 
