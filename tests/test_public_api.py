@@ -93,6 +93,7 @@ def test_signatures_match_the_spec() -> None:
         ("map_location", K, None),
         ("dtype", K, None),
         ("trust", K, False),
+        ("verify", K, True),
     ]
     assert _params(torchkeep.load_into) == [
         ("module", P, EMPTY),
@@ -100,6 +101,7 @@ def test_signatures_match_the_spec() -> None:
         ("strict", K, True),
         ("skip_mismatched", K, False),
         ("rename", K, None),
+        ("verify", K, True),
     ]
     assert _params(torchkeep.save_model) == [
         ("model", P, EMPTY),

@@ -94,6 +94,7 @@ def load(
     map_location: MapLocation = None,
     dtype: torch.dtype | None = None,
     trust: bool = False,
+    verify: bool = True,
 ) -> Any:
     """Load a checkpoint of any supported format without running code from it.
 
@@ -110,13 +111,15 @@ def load(
         dtype: cast floating-point tensors to this dtype (integer, bool and complex are kept).
         trust: allow a ``torch.save`` file to import the globals it names. That runs code from the
             file: only for files you trust.
+        verify: check the tensors of a run checkpoint against the hashes in its manifest (the
+            default; it reads every tensor). ``False`` keeps them lazily mapped.
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
         CorruptCheckpointError: the file is damaged or in no format torchkeep reads.
         UnsafeCheckpointError: the file needs globals the safe unpickler refuses (names them).
     """
-    return load_file(path, map_location=map_location, dtype=dtype, trust=trust)
+    return load_file(path, map_location=map_location, dtype=dtype, trust=trust, verify=verify)
 
 
 def inspect(path: PathLike) -> CheckpointInfo:
@@ -154,6 +157,7 @@ def load_into(
     strict: bool = True,
     skip_mismatched: bool = False,
     rename: Mapping[str, str] | None = None,
+    verify: bool = True,
 ) -> LoadReport:
     """Load a checkpoint into ``module`` in place, tensor by tensor, and report what happened.
 
@@ -173,6 +177,7 @@ def load_into(
             keys (``{r"^fc[.]": "head."}``). Wrapper prefixes (``module.`` from DDP,
             ``_orig_mod.`` from ``torch.compile``, a LightningModule's ``model.``) are handled
             without rules when unambiguous. ``report.renamed`` says what was changed.
+        verify: check a run checkpoint's tensors against their hashes before loading them.
 
     Returns:
         A :class:`LoadReport` with the loaded, missing, unexpected and mismatched keys.
@@ -186,7 +191,7 @@ def load_into(
         obj: Any = source
     elif parse_reference(source) is not None:
         name = os.fspath(source)
-        obj = load_file(source)
+        obj = load_file(source, verify=verify)
     else:
         p = resolve_path(source)
         name = str(source)

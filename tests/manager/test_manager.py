@@ -312,3 +312,21 @@ def test_process_exiting_with_a_pending_async_save_finishes_it(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     state = tk.load(f"{tmp_path / 'run'}@latest")
     assert state["model"]["weight"].shape == (512, 512)
+
+
+def test_a_flipped_byte_in_a_pack_is_detected_on_load_and_restore(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    app = make_app()
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, app)
+    pack = next((run / "packs").iterdir())
+    data = bytearray(pack.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's bytes: the header stays valid
+    pack.write_bytes(bytes(data))
+    with pytest.raises(tk.CorruptCheckpointError, match="does not match its hash"):
+        tk.load(f"{run}@0")
+    with pytest.raises(tk.CorruptCheckpointError, match="does not match its hash"):
+        tk.load_into(make_app()["model"], f"{run}@0")
+    with tk.CheckpointManager(run) as mgr, pytest.raises(tk.CorruptCheckpointError):
+        mgr.restore(make_app())
+    assert tk.load(f"{run}@0", verify=False)["epoch"] == 0  # the explicit opt-out still reads

@@ -11,6 +11,7 @@ from torchkeep.format._artifact import (
     write_pack,
 )
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
+from torchkeep.format._hash import hash_matches, tensor_hash
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, map_tensors, relocate
 from torchkeep.format._reader import (
@@ -53,6 +54,8 @@ __all__ = [
     "manifest_name",
     "parse_reference",
     "tensor_bytes",
+    "tensor_hash",
+    "hash_matches",
     "tensors_by_path",
     "write_safetensors",
     "FORMAT_VERSION",

@@ -45,14 +45,17 @@ def load_file(
     map_location: MapLocation = None,
     dtype: torch.dtype | None = None,
     trust: bool = False,
+    verify: bool = True,
 ) -> Any:
     """Load any supported checkpoint file (see :mod:`._detect`) without running code from it.
 
-    ``path`` may also be a run reference (``RUN@latest``, ``RUN@best``, ``RUN@<step>``, ``RUN``).
+    ``path`` may also be a run reference (``RUN@latest``, ``RUN@best``, ``RUN@<step>``, ``RUN``),
+    whose tensors are checked against their hashes unless ``verify=False``.
     """
     if parse_reference(path) is not None:
         return load_reference(
-            path, lambda run, m: run.load(m, map_location=map_location, dtype=dtype)
+            path,
+            lambda run, m: run.load(m, map_location=map_location, dtype=dtype, verify=verify),
         )
     p = resolve_path(path)
     fmt = detect(p)
@@ -126,7 +129,7 @@ def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
     return CheckpointInfo(
         path=f"{run.root}@{manifest.step}",
         format="torchkeep-run",
-        tensors=tuple(describe(run.load(manifest))),
+        tensors=tuple(describe(run.load(manifest, verify=False))),
         file_bytes=manifest.path.stat().st_size + sum(sizes.values()),
         metadata={"step": manifest.step, "metrics": manifest.metrics, **manifest.metadata},
         format_version=str(run.description.get("format_version")),

@@ -207,6 +207,7 @@ class CheckpointManager:
         which: str | int = "latest",
         *,
         strict: bool = True,
+        verify: bool = True,
     ) -> RestoreInfo | None:
         """Load a checkpoint into ``app`` in place; ``None`` when the run has no checkpoint yet.
 
@@ -215,6 +216,8 @@ class CheckpointManager:
                 plain values are written back into it.
             which: ``"latest"``, ``"best"``, or a step.
             strict: raise when the app and the checkpoint hold different entries or keys.
+            verify: check every tensor against the hash in the manifest first (the default);
+                ``False`` skips that read for speed.
 
         Raises:
             IncompatibleStateError: the checkpoint does not fit (another architecture...); the app
@@ -230,7 +233,7 @@ class CheckpointManager:
                 )
             return None
         manifest = self._reader.resolve(str(which))
-        state = self._reader.load(manifest)
+        state = self._reader.load(manifest, verify=verify)
         values = restore_app(app, state, strict=strict, source=str(manifest.path))
         return RestoreInfo(
             step=manifest.step,
