@@ -23,6 +23,7 @@ EXPECTED_ALL = [
     "LoadReport",
     "Mismatch",
     "ModelClassError",
+    "PickleScan",
     "RNGState",
     "RestoreInfo",
     "RunLockedError",
@@ -32,6 +33,7 @@ EXPECTED_ALL = [
     "TorchkeepError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
+    "VerifyReport",
     "__version__",
     "capture_config",
     "convert",
@@ -43,8 +45,10 @@ EXPECTED_ALL = [
     "load_model",
     "save",
     "save_model",
+    "scan",
     "trainable_param_groups",
     "unfreeze",
+    "verify",
 ]
 
 

@@ -32,6 +32,7 @@ from torchkeep.state import (
     trainable_param_groups,
     unfreeze,
 )
+from torchkeep.verify import PickleScan, VerifyReport, scan, verify
 
 __all__ = [
     "CheckpointInfo",
@@ -46,6 +47,7 @@ __all__ = [
     "LoadReport",
     "Mismatch",
     "ModelClassError",
+    "PickleScan",
     "RNGState",
     "RestoreInfo",
     "RunLockedError",
@@ -55,6 +57,7 @@ __all__ = [
     "TorchkeepError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
+    "VerifyReport",
     "__version__",
     "capture_config",
     "convert",
@@ -66,6 +69,8 @@ __all__ = [
     "load_model",
     "save",
     "save_model",
+    "scan",
     "trainable_param_groups",
     "unfreeze",
+    "verify",
 ]

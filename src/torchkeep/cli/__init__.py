@@ -15,7 +15,7 @@ import torch
 import typer
 
 import torchkeep as tk
-from torchkeep.cli import _compare, _demo, _inspect, _plot, _run
+from torchkeep.cli import _compare, _demo, _inspect, _integrity, _plot, _run
 from torchkeep.cli._output import print_line
 
 __all__ = ["app", "main"]
@@ -55,6 +55,7 @@ def _root(
 _COMMANDS = (
     _inspect,
     _compare,
+    _integrity,
     _run,
     _plot,
     _demo,

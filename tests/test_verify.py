@@ -1,0 +1,98 @@
+"""torchkeep.verify / scan and their commands: corruption detected, pickles listed, nothing run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import torchkeep as tk
+from torchkeep.cli import app
+
+
+def make_run(root: Path) -> Path:
+    run = root / "run"
+    model = torch.nn.Linear(64, 64)
+    with tk.CheckpointManager(run) as mgr:
+        for step in range(3):
+            model.weight.data.add_(1.0)
+            mgr.save(step, {"model": model, "step": step})
+    return run
+
+
+def flip_byte_in_last_tensor(pack: Path) -> None:
+    data = bytearray(pack.read_bytes())
+    data[-5] ^= 0x40
+    pack.write_bytes(bytes(data))
+
+
+def test_a_clean_run_verifies(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    report = tk.verify(run)
+    assert report.ok and report.kind == "run" and report.checkpoints == 3 and report.tensors == 6
+    one = tk.verify(f"{run}@1")
+    assert one.ok and one.kind == "checkpoint" and one.checkpoints == 1
+
+
+def test_every_damaged_pack_is_reported(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    packs = sorted((run / "packs").iterdir())
+    flip_byte_in_last_tensor(packs[0])
+    report = tk.verify(run)
+    assert not report.ok
+    assert any("step 0" in p and "do not match the hash" in p for p in report.problems)
+    assert tk.verify(f"{run}@2").ok  # other checkpoints are intact
+    packs[1].unlink()
+    report = tk.verify(run)
+    assert any("step 1" in p and "unreadable" in p for p in report.problems)
+
+
+def test_verify_of_files(tmp_path: Path) -> None:
+    tk.save({"w": torch.ones(1000)}, tmp_path / "a.safetensors")
+    assert tk.verify(tmp_path / "a.safetensors").ok
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    report = tk.verify(tmp_path / "cut.safetensors")
+    assert not report.ok and "truncated" in report.problems[0]
+    assert not tk.verify(tmp_path / "missing.pt").ok
+
+
+def test_verify_command_exit_codes(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    result = CliRunner().invoke(app, ["verify", str(run), f"{run}@latest"])
+    assert result.exit_code == 0, result.stdout
+    assert "OK (run; 3 checkpoint(s), 6 tensor(s) checked)" in result.stdout
+    flip_byte_in_last_tensor(sorted((run / "packs").iterdir())[-1])
+    result = CliRunner().invoke(app, ["verify", "--json", str(run)])
+    assert result.exit_code == 1
+    (report,) = json.loads(result.stdout)
+    assert report["ok"] is False and report["problems"]
+
+
+class Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch CANARY",))
+
+
+def test_scan_lists_globals_and_flags_dangerous_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save({"x": Payload(), "w": torch.ones(2)}, tmp_path / "evil.pt")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "good.pt")
+    tk.save({"w": torch.ones(2)}, tmp_path / "good.safetensors")
+    evil = tk.scan(tmp_path / "evil.pt")
+    assert not evil.is_safe and evil.unsafe == ("posix.system",)
+    assert tk.scan(tmp_path / "good.pt").is_safe
+    assert tk.scan(tmp_path / "good.safetensors").records == ()
+    result = CliRunner().invoke(app, ["scan", str(tmp_path / "good.pt"), str(tmp_path / "evil.pt")])
+    assert result.exit_code == 1
+    assert "posix.system" in result.stdout and "DANGEROUS" in result.stdout
+    assert "torch._utils._rebuild_tensor_v2" in result.stdout
+    result = CliRunner().invoke(app, ["scan", "--json", str(tmp_path / "good.safetensors")])
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["is_safe"] is True
+    assert not (tmp_path / "CANARY").exists()
