@@ -96,3 +96,26 @@ def test_scan_lists_globals_and_flags_dangerous_ones(
     result = CliRunner().invoke(app, ["scan", "--json", str(tmp_path / "good.safetensors")])
     assert result.exit_code == 0 and json.loads(result.stdout)[0]["is_safe"] is True
     assert not (tmp_path / "CANARY").exists()
+
+
+def test_every_flipped_byte_and_every_truncation_is_detected(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, {"w": torch.arange(6, dtype=torch.float32), "b": torch.ones(2), "epoch": 3})
+    files = [*(run / "checkpoints").iterdir(), *(run / "packs").iterdir()]
+    tried = detected = 0
+    for path in files:
+        original = path.read_bytes()
+        damaged = [
+            original[:i] + bytes([original[i] ^ 0x01]) + original[i + 1 :]
+            for i in range(len(original))
+        ]
+        damaged += [original[:n] for n in range(0, len(original), 7)]
+        for data in damaged:
+            path.write_bytes(data)
+            tried += 1
+            detected += not tk.verify(f"{run}@latest").ok
+        path.write_bytes(original)
+    assert tk.verify(run).ok
+    assert tried > 1000
+    assert detected == tried, f"{tried - detected} of {tried} damaged files went unnoticed"

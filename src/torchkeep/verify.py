@@ -22,6 +22,7 @@ from torchkeep.format import (
     RunReader,
     SafetensorsFile,
     detect,
+    file_hash,
     hash_matches,
     load_file,
     parse_reference,
@@ -72,6 +73,20 @@ class VerifyReport:
 
 def _check_manifest(run: RunReader, manifest: Manifest, packs: dict[str, Any]) -> list[str]:
     problems: list[str] = []
+    for name in sorted(manifest.packs):
+        if name in packs or name not in manifest.pack_digests:
+            continue
+        path = run.root / PACK_DIR / name
+        size, digest = manifest.pack_digests[name]
+        if not path.is_file():
+            problems.append(f"step {manifest.step}: pack {name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(
+                f"step {manifest.step}: pack {name} has {path.stat().st_size} bytes, "
+                f"the manifest says {size}"
+            )
+        elif file_hash(path) != digest:
+            problems.append(f"step {manifest.step}: pack {name} does not match its hash")
     for key, ref in manifest.tensors.items():
         where = f"step {manifest.step}, tensor {key!r}"
         if ref.pack not in packs:

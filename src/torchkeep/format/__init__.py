@@ -11,7 +11,14 @@ from torchkeep.format._artifact import (
     write_pack,
 )
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
-from torchkeep.format._hash import hash_matches, tensor_hash
+from torchkeep.format._hash import (
+    HashingWriter,
+    file_hash,
+    hash_matches,
+    seal_json,
+    seal_ok,
+    tensor_hash,
+)
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, map_tensors, relocate
 from torchkeep.format._reader import (
@@ -55,7 +62,11 @@ __all__ = [
     "parse_reference",
     "tensor_bytes",
     "tensor_hash",
+    "HashingWriter",
+    "file_hash",
     "hash_matches",
+    "seal_json",
+    "seal_ok",
     "tensors_by_path",
     "write_safetensors",
     "FORMAT_VERSION",

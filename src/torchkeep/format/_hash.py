@@ -9,6 +9,9 @@ well as the data. ``sha256`` names are understood too.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+from typing import Any, BinaryIO
 
 import torch
 import xxhash
@@ -35,3 +38,52 @@ def hash_matches(t: torch.Tensor, expected: str) -> bool:
         return tensor_hash(t, algorithm) == expected
     except ValueError:
         return False
+
+
+_SEAL = re.compile(rb',"digest":"(xxh3_128:[0-9a-f]{32})"\}\s*$')
+
+
+def seal_json(text: bytes) -> bytes:
+    """Append a digest of a JSON object's own bytes to it, as its last key ``"digest"``."""
+    body = text.rstrip()
+    if not body.endswith(b"}") or body == b"{}":
+        raise ValueError("seal_json needs a non-empty JSON object")
+    digest = "xxh3_128:" + xxhash.xxh3_128_hexdigest(body)
+    return body[:-1] + b',"digest":"' + digest.encode() + b'"}\n'
+
+
+def seal_ok(data: bytes) -> bool:
+    """True when ``data`` ends with a digest (see :func:`seal_json`) that matches the rest."""
+    match = _SEAL.search(data)
+    if match is None:
+        return False
+    body = data[: match.start()] + b"}"
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(body) == match[1].decode()
+
+
+class HashingWriter:
+    """A binary file wrapper that hashes (xxh3-128) and counts every byte written through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._hash = xxhash.xxh3_128()
+        self.nbytes = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._hash.update(view)
+        self.nbytes += view.nbytes
+        return self._f.write(view)
+
+    @property
+    def digest(self) -> str:
+        return "xxh3_128:" + self._hash.hexdigest()
+
+
+def file_hash(path: str | os.PathLike[str], chunk: int = 16 * 1024 * 1024) -> str:
+    """xxh3-128 of a whole file, read in chunks."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "xxh3_128:" + h.hexdigest()

@@ -25,7 +25,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format._artifact import SafetensorsFile, check_format_version, rebuild
 from torchkeep.format._dtypes import dtype_from_name
-from torchkeep.format._hash import hash_matches
+from torchkeep.format._hash import hash_matches, seal_ok
 from torchkeep.format._location import MapLocation
 from torchkeep.format._safetensors import parse_json
 
@@ -94,6 +94,7 @@ class Manifest:
     metadata: dict[str, Any]
     skeleton: Any
     tensors: dict[str, TensorRef]
+    pack_digests: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def packs(self) -> set[str]:
@@ -116,11 +117,18 @@ def _bad(path: Path, what: str, key: str | None = None) -> CorruptCheckpointErro
 
 
 def read_manifest(path: Path) -> Manifest:
-    """Parse and validate a manifest; pack names may not point outside the run."""
-    doc = parse_json(path.read_bytes(), what="manifest", path=str(path))
+    """Parse and validate a manifest; pack names may not point outside the run.
+
+    A manifest ends with a digest of its own bytes, so that any changed byte is detected, even
+    one that leaves valid JSON (a digit of a metric, a pack name).
+    """
+    data = path.read_bytes()
+    doc = parse_json(data, what="manifest", path=str(path))
     if not isinstance(doc, dict):
         raise _bad(path, "not a JSON object")
     check_format_version(doc.get("format_version"), path=str(path))
+    if not seal_ok(data):
+        raise _bad(path, "its bytes do not match its digest (altered or damaged)")
     step, tensors = doc.get("step"), doc.get("tensors")
     if type(step) is not int or step < 0:
         raise _bad(path, f"step {step!r} is not a non-negative integer")
@@ -159,7 +167,28 @@ def read_manifest(path: Path) -> Manifest:
         metadata=metadata,
         skeleton=doc["skeleton"],
         tensors=refs,
+        pack_digests=_pack_digests(doc.get("packs", {}), path),
     )
+
+
+def _pack_digests(packs: Any, path: Path) -> dict[str, tuple[int, str]]:
+    """The size and whole-file hash of each pack, as the manifest records them."""
+    if not isinstance(packs, dict):
+        raise _bad(path, "packs must be an object")
+    out: dict[str, tuple[int, str]] = {}
+    for name, info in packs.items():
+        if not (
+            isinstance(info, dict)
+            and _is_count(info.get("bytes"))
+            and isinstance(info.get("hash"), str)
+        ):
+            raise _bad(path, f"pack entry {name!r} is malformed")
+        out[name] = (info["bytes"], info["hash"])
+    return out
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
 
 
 class RunReader:

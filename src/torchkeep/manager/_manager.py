@@ -291,12 +291,18 @@ class CheckpointManager:
     ) -> CheckpointRecord:
         with self._mutex:
             known = [r for m in self._manifests.values() for r in m.tensors.values()]
+            known_packs = {
+                name: digest
+                for m in self._manifests.values()
+                for name, digest in m.pack_digests.items()
+            }
         manifest = write_checkpoint(
             self.root,
             step,
             flat,
             self._hasher.hashes(flat.tensors),
             known,
+            known_packs,
             metrics=metrics,
             metadata=metadata,
             system=self._system,

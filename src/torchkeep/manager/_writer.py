@@ -31,10 +31,12 @@ from torchkeep.format import (
     MANIFEST_DIR,
     PACK_DIR,
     Flattened,
+    HashingWriter,
     Manifest,
     TensorRef,
     manifest_name,
     metadata_json,
+    seal_json,
     tensor_hash,
     write_pack,
 )
@@ -138,6 +140,7 @@ def write_checkpoint(
     flat: Flattened,
     hashes: Mapping[str, str],
     known: Iterable[TensorRef],
+    known_packs: Mapping[str, tuple[int, str]],
     *,
     metrics: dict[str, Any],
     metadata: dict[str, Any],
@@ -151,6 +154,7 @@ def write_checkpoint(
     Returns:
         The committed manifest.
     """
+    known = list(known)
     index = {(r.hash, r.dtype, r.shape): r for r in known}
     pack = f"{step:010d}-{secrets.token_hex(4)}.safetensors"
     refs: dict[str, TensorRef] = {}
@@ -170,6 +174,16 @@ def write_checkpoint(
         else:
             refs[key] = index[(ref.hash, ref.dtype, ref.shape)] = ref
             new[key] = t.detach()
+    pack_path = root / PACK_DIR / pack
+    digests = {name: known_packs[name] for name in {r.pack for r in refs.values()} - {pack}}
+    if new:
+
+        def write(f: BinaryIO) -> None:
+            hashing = HashingWriter(f)
+            write_pack(hashing, new)  # type: ignore[arg-type]
+            digests[pack] = (hashing.nbytes, hashing.digest)
+
+        atomic_write(pack_path, write)
     now = datetime.datetime.now(datetime.UTC)
     document: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -180,13 +194,11 @@ def write_checkpoint(
         "system": {"created": now.isoformat(), **system},
         "skeleton": flat.skeleton,
         "tensors": {k: {**_fields(r), "shape": list(r.shape)} for k, r in refs.items()},
+        "packs": {name: {"bytes": n, "hash": h} for name, (n, h) in sorted(digests.items())},
     }
-    pack_path = root / PACK_DIR / pack
     manifest_path = root / MANIFEST_DIR / manifest_name(step)
     try:
-        if new:
-            atomic_write(pack_path, lambda f: write_pack(f, new))
-        text = json.dumps(document, separators=(",", ":")).encode()
+        text = seal_json(json.dumps(document, separators=(",", ":")).encode())
         atomic_write(manifest_path, lambda f: write_bytes(f, text))  # the commit point
     except BaseException:
         with contextlib.suppress(OSError):
@@ -200,6 +212,7 @@ def write_checkpoint(
         metadata=metadata,
         skeleton=flat.skeleton,
         tensors=refs,
+        pack_digests=digests,
     )
 
 
