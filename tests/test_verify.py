@@ -119,3 +119,21 @@ def test_every_flipped_byte_and_every_truncation_is_detected(tmp_path: Path) -> 
     assert tk.verify(run).ok
     assert tried > 1000
     assert detected == tried, f"{tried - detected} of {tried} damaged files went unnoticed"
+
+
+def test_single_torchkeep_files_carry_hashes_and_are_checked_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    model = torch.nn.Linear(32, 32)
+    tk.save({"model": model.state_dict(), "epoch": 1}, path)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10  # a byte of tensor data: the header stays valid
+    path.write_bytes(bytes(data))
+    with pytest.raises(tk.CorruptCheckpointError, match="does not match its hash"):
+        tk.load(path)
+    fresh = torch.nn.Linear(32, 32)
+    before = fresh.weight.detach().clone()
+    with pytest.raises(tk.CorruptCheckpointError):
+        tk.load_into(fresh, path)
+    assert torch.equal(fresh.weight, before)  # nothing copied from a damaged file
+    assert tk.load(path, verify=False)["epoch"] == 1  # the explicit opt-out
+    assert not tk.verify(path).ok

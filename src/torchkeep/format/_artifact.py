@@ -22,6 +22,7 @@ import torch
 from torchkeep._version import __version__
 from torchkeep.errors import CorruptCheckpointError, FormatVersionError, UnsupportedValueError
 from torchkeep.format._dtypes import dtype_from_name
+from torchkeep.format._hash import hash_matches, tensor_hash
 from torchkeep.format._location import MapLocation, cast, relocate
 from torchkeep.format._safetensors import (
     MappedFile,
@@ -92,6 +93,7 @@ def write_artifact(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> No
         "skeleton": flat.skeleton,
         "raw": raw_dtypes(flat.tensors),
         "metadata": metadata_json(metadata),
+        "hashes": {key: tensor_hash(t) for key, t in flat.tensors.items()},
     }
     header = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
     write_safetensors(f, flat.tensors, header)
@@ -191,11 +193,44 @@ class SafetensorsFile:
         dtype, shape = self.dtype_shape(key)
         return self.mapped.tensor(entry.start, entry.end, dtype, shape)
 
-    def load(self, *, map_location: MapLocation = None, dtype: torch.dtype | None = None) -> Any:
-        """Rebuild the saved structure: ties restored, tensors mmap-backed while on the CPU."""
+    def load(
+        self,
+        *,
+        map_location: MapLocation = None,
+        dtype: torch.dtype | None = None,
+        verify: bool = True,
+    ) -> Any:
+        """Rebuild the saved structure: ties restored, tensors mmap-backed while on the CPU.
+
+        With ``verify``, each tensor of a torchkeep file is first checked against the hash in
+        its header (reading it); plain safetensors files carry no hashes.
+        """
+        if verify:
+            self.verify()
         return rebuild(
             self.skeleton, self.tensor, map_location=map_location, dtype=dtype, source=self.path
         )
+
+    def verify(self) -> None:
+        """Check every stored tensor against its recorded hash, dropping its pages afterwards.
+
+        Raises:
+            CorruptCheckpointError: naming the first tensor whose bytes changed.
+        """
+        hashes = (self.document or {}).get("hashes", {})
+        if not isinstance(hashes, dict):
+            raise CorruptCheckpointError("the recorded hashes are malformed", path=self.path)
+        for key, expected in hashes.items():
+            t = self.tensor(key)
+            ok = isinstance(expected, str) and hash_matches(t, expected)
+            self.mapped.release(t)  # keep memory near zero while reading a whole file
+            if not ok:
+                raise CorruptCheckpointError(
+                    f"tensor {key!r} does not match its hash: the file was altered or damaged",
+                    path=self.path,
+                    key=key,
+                    hint="restore the file from a copy; verify=False loads it anyway",
+                )
 
 
 def rebuild(

@@ -60,9 +60,9 @@ def load_file(
     p = resolve_path(path)
     fmt = detect(p)
     if fmt is Format.MODEL_DIR:
-        return load_file(p / WEIGHTS_FILE, map_location=map_location, dtype=dtype)
+        return load_file(p / WEIGHTS_FILE, map_location=map_location, dtype=dtype, verify=verify)
     if fmt in (Format.SAFETENSORS, Format.TORCHKEEP):
-        return SafetensorsFile(str(p)).load(map_location=map_location, dtype=dtype)
+        return SafetensorsFile(str(p)).load(map_location=map_location, dtype=dtype, verify=verify)
     if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
         obj = load_torch(
             str(p), map_location=map_location, trust=trust, zip_format=fmt is Format.TORCH_ZIP
@@ -224,7 +224,7 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
         )
     if fmt in (Format.SAFETENSORS, Format.TORCHKEEP):
         st = SafetensorsFile(str(p))
-        obj, metadata, version = st.load(), st.metadata, st.format_version
+        obj, metadata, version = st.load(verify=False), st.metadata, st.format_version
         fmt = Format(st.format)
     elif fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
         obj = load_torch(

@@ -307,7 +307,7 @@ class RunReader:
                         key=key,
                         hint="the run was damaged (a pack deleted by hand?); load another step",
                     )
-                packs[ref.pack] = SafetensorsFile(str(pack_path))
+                packs[ref.pack] = SafetensorsFile(str(pack_path))  # verified per tensor below
             t = packs[ref.pack].tensor(ref.key)
             if tuple(t.shape) != ref.shape or str(t.dtype).removeprefix("torch.") != ref.dtype:
                 raise CorruptCheckpointError(
