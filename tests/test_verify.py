@@ -137,3 +137,45 @@ def test_single_torchkeep_files_carry_hashes_and_are_checked_on_load(tmp_path: P
     assert torch.equal(fresh.weight, before)  # nothing copied from a damaged file
     assert tk.load(path, verify=False)["epoch"] == 1  # the explicit opt-out
     assert not tk.verify(path).ok
+
+
+def test_symlinked_packs_and_manifests_are_refused(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    pack = sorted((run / "packs").iterdir())[-1]
+    outside.write_bytes(pack.read_bytes())
+    pack.unlink()
+    pack.symlink_to(outside)
+    with pytest.raises(tk.CorruptCheckpointError, match="symbolic link"):
+        tk.load(f"{run}@latest")
+    manifest = run / "checkpoints" / "0000000000.json"
+    (tmp_path / "m.json").write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    manifest.symlink_to(tmp_path / "m.json")
+    with pytest.raises(tk.CorruptCheckpointError, match="symbolic link"):
+        tk.load(f"{run}@0")
+
+
+def test_file_size_limit_mid_save_keeps_the_previous_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.safetensors"
+    tk.save({"w": torch.ones(4)}, path)
+    script = (
+        "import resource, signal, sys, torch, torchkeep as tk\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        f"    tk.save({{'w': torch.ones(1 << 20)}}, {str(path)!r})\n"
+        "except tk.StorageError as exc:\n"
+        "    print('StorageError', exc)\n"
+        "    sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 3, result.stderr
+    assert "larger than this process or filesystem allows" in result.stdout
+    assert torch.equal(tk.load(path)["w"], torch.ones(4))  # the previous file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left

@@ -56,7 +56,7 @@ def test_sigkill_while_saving_loses_nothing_committed(tmp_path: Path) -> None:
     run = tmp_path / "run"
     rng = random.Random(1234)
     latest = -1
-    kills = int(os.environ.get("TORCHKEEP_KILLS", "6"))
+    kills = int(os.environ.get("TORCHKEEP_KILLS", "50"))
     for i in range(kills):
         mode = "async" if i % 2 else "sync"
         with subprocess.Popen(

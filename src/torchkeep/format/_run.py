@@ -235,6 +235,8 @@ class RunReader:
 
     def manifest(self, step: int) -> Manifest:
         path = self.root / MANIFEST_DIR / manifest_name(step)
+        if path.is_symlink():
+            raise _bad(path, "it is a symbolic link; a run's manifests are plain files")
         if not path.is_file():
             raise CheckpointNotFoundError(
                 f"the run has no checkpoint at step {step}",
@@ -300,6 +302,13 @@ class RunReader:
                 )
             if ref.pack not in packs:
                 pack_path = self.root / PACK_DIR / ref.pack
+                if pack_path.is_symlink():
+                    raise CorruptCheckpointError(
+                        f"pack {ref.pack} is a symbolic link; a run's packs are plain files",
+                        path=source,
+                        key=key,
+                        hint="a link could point anywhere on the machine: replace it by the file",
+                    )
                 if not pack_path.is_file():
                     raise CorruptCheckpointError(
                         f"pack {ref.pack} of tensor {key!r} is missing",
