@@ -179,3 +179,27 @@ def test_file_size_limit_mid_save_keeps_the_previous_file(tmp_path: Path) -> Non
     assert "larger than this process or filesystem allows" in result.stdout
     assert torch.equal(tk.load(path)["w"], torch.ones(4))  # the previous file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left
+
+
+def test_every_flipped_byte_of_a_single_file_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.safetensors"
+    tk.save(
+        {"w": torch.arange(6, dtype=torch.float32), "epoch": 2, "lr": 0.5},
+        path,
+        metadata={"note": "baseline"},
+    )
+    original = path.read_bytes()
+    tried = detected = 0
+    for i in range(len(original)):
+        path.write_bytes(original[:i] + bytes([original[i] ^ 0x01]) + original[i + 1 :])
+        tried += 1
+        try:
+            tk.load(path)
+        except tk.TorchkeepError:
+            detected += 1
+    for n in range(0, len(original), 5):
+        path.write_bytes(original[:n])
+        tried += 1
+        detected += not tk.verify(path).ok
+    assert tried > 500
+    assert detected == tried, f"{tried - detected} of {tried} damaged files went unnoticed"

@@ -26,6 +26,8 @@ from torchkeep.format._hash import hash_matches, tensor_hash
 from torchkeep.format._location import MapLocation, cast, relocate
 from torchkeep.format._safetensors import (
     MappedFile,
+    header_entries,
+    layout_digest,
     parse_json,
     raw_dtypes,
     read_header,
@@ -35,6 +37,7 @@ from torchkeep.format._skeleton import flatten, unflatten
 
 FORMAT_VERSION = "1.0"
 METADATA_KEY = "torchkeep"
+DIGEST_KEY = "torchkeep_digest"
 
 
 def check_format_version(version: Any, *, path: str) -> str:
@@ -95,8 +98,20 @@ def write_artifact(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> No
         "metadata": metadata_json(metadata),
         "hashes": {key: tensor_hash(t) for key, t in flat.tensors.items()},
     }
-    header = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
-    write_safetensors(f, flat.tensors, header)
+    _write_sealed(f, flat.tensors, document)
+
+
+def _write_sealed(f: BinaryIO, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
+    """Write a torchkeep safetensors file whose header carries a digest of itself."""
+
+    def sealed(entries: dict[str, Any]) -> dict[str, str]:
+        # The digest covers the layout and every metadata value, so that a changed byte in
+        # the header is detected even where it leaves valid JSON and valid offsets. It has a
+        # key of its own: one changed byte cannot remove both it and the document.
+        metadata = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
+        return {**metadata, DIGEST_KEY: layout_digest(entries, metadata)}
+
+    write_safetensors(f, tensors, sealed)
 
 
 def write_pack(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
@@ -109,8 +124,7 @@ def write_pack(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
         "raw": raw_dtypes(tensors),
         "metadata": {},
     }
-    header = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
-    write_safetensors(f, tensors, header)
+    _write_sealed(f, tensors, document)
 
 
 class SafetensorsFile:
@@ -122,6 +136,7 @@ class SafetensorsFile:
         self.header = read_header(self.mapped)
         self.document: dict[str, Any] | None = None
         text = self.header.metadata.get(METADATA_KEY)
+        self._check_seal()
         if text is not None:
             doc = parse_json(text, what="torchkeep header", path=path)
             if not isinstance(doc, dict) or "skeleton" not in doc:
@@ -132,6 +147,23 @@ class SafetensorsFile:
             ):
                 raise CorruptCheckpointError("the torchkeep header is malformed", path=path)
             self.document = doc
+
+    def _check_seal(self) -> None:
+        """Compare the header with the digest torchkeep recorded in it (torchkeep files only)."""
+        metadata = dict(self.header.metadata)
+        recorded = metadata.pop(DIGEST_KEY, None)
+        if recorded is None and METADATA_KEY not in metadata:
+            return  # a plain safetensors file
+        if recorded is None or METADATA_KEY not in metadata:
+            raise CorruptCheckpointError(
+                "the torchkeep header is incomplete: the file was altered or damaged",
+                path=self.path,
+            )
+        if layout_digest(header_entries(self.header), metadata) != recorded:
+            raise CorruptCheckpointError(
+                "the header does not match its digest: the file was altered or damaged",
+                path=self.path,
+            )
 
     @property
     def format(self) -> str:
@@ -145,7 +177,7 @@ class SafetensorsFile:
     def metadata(self) -> dict[str, Any]:
         if self.document is not None:
             return dict(self.document.get("metadata", {}))
-        return {k: v for k, v in self.header.metadata.items() if k != "format"}
+        return {k: v for k, v in self.header.metadata.items() if k not in ("format", DIGEST_KEY)}
 
     @property
     def skeleton(self) -> Any:

@@ -24,11 +24,12 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
+import xxhash
 
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format._dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS
@@ -251,15 +252,18 @@ def raw_dtypes(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
 
 
 def write_safetensors(
-    f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    f: BinaryIO,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | Callable[[dict[str, Any]], dict[str, str]],
 ) -> None:
     """Stream ``tensors`` to ``f`` in the safetensors layout.
 
     Tensors whose dtype safetensors does not know are written as raw ``U8`` bytes (see
-    :func:`raw_dtypes`).
+    :func:`raw_dtypes`). ``metadata`` may be a function of the tensor entries (dtype, shape,
+    data_offsets by key), for metadata that seals the layout.
     """
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps key order
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    header: dict[str, Any] = {}
     offset = 0
     for key in order:
         t = tensors[key]
@@ -278,6 +282,9 @@ def write_safetensors(
                 "data_offsets": [offset, offset + nbytes],
             }
         offset += nbytes
+    meta = metadata(dict(header)) if callable(metadata) else metadata
+    if meta:
+        header = {"__metadata__": meta, **header}
     blob = json.dumps(header, separators=(",", ":")).encode("ascii")
     blob += b" " * ((-(8 + len(blob))) % ALIGN)
     f.write(struct.pack("<Q", len(blob)))
@@ -299,3 +306,23 @@ def read_into(fd: int, start: int, nbytes: int, out: torch.Tensor, *, path: str)
                 f"truncated: expected {nbytes} bytes at offset {start}", path=path, hint=_HINT
             )
         done += n
+
+
+def layout_digest(entries: dict[str, Any], metadata: dict[str, str]) -> str:
+    """A digest of a header's tensor entries and metadata (in canonical JSON), for sealing."""
+    canonical = json.dumps(
+        {"tensors": entries, "metadata": metadata}, sort_keys=True, separators=(",", ":")
+    )
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(canonical.encode())
+
+
+def header_entries(header: Header) -> dict[str, Any]:
+    """The tensor entries of a parsed header, as the writer laid them out."""
+    return {
+        e.key: {
+            "dtype": e.code,
+            "shape": list(e.shape),
+            "data_offsets": [e.start - header.data_start, e.end - header.data_start],
+        }
+        for e in header.entries.values()
+    }
