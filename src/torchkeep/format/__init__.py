@@ -42,6 +42,7 @@ from torchkeep.format._run import (
     is_run,
     manifest_name,
     parse_reference,
+    rank_by_metric,
 )
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
 from torchkeep.format._skeleton import Flattened, flatten, unflatten
@@ -60,6 +61,7 @@ __all__ = [
     "is_run",
     "manifest_name",
     "parse_reference",
+    "rank_by_metric",
     "tensor_bytes",
     "tensor_hash",
     "HashingWriter",

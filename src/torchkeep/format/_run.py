@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,18 +346,27 @@ class RunReader:
         )
 
 
+def rank_by_metric(
+    checkpoints: Iterable[tuple[int, Mapping[str, Any]]], monitor: str, mode: str
+) -> list[int]:
+    """Steps ordered best first by ``metrics[monitor]`` (``mode`` "min" or "max").
+
+    Checkpoints without a numeric value (missing, bool, NaN) are left out. Ties go to the later
+    step: it holds the most training. ``RUN@best`` and retention both rank with this.
+    """
+    scored = []
+    for step, metrics in checkpoints:
+        value = metrics.get(monitor)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
+            scored.append((float(value), step))
+    sign = 1.0 if mode == "min" else -1.0
+    return [step for _, step in sorted(scored, key=lambda s: (sign * s[0], -s[1]))]
+
+
 def best_of(manifests: list[Manifest], monitor: str, mode: str) -> Manifest | None:
     """The manifest whose ``metrics[monitor]`` is best (``mode`` "min" or "max"); NaN never wins."""
-    scored = [
-        (float(m.metrics[monitor]), m.step, m)
-        for m in manifests
-        if isinstance(m.metrics.get(monitor), int | float) and not math.isnan(m.metrics[monitor])
-    ]
-    if not scored:
-        return None
-    sign = 1.0 if mode == "min" else -1.0
-    # Ties go to the later step: it holds the most training.
-    return min(scored, key=lambda s: (sign * s[0], -s[1]))[2]
+    ranked = rank_by_metric(((m.step, m.metrics) for m in manifests), monitor, mode)
+    return next((m for m in manifests if m.step == ranked[0]), None) if ranked else None
 
 
 def _steps_text(steps: list[int]) -> str:

@@ -7,12 +7,12 @@ model is never lost. With no rule at all, everything is kept.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from torchkeep.errors import TorchkeepError
+from torchkeep.format import rank_by_metric
 
 Mode = Literal["min", "max"]
 
@@ -60,13 +60,6 @@ class RetentionPolicy:
         return cls(**{k: data[k] for k in fields if k in data and data[k] is not None})
 
 
-def _score(metrics: Mapping[str, Any], monitor: str) -> float | None:
-    value = metrics.get(monitor)
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return None
-    return float(value)
-
-
 def select(
     checkpoints: Sequence[tuple[int, Mapping[str, Any]]], policy: RetentionPolicy
 ) -> dict[int, tuple[str, ...]]:
@@ -91,15 +84,9 @@ def select(
     if not steps:
         return {}
     keep(steps[-1], "latest")
-    ranked: list[int] = []
-    if policy.monitor:
-        scored = [
-            (s, step) for step, m in checkpoints if (s := _score(m, policy.monitor)) is not None
-        ]
-        sign = 1.0 if policy.mode == "min" else -1.0
-        ranked = [step for _, step in sorted(scored, key=lambda x: (sign * x[0], -x[1]))]
-        if ranked:
-            keep(ranked[0], "best")
+    ranked = rank_by_metric(checkpoints, policy.monitor, policy.mode) if policy.monitor else []
+    if ranked:
+        keep(ranked[0], "best")
     no_rule = policy.keep_last is None and policy.keep_best is None and policy.keep_every is None
     for step in steps:
         if no_rule:
