@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned, so that nothing below can pull an unpinned (CUDA) build.
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet -c requirements-dev.txt -e '.[dev,plot,remote]'
+	$(PY) -m pip install --quiet -c requirements-dev.txt -e '.[dev,plot,remote,onnx]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -18,11 +18,15 @@ EXPECTED_ALL = [
     "ConfigMixin",
     "CorruptCheckpointError",
     "DiffReport",
+    "ExportError",
+    "ExportReport",
+    "ExportVerificationError",
     "FormatVersionError",
     "IncompatibleStateError",
     "LoadReport",
     "Mismatch",
     "ModelClassError",
+    "OutputCheck",
     "PickleScan",
     "RNGState",
     "RestoreInfo",
@@ -38,9 +42,11 @@ EXPECTED_ALL = [
     "capture_config",
     "convert",
     "diff",
+    "export",
     "freeze",
     "inspect",
     "load",
+    "load_exported",
     "load_into",
     "load_model",
     "save",
@@ -114,7 +120,16 @@ def test_signatures_match_the_spec() -> None:
     ]
     assert _params(torchkeep.load_model)[:2] == [("path", P, EMPTY), ("map_location", P, None)]
     assert ("trust", K, False) in _params(torchkeep.load_model)
+    assert ("key", K, None) in _params(torchkeep.load_model)
     assert [p[0] for p in _params(torchkeep.inspect)] == ["path"]
+    export = _params(torchkeep.export)
+    assert export[:3] == [
+        ("model_or_ref", P, EMPTY),
+        ("example_inputs", P, EMPTY),
+        ("path", P, EMPTY),
+    ]
+    assert ("format", K, None) in export and ("dynamic_batch", K, True) in export
+    assert _params(torchkeep.load_exported) == [("path", P, EMPTY), ("trust", K, False)]
 
 
 def test_load_report_fields() -> None:
@@ -142,6 +157,9 @@ def test_load_report_fields() -> None:
         (torchkeep.ModelClassError, ImportError),
         (torchkeep.StorageError, OSError),
         (torchkeep.UnsafeCheckpointError, torchkeep.TorchkeepError),
+        (torchkeep.ExportError, torchkeep.TorchkeepError),
+        (torchkeep.ExportVerificationError, torchkeep.ExportError),
+        (torchkeep.ExportVerificationError, ValueError),
     ],
 )
 def test_error_hierarchy(error: type[Exception], builtin: type[Exception]) -> None:

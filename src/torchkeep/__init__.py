@@ -11,6 +11,8 @@ from torchkeep.diff import DiffReport, TensorDiff, diff
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    ExportError,
+    ExportVerificationError,
     FormatVersionError,
     IncompatibleStateError,
     ModelClassError,
@@ -19,6 +21,7 @@ from torchkeep.errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
+from torchkeep.export import ExportReport, OutputCheck, export, load_exported
 from torchkeep.format import CheckpointInfo, TensorInfo
 from torchkeep.io import convert, inspect, load, load_into, load_model, save, save_model
 from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo, RunLockedError
@@ -42,11 +45,15 @@ __all__ = [
     "ConfigMixin",
     "CorruptCheckpointError",
     "DiffReport",
+    "ExportError",
+    "ExportReport",
+    "ExportVerificationError",
     "FormatVersionError",
     "IncompatibleStateError",
     "LoadReport",
     "Mismatch",
     "ModelClassError",
+    "OutputCheck",
     "PickleScan",
     "RNGState",
     "RestoreInfo",
@@ -62,9 +69,11 @@ __all__ = [
     "capture_config",
     "convert",
     "diff",
+    "export",
     "freeze",
     "inspect",
     "load",
+    "load_exported",
     "load_into",
     "load_model",
     "save",

@@ -11,7 +11,9 @@ exception a caller would naturally catch, so ``except FileNotFoundError`` keeps 
     ├── IncompatibleStateError      (also ValueError)         a state that does not fit its target
     ├── UnsupportedValueError       (also TypeError)          a value torchkeep cannot store safely
     ├── ModelClassError             (also ImportError)        a saved model's class cannot be rebuilt
-    └── StorageError                (also OSError)            the disk or filesystem failed
+    ├── StorageError                (also OSError)            the disk or filesystem failed
+    └── ExportError                                            an exporter could not convert the model
+        └── ExportVerificationError (also ValueError)         the export computes something else
 
 Each message says what failed, where (path, key), why, and the way out. The same facts are
 attributes (``path``, ``key``, ``expected``, ``actual``, ``hint``) for programs.
@@ -25,6 +27,8 @@ from typing import Any
 __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "ExportError",
+    "ExportVerificationError",
     "FormatVersionError",
     "IncompatibleStateError",
     "ModelClassError",
@@ -131,3 +135,30 @@ class ModelClassError(TorchkeepError, ImportError):
 
 class StorageError(TorchkeepError, OSError):
     """Reading or writing bytes failed (disk full, permission denied, I/O error)."""
+
+
+class ExportError(TorchkeepError):
+    """An exporter (ONNX, torch.export, TorchScript) could not convert the model.
+
+    ``module`` names the submodule where it failed (``"encoder.layers.0.attn"``, with its class)
+    when the failure could be traced to one; ``step`` names the exporter's step.
+    """
+
+    def __init__(
+        self, message: str, *, module: str | None = None, step: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.module = module
+        self.step = step
+
+
+class ExportVerificationError(ExportError, ValueError):
+    """The exported artifact's outputs differ from the eager model's beyond tolerance.
+
+    ``report`` holds the :class:`~torchkeep.ExportReport` with every number; nothing was
+    written at the destination.
+    """
+
+    def __init__(self, message: str, *, report: Any = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.report = report

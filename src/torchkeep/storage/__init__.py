@@ -5,7 +5,20 @@ them. ``local`` covers the local filesystem; remote stores (fsspec) come later b
 :class:`Storage` protocol.
 """
 
-from torchkeep.storage._local import LocalStorage, atomic_write, fsync_dir
+from torchkeep.storage._local import (
+    LocalStorage,
+    atomic_write,
+    fsync_dir,
+    publish,
+    staging_directory,
+)
 from torchkeep.storage._protocol import Storage
 
-__all__ = ["LocalStorage", "Storage", "atomic_write", "fsync_dir"]
+__all__ = [
+    "LocalStorage",
+    "Storage",
+    "atomic_write",
+    "fsync_dir",
+    "publish",
+    "staging_directory",
+]

@@ -18,7 +18,8 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,7 +43,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_temporaries(dest: Path) -> list[Path]:
-    """Remove temporary files left next to ``dest`` by writers that died; return what was removed."""
+    """Remove temporary files (and staging directories) left next to ``dest`` by writers that
+    died; return what was removed."""
     removed: list[Path] = []
     prefix = f".{dest.name}{_TMP_MARK}"
     try:
@@ -56,7 +58,10 @@ def sweep_temporaries(dest: Path) -> list[Path]:
         if pid_text.isdigit() and _pid_alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
-            entry.unlink()
+            if entry.is_dir() and not entry.is_symlink():  # a staging directory
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
             removed.append(entry)
     return removed
 
@@ -138,6 +143,46 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         fsync_dir(parent)
     except OSError as exc:
         raise storage_error(exc, parent, "make the new file durable") from exc
+
+
+@contextlib.contextmanager
+def staging_directory(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh hidden directory beside ``dest`` for files that :func:`publish` moves into place;
+    removed, with whatever is left in it, at exit."""
+    target = Path(dest)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(target)
+        staging = _tmp_name(target)
+        staging.mkdir()
+    except OSError as exc:
+        raise storage_error(exc, target.parent, "create a staging directory") from exc
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(files: Sequence[Path], directory: Path) -> list[Path]:
+    """Move ``files`` into ``directory`` under their names, durably: each is fsynced, then
+    renamed in order, then the directory is fsynced. The last file is the commit point, so list
+    the file that refers to the others (``model.onnx`` after ``model.onnx.data``) last.
+    """
+    moved = []
+    try:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for f in files:
+            os.replace(f, directory / f.name)
+            moved.append(directory / f.name)
+        fsync_dir(directory)
+    except OSError as exc:
+        raise storage_error(exc, directory, "move the new files into place") from exc
+    return moved
 
 
 class LocalStorage:
