@@ -21,19 +21,28 @@ import torch
 from torch import nn
 
 from torchkeep._version import __version__
-from torchkeep.errors import IncompatibleStateError, ModelClassError, UnsupportedValueError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    IncompatibleStateError,
+    ModelClassError,
+    UnsupportedValueError,
+)
 from torchkeep.format import (
     FORMAT_VERSION,
     MODEL_FILE,
     WEIGHTS_FILE,
     CheckpointInfo,
     Format,
+    Manifest,
     MapLocation,
+    RunReader,
     SafetensorsFile,
     detect,
     flatten,
     inspect_file,
     load_file,
+    load_reference,
+    model_description,
     parse_reference,
     read_into,
     read_model_description,
@@ -206,6 +215,28 @@ def load_into(
             obj = reader.load(verify=verify)
         else:
             obj = load_file(p, verify=verify)
+    return _fill(
+        module,
+        obj,
+        name=name,
+        strict=strict,
+        skip_mismatched=skip_mismatched,
+        rename=rename,
+        reader=reader,
+    )
+
+
+def _fill(
+    module: nn.Module,
+    obj: Any,
+    *,
+    name: str | None,
+    strict: bool,
+    skip_mismatched: bool = False,
+    rename: Mapping[str, str] | None = None,
+    reader: SafetensorsFile | None = None,
+) -> LoadReport:
+    """:func:`load_into` once the checkpoint is read: find the state, check, then copy."""
     module_keys = set(module.state_dict().keys())
     state, entry = find_state(module_keys, obj, rename)
     mapping, renamed = adapt_keys(list(state.keys()), module_keys, rename, path=name)
@@ -268,55 +299,127 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
 
 
 def load_model(
-    path: PathLike, map_location: str | torch.device | None = None, *, trust: bool = False
+    path: PathLike,
+    map_location: str | torch.device | None = None,
+    *,
+    trust: bool = False,
+    key: str | None = None,
 ) -> nn.Module:
-    """Rebuild a model saved with :func:`save_model`, weights loaded, in eval mode.
+    """Rebuild a saved model, weights loaded (strictly), in eval mode.
 
-    A file written by ``torch.save(model)`` (a pickled module) is loaded only with ``trust=True``,
+    ``path`` is a :func:`save_model` directory, or a checkpoint of a run
+    (``"runs/exp1@best"``, ``"runs/exp1@latest"``, ``"runs/exp1@<step>"``): a
+    :class:`CheckpointManager` records how to rebuild each model of the app whose class was
+    decorated with :func:`capture_config` (or derives from :class:`ConfigMixin`). A file
+    written by ``torch.save(model)`` (a pickled module) is loaded only with ``trust=True``,
     since unpickling it runs code from the file.
 
     Args:
-        path: a :func:`save_model` directory, or (with ``trust=True``) a pickled model file.
+        path: a :func:`save_model` directory, a run reference, or (with ``trust=True``) a
+            pickled model file.
         map_location: the device to put the model on (default: the CPU).
         trust: allow unpickling a full-model file.
+        key: for a run reference, the app entry to rebuild (``"ema"``). Needed only when the
+            checkpoint records several models and none is under ``"model"``.
 
     Raises:
-        ModelClassError: the class cannot be imported or rejects the saved config.
+        ModelClassError: the class cannot be imported or rejects the saved config; or the run's
+            checkpoint records no model (or several, without ``key``).
         UnsafeCheckpointError: a pickled model without ``trust=True``.
+
+    Example:
+        >>> model = torchkeep.load_model("runs/exp1@best")           # the app's "model"
+        >>> ema = torchkeep.load_model("runs/exp1@best", key="ema")
     """
-    p = resolve_path(path)
-    fmt = detect(p)
-    if fmt is Format.MODEL_DIR:
-        model = _rebuild(p)
+    if parse_reference(path) is not None:
+        name = os.fspath(path)
+        model: nn.Module = load_reference(path, lambda run, m: _rebuild_from_run(m, run, name, key))
     else:
-        obj = load_file(p, map_location=map_location, trust=trust)
-        if not isinstance(obj, nn.Module):
-            raise ModelClassError(
-                "the file holds weights, not a model",
-                path=str(p),
-                hint="build the model and call torchkeep.load_into(model, path), "
-                "or save it with torchkeep.save_model",
-            )
-        model = obj
+        p = resolve_path(path)
+        fmt = detect(p)
+        if fmt is Format.MODEL_DIR:
+            model = _rebuild(p)
+        else:
+            obj = load_file(p, map_location=map_location, trust=trust)
+            if not isinstance(obj, nn.Module):
+                raise ModelClassError(
+                    "the file holds weights, not a model",
+                    path=str(p),
+                    hint="build the model and call torchkeep.load_into(model, path), "
+                    "or save it with torchkeep.save_model",
+                )
+            model = obj
     if map_location is not None:
         model = model.to(map_location)
     return model.eval()
 
 
-def _rebuild(directory: Path) -> nn.Module:
-    class_name, config = read_model_description(directory)
-    cls = import_model_class(class_name, source=str(directory))
+def _construct(class_name: str, config: dict[str, Any], *, source: str) -> nn.Module:
+    """``cls(**config)`` for the recorded class, with a clear error when it refuses."""
+    cls = import_model_class(class_name, source=source)
     try:
-        model = cls(**config)
+        return cls(**config)
     except TypeError as exc:
         raise ModelClassError(
             f"{class_name} rejected the saved config: {exc}",
-            path=str(directory),
+            path=source,
             key=class_name,
             hint="the class's constructor changed since saving; pass matching arguments by "
             "building it yourself and calling torchkeep.load_into",
         ) from exc
+
+
+def _rebuild(directory: Path) -> nn.Module:
+    class_name, config = read_model_description(directory)
+    model = _construct(class_name, config, source=str(directory))
     load_into(model, directory / WEIGHTS_FILE, strict=True)
+    return model
+
+
+def _pick_model(models: Mapping[str, Any], key: str | None, name: str) -> str:
+    """The app key of the model to rebuild from a checkpoint's recorded ``models``."""
+    keys = ", ".join(map(repr, models))
+    if not models:
+        raise ModelClassError(
+            "the checkpoint records no model that can be rebuilt",
+            path=name,
+            hint="decorate the model class with @torchkeep.capture_config (or subclass "
+            "torchkeep.ConfigMixin) so that the CheckpointManager records how to build it, or "
+            f"build the model yourself and call torchkeep.load_into(model, {name!r})",
+        )
+    if key is not None:
+        if key not in models:
+            raise ModelClassError(
+                f"the checkpoint records no model under {key!r}; it records {keys}",
+                path=name,
+                key=key,
+                hint="pass one of those as key=",
+            )
+        return key
+    if len(models) == 1:
+        return next(iter(models))
+    if "model" in models:
+        return "model"
+    raise ModelClassError(
+        f"the checkpoint records several models ({keys}); which one to rebuild?",
+        path=name,
+        hint=f"choose with key=, e.g. torchkeep.load_model({name!r}, key={next(iter(models))!r})",
+    )
+
+
+def _rebuild_from_run(manifest: Manifest, run: RunReader, name: str, key: str | None) -> nn.Module:
+    """Build the chosen model of a run's checkpoint and load its entry's weights strictly."""
+    entry = _pick_model(manifest.models, key, name)
+    class_name, config = model_description(manifest.models[entry], source=str(manifest.path))
+    model = _construct(class_name, config, source=name)
+    state = run.load(manifest)
+    if not isinstance(state, Mapping) or entry not in state:
+        raise CorruptCheckpointError(
+            f"the manifest describes model {entry!r}, but the checkpoint holds no such entry",
+            path=str(manifest.path),
+            key=entry,
+        )
+    _fill(model, state[entry], name=name, strict=True)
     return model
 
 

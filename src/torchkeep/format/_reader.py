@@ -126,12 +126,19 @@ def _load_sharded(
 
 def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
     sizes = {p: (run.root / PACK_DIR / p).stat().st_size for p in manifest.packs}
+    classes = {key: m["class"] for key, m in manifest.models.items()}
+    models = {"models": classes} if classes else {}  # what load_model can rebuild
     return CheckpointInfo(
         path=f"{run.root}@{manifest.step}",
         format="torchkeep-run",
         tensors=tuple(describe(run.load(manifest, verify=False))),
         file_bytes=manifest.path.stat().st_size + sum(sizes.values()),
-        metadata={"step": manifest.step, "metrics": manifest.metrics, **manifest.metadata},
+        metadata={
+            "step": manifest.step,
+            "metrics": manifest.metrics,
+            **models,
+            **manifest.metadata,
+        },
         format_version=str(run.description.get("format_version")),
     )
 
@@ -147,6 +154,16 @@ def read_model_description(directory: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
         raise CorruptCheckpointError(f"{MODEL_FILE} names no class", path=source)
     check_format_version(doc.get("format_version"), path=source)
+    return model_description(doc, source=source)
+
+
+def model_description(doc: Mapping[str, Any], *, source: str) -> tuple[str, dict[str, Any]]:
+    """The class path and config of a model description (``save_model``'s, or a manifest's).
+
+    ``doc`` is ``{"class": "pkg.mod:Name", "config": <skeleton without tensors>}``.
+    """
+    if not isinstance(doc.get("class"), str):
+        raise CorruptCheckpointError("the model description names no class", path=source)
     config = unflatten(doc.get("config", {"$": "dict", "v": {}}), _no_tensor, source=source)
     if not isinstance(config, dict):
         raise CorruptCheckpointError("the model config is not a dict", path=source)

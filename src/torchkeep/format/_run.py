@@ -10,11 +10,14 @@
       .lock                         held (flock) by the one writer
 
 A manifest lists every tensor of its checkpoint as (pack, key, dtype, shape, nbytes, hash) next to
-the JSON skeleton of the saved state, its metrics and metadata. A checkpoint is committed when its
-manifest is renamed into ``checkpoints/``, after its packs were fsynced: that rename is the single
-commit point. Readers trust only committed manifests; a pack that no manifest names is garbage
-left by a crash, and the next writer sweeps it. A tensor whose bytes are already stored in the run
-is referenced again, not rewritten, so several manifests may share a pack.
+the JSON skeleton of the saved state, its metrics and metadata, and, under ``"models"``, how to
+rebuild each model of the app whose constructor arguments are known: ``{app_key: {"class":
+"pkg.mod:Name", "config": <skeleton of the keyword arguments>}}`` (absent when there is none).
+A checkpoint is committed when its manifest is renamed into ``checkpoints/``, after its packs were
+fsynced: that rename is the single commit point. Readers trust only committed manifests; a pack
+that no manifest names is garbage left by a crash, and the next writer sweeps it. A tensor whose
+bytes are already stored in the run is referenced again, not rewritten, so several manifests may
+share a pack.
 
 References: ``RUN@latest``, ``RUN@best``, ``RUN@<step>``, or ``RUN`` alone (the latest).
 """
@@ -95,6 +98,8 @@ class Manifest:
     skeleton: Any
     tensors: dict[str, TensorRef]
     pack_digests: dict[str, tuple[int, str]] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    """``{app_key: {"class": "pkg.mod:Name", "config": skeleton}}`` for each rebuildable model."""
 
     @property
     def packs(self) -> set[str]:
@@ -168,7 +173,18 @@ def read_manifest(path: Path) -> Manifest:
         skeleton=doc["skeleton"],
         tensors=refs,
         pack_digests=_pack_digests(doc.get("packs", {}), path),
+        models=_models(doc.get("models", {}), path),
     )
+
+
+def _models(models: Any, path: Path) -> dict[str, Any]:
+    """The model descriptions: each an object naming its class (the config is checked on use)."""
+    if not isinstance(models, dict):
+        raise _bad(path, "models must be an object")
+    for key, description in models.items():
+        if not (isinstance(description, dict) and isinstance(description.get("class"), str)):
+            raise _bad(path, f"model entry {key!r} names no class", key)
+    return models
 
 
 def _pack_digests(packs: Any, path: Path) -> dict[str, tuple[int, str]]:

@@ -2,7 +2,9 @@
 
 A save goes in four steps, each one safe to interrupt (layout in ``format/_run.py``):
 
-1. capture the app (models, optimizers, schedulers, RNG, plain values) into one nested state;
+1. capture the app (models, optimizers, schedulers, RNG, plain values) into one nested state,
+   and describe how to rebuild the models whose constructor arguments are known (recorded in
+   the manifest, so that ``torchkeep.load_model("RUN@best")`` can rebuild them);
 2. hash every tensor; write those whose bytes the run does not hold yet into a new pack
    (temp file, fsync, rename, fsync of the directory);
 3. commit: write the manifest to a temp file and rename it into ``checkpoints/``;
@@ -57,7 +59,7 @@ from torchkeep.manager._writer import (
     write_bytes,
     write_checkpoint,
 )
-from torchkeep.state import capture_app, restore_app
+from torchkeep.state import capture_app, describe_models, restore_app
 from torchkeep.storage import atomic_write, fsync_dir
 
 
@@ -269,8 +271,9 @@ class CheckpointManager:
         cleaned = clean_metrics(metrics)
         user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
         state = capture_app(app)
+        models = describe_models(app)  # here, on the caller's thread, even when async
         if not self.async_save:
-            return self._write(step, flatten(state), cleaned, user_metadata)
+            return self._write(step, flatten(state), cleaned, user_metadata, models)
         # Flatten here so that unstorable values fail in save(), then copy to host memory.
         staged = self._stager.stage(flatten(state))
         if self._executor is None:
@@ -278,7 +281,9 @@ class CheckpointManager:
             # A process that exits with a write pending finishes it (the executor's thread is
             # joined at exit); if that write then fails, say so rather than exit silently.
             atexit.register(_report_at_exit, weakref.ref(self))
-        self._pending = self._executor.submit(self._write, step, staged, cleaned, user_metadata)
+        self._pending = self._executor.submit(
+            self._write, step, staged, cleaned, user_metadata, models
+        )
         return None
 
     def wait(self) -> CheckpointRecord | None:
@@ -287,7 +292,12 @@ class CheckpointManager:
         return None if pending is None else pending.result()
 
     def _write(
-        self, step: int, flat: Flattened, metrics: dict[str, Any], metadata: dict[str, Any]
+        self,
+        step: int,
+        flat: Flattened,
+        metrics: dict[str, Any],
+        metadata: dict[str, Any],
+        models: dict[str, Any],
     ) -> CheckpointRecord:
         with self._mutex:
             known = [r for m in self._manifests.values() for r in m.tensors.values()]
@@ -306,6 +316,7 @@ class CheckpointManager:
             metrics=metrics,
             metadata=metadata,
             system=self._system,
+            models=models,
         )
         with self._mutex:
             previous = self._manifests.get(step)

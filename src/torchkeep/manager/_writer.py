@@ -145,11 +145,13 @@ def write_checkpoint(
     metrics: dict[str, Any],
     metadata: dict[str, Any],
     system: dict[str, Any],
+    models: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write the new tensors of ``flat`` into a pack and commit its manifest.
 
     Args:
         known: the tensors the run already stores, to reference instead of writing again.
+        models: how to rebuild the app's models (``describe_models``); recorded when not empty.
 
     Returns:
         The committed manifest.
@@ -196,6 +198,8 @@ def write_checkpoint(
         "tensors": {k: {**_fields(r), "shape": list(r.shape)} for k, r in refs.items()},
         "packs": {name: {"bytes": n, "hash": h} for name, (n, h) in sorted(digests.items())},
     }
+    if models:
+        document["models"] = models
     manifest_path = root / MANIFEST_DIR / manifest_name(step)
     try:
         text = seal_json(json.dumps(document, separators=(",", ":")).encode())
@@ -213,6 +217,7 @@ def write_checkpoint(
         skeleton=flat.skeleton,
         tensors=refs,
         pack_digests=digests,
+        models=dict(models or {}),
     )
 
 

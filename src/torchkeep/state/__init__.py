@@ -1,6 +1,6 @@
 """What a model or a training run is: loading into modules, reports, rebuilding models."""
 
-from torchkeep.state._app import capture_app, restore_app
+from torchkeep.state._app import capture_app, describe_models, restore_app
 from torchkeep.state._config import (
     ConfigMixin,
     capture_config,
@@ -9,7 +9,7 @@ from torchkeep.state._config import (
     import_model_class,
 )
 from torchkeep.state._freeze import freeze, trainable_param_groups, unfreeze
-from torchkeep.state._keys import adapt_keys, renamed_state
+from torchkeep.state._keys import adapt_keys, renamed_state, unwrap_module
 from torchkeep.state._loading import apply, check, find_state, plan
 from torchkeep.state._report import LoadReport, Mismatch
 from torchkeep.state._rng import RNGState
@@ -25,6 +25,7 @@ __all__ = [
     "capture_config",
     "captured_config",
     "check",
+    "describe_models",
     "class_path",
     "find_state",
     "freeze",
@@ -34,4 +35,5 @@ __all__ = [
     "restore_app",
     "trainable_param_groups",
     "unfreeze",
+    "unwrap_module",
 ]

@@ -60,7 +60,8 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 
 from torchkeep.errors import IncompatibleStateError, TorchkeepError, UnsupportedValueError
 from torchkeep.format._skeleton import flatten
-from torchkeep.state._keys import adapt_keys, renamed_state
+from torchkeep.state._config import captured_config, class_path
+from torchkeep.state._keys import adapt_keys, renamed_state, unwrap_module
 from torchkeep.state._loading import apply, check, plan
 from torchkeep.state._report import LoadReport
 from torchkeep.state._rng import RNGState
@@ -148,6 +149,34 @@ def capture_app(app: Mapping[str, Any]) -> dict[str, Any]:
                 ) from exc
             state[key] = value
     return state
+
+
+def describe_models(app: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """How to rebuild each model of ``app``: ``{key: {"class": "pkg.mod:Name", "config": ...}}``.
+
+    Only models whose constructor arguments are known (:func:`torchkeep.capture_config`,
+    :class:`torchkeep.ConfigMixin`) are described, as :func:`torchkeep.save_model` would; a
+    wrapper (DataParallel, DDP, ``torch.compile``) is described by the model it wraps. A model
+    that could not be rebuilt from its description (a class defined inside a function, built
+    with ``*args``, or a config holding tensors or values only pickle stores) is left out: its
+    checkpoint is still saved, ``torchkeep.load_into`` still loads it.
+    """
+    models: dict[str, dict[str, Any]] = {}
+    for key, value in app.items():
+        if not isinstance(value, nn.Module):
+            continue
+        model = unwrap_module(value)
+        try:
+            config = captured_config(model)
+            if config is None:
+                continue
+            path = class_path(type(model))
+            flat = flatten(config)
+        except TorchkeepError:
+            continue
+        if not flat.tensors:
+            models[str(key)] = {"class": path, "config": flat.skeleton}
+    return models
 
 
 def _incompatible(key: str, what: str, source: str | None, **kwargs: Any) -> IncompatibleStateError:

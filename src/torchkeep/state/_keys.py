@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from torch import nn
+
 from torchkeep.errors import IncompatibleStateError, TorchkeepError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.", "model.")
@@ -128,3 +130,18 @@ def _origin(prefix: str) -> str:
 def renamed_state(state: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
     """``state`` with its keys renamed by ``mapping`` (order kept, metadata dropped)."""
     return {mapping.get(k, k): v for k, v in state.items()}
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The model inside torch's wrappers: ``.module`` of DataParallel/DDP, ``._orig_mod`` of
+    ``torch.compile`` (nested wrappers too); any other module is returned as it is."""
+    for _ in range(_MAX_ROUNDS):
+        inner: object = None
+        if isinstance(module, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            inner = module.module
+        elif type(module).__name__ == "OptimizedModule":  # torch.compile, without importing dynamo
+            inner = module._modules.get("_orig_mod")
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return module
