@@ -10,7 +10,7 @@ from torchkeep.cli import app
 
 from ._helpers import run_torchkeep
 
-COMMANDS = ("inspect", "diff", "convert", "verify", "scan", "ls", "prune", "plot", "demo")
+COMMANDS = ("inspect", "diff", "convert", "verify", "scan", "export", "ls", "prune", "plot", "demo")
 
 
 def test_version(runner: CliRunner) -> None:

@@ -15,14 +15,17 @@ import torch
 import typer
 
 import torchkeep as tk
-from torchkeep.cli import _compare, _demo, _inspect, _integrity, _plot, _run
+from torchkeep.cli import _compare, _demo, _export, _inspect, _integrity, _plot, _run
 from torchkeep.cli._output import print_line
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="torchkeep",
-    help="Safe, exact and fast checkpoints for PyTorch: inspect files; list, prune and plot runs.",
+    help=(
+        "Safe, exact and fast checkpoints for PyTorch: inspect files; list, prune and plot "
+        "runs; export models to ONNX, .pt2 or TorchScript, verified."
+    ),
     no_args_is_help=True,
     # A checkpoint tool's locals are tensors and state dicts: never dump them in a traceback.
     pretty_exceptions_show_locals=False,
@@ -56,6 +59,7 @@ _COMMANDS = (
     _inspect,
     _compare,
     _integrity,
+    _export,
     _run,
     _plot,
     _demo,

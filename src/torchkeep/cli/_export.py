@@ -1,0 +1,405 @@
+"""``torchkeep export``: write a saved model as ONNX, ``.pt2`` or TorchScript, verified.
+
+The command builds example inputs from ``--example-shape``/``--dtype`` (random values from a
+fixed seed), calls :func:`torchkeep.export`, and prints what it wrote and how closely the file
+computes what the model computes. A verification failure prints the same numbers, writes
+nothing and exits with 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import torch
+import typer
+
+import torchkeep as tk
+from torchkeep.cli._output import (
+    Column,
+    emit_json,
+    fail,
+    format_shape,
+    handle_errors,
+    human_bytes,
+    print_kv,
+    print_line,
+    print_table,
+    report_error,
+    stderr_console,
+)
+
+__all__ = [
+    "DTYPES",
+    "example_inputs",
+    "parse_dynamic_dims",
+    "parse_shape",
+    "register",
+    "render_report",
+]
+
+#: Names accepted by ``--dtype``.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "fp64": torch.float64,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+#: The seed of the example inputs: the same command exports from the same values.
+SEED = 0
+
+
+class Format(enum.StrEnum):
+    """The artifact formats of ``--format``."""
+
+    onnx = "onnx"
+    pt2 = "pt2"
+    torchscript = "torchscript"
+
+
+class Method(enum.StrEnum):
+    """How TorchScript captures the model (``--method``)."""
+
+    script = "script"
+    trace = "trace"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``export`` to the ``torchkeep`` app."""
+    app.command("export")(export_command)
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"2,3,224,224"`` -> ``(2, 3, 224, 224)``; a usage error for anything else."""
+    parts = [p.strip() for p in text.split(",")]
+    if text.strip() == "" or not all(p.isascii() and p.isdigit() for p in parts):
+        fail(f"--example-shape takes comma-separated sizes like 2,3,224,224, got {text!r}", code=2)
+    return tuple(int(p) for p in parts)
+
+
+def _dtypes(names: list[str], count: int) -> list[torch.dtype]:
+    found: list[torch.dtype] = []
+    for name in names:
+        dtype = DTYPES.get(name.strip().lower().removeprefix("torch."))
+        if dtype is None:
+            fail(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}", code=2)
+        found.append(dtype)
+    if not found:
+        return [torch.float32] * count
+    if len(found) == 1:
+        return found * count
+    if len(found) != count:
+        fail(
+            f"{len(found)} --dtype for {count} --example-shape: give one --dtype for all "
+            "inputs, or one per --example-shape, in the same order",
+            code=2,
+        )
+    return found
+
+
+def example_inputs(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> tuple[Any, ...]:
+    """One random tensor per shape, from a fixed seed.
+
+    Floating dtypes get standard normal values; integer dtypes and ``bool`` get 0s and 1s, which
+    are valid token ids and attention masks.
+    """
+    g = torch.Generator().manual_seed(SEED)
+    tensors: list[torch.Tensor] = []
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, generator=g, dtype=dtype))
+        elif dtype == torch.bool:
+            tensors.append(torch.randint(0, 2, shape, generator=g).bool())
+        else:
+            tensors.append(torch.randint(0, 2, shape, generator=g, dtype=dtype))
+    return tuple(tensors)
+
+
+def parse_dynamic_dims(items: list[str]) -> dict[str | int, dict[int, str]]:
+    """``["0:1:seq", "mask:1:seq"]`` -> ``{0: {1: "seq"}, "mask": {1: "seq"}}``."""
+    dims: dict[str | int, dict[int, str]] = {}
+    for item in items:
+        parts = item.split(":")
+        ok = len(parts) == 3 and all(parts) and parts[2].isidentifier()
+        try:
+            dim = int(parts[1]) if ok else 0
+        except ValueError:
+            ok = False
+        if not ok:
+            fail(
+                f"--dynamic-dim takes INPUT:DIM:NAME (e.g. 0:1:seq or input_ids:1:seq), "
+                f"got {item!r}",
+                code=2,
+            )
+        key: str | int = int(parts[0]) if parts[0].isascii() and parts[0].isdigit() else parts[0]
+        dims.setdefault(key, {})[dim] = parts[2]
+    return dims
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def _dynamic_text(dynamic: dict[int, str]) -> str | None:
+    return ", ".join(f"{d}: {name}" for d, name in sorted(dynamic.items())) or None
+
+
+def _verdict(check: tk.OutputCheck) -> str:
+    if check.ok:
+        return "ok"
+    return f"MISMATCH on {check.case}" + (f": {check.problem}" if check.problem else "")
+
+
+def _error(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def render_report(report: tk.ExportReport, *, written: bool = True) -> None:
+    """Print the heading, the inputs and outputs tables, the cases, the latency and the notes."""
+    verdict = "verified" if report.ok else f"MISMATCH in {len(report.failures())} check(s)"
+    state = "" if written else ", nothing written"
+    size = human_bytes(report.size_bytes)
+    if len(report.files) > 1:
+        size += f" in {len(report.files)} files"
+    pairs: list[tuple[str, object]] = [
+        ("path", report.path),
+        ("format", report.format),
+        ("size", size),
+        ("source", report.source),
+        ("runtime", report.runtime),
+    ]
+    if report.opset is not None:
+        pairs.append(("opset", report.opset))
+    print_kv(pairs, title=f"{report.path}: {verdict}{state}")
+    if len(report.files) > 1:
+        print_kv([("files", ", ".join(report.files))])
+    print_line()
+    print_table(
+        ["input", "shape", "dtype", "dynamic dims"],
+        [[s.name, format_shape(s.shape), s.dtype, _dynamic_text(s.dynamic)] for s in report.inputs],
+        title="inputs",
+    )
+    print_line()
+    example = report.cases[0] if report.cases else None
+    first = {c.output: c for c in report.checks if c.case == example}
+    rel = report.max_rel_error
+    rows: list[list[object]] = []
+    for c in report.worst():
+        shown = first.get(c.output, c)
+        rows.append(
+            [
+                c.output,
+                format_shape(shown.shape),
+                shown.dtype or None,
+                _error(c.max_abs_error),
+                _error(rel.get(c.output, c.max_rel_error)),
+                f"{c.rtol:g}",
+                f"{c.atol:g}",
+                _verdict(c),
+            ]
+        )
+    print_table(
+        [
+            "output",
+            "shape",
+            "dtype",
+            Column("max abs error", "right"),
+            Column("max rel error", "right"),
+            Column("rtol", "right"),
+            Column("atol", "right"),
+            "verdict",
+        ],
+        rows,
+        title="outputs (worst case of each)",
+    )
+    print_line()
+    latency = (
+        f"eager {report.eager_latency_ms:.3f} ms, exported {report.exported_latency_ms:.3f} ms"
+    )
+    speedup = report.speedup
+    if speedup > 0:
+        latency += f" ({speedup:.2f}x faster)" if speedup >= 1 else f" ({1 / speedup:.2f}x slower)"
+    latency += f", median of {report.latency_runs}"
+    print_kv([("cases", ", ".join(report.cases)), ("latency", latency)])
+    for note in report.notes:
+        print_line(f"note: {note}")
+
+
+@contextlib.contextmanager
+def _spinner(text: str, enabled: bool) -> Iterator[None]:
+    """A status spinner on stderr while exporting, only when stderr is a terminal."""
+    console = stderr_console()
+    if not enabled or not console.is_terminal:
+        yield
+        return
+    with console.status(text):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+@handle_errors
+def export_command(
+    src: Annotated[
+        str,
+        typer.Argument(
+            metavar="SRC",
+            help="A save_model directory or a checkpoint reference (RUN@best|latest|<step>).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="OUT",
+            help="The file to write: .onnx, .pt2, or .pt (TorchScript).",
+            show_default=False,
+        ),
+    ],
+    example_shape: Annotated[
+        list[str],
+        typer.Option(
+            "--example-shape",
+            metavar="SHAPE",
+            help="The shape of one positional input, e.g. 2,3,224,224; repeat it per input, "
+            "in forward's order.",
+            show_default=False,
+        ),
+    ],
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dtype",
+            metavar="DTYPE",
+            help="The dtype of the inputs (default float32): once for all of them, or once per "
+            "--example-shape. Floating inputs are random normal values; integer and bool "
+            "inputs are 0s and 1s, valid token ids and attention masks.",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            help="The artifact format (default: from OUT's suffix).",
+            show_default=False,
+        ),
+    ] = None,
+    dynamic_dim: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dynamic-dim",
+            metavar="INPUT:DIM:NAME",
+            help="Leave dimension DIM of INPUT (its position or name) dynamic as NAME, e.g. "
+            "0:1:seq; one NAME used twice is one shared size. Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    static_batch: Annotated[
+        bool,
+        typer.Option("--static-batch", help="Keep the batch dimension fixed (default: dynamic)."),
+    ] = False,
+    opset: Annotated[
+        int | None, typer.Option("--opset", min=1, help="The ONNX opset (default: the exporter's).")
+    ] = None,
+    method: Annotated[
+        Method,
+        typer.Option("--method", help="TorchScript: script keeps control flow; trace does not."),
+    ] = Method.script,
+    rtol: Annotated[
+        float | None,
+        typer.Option(
+            "--rtol",
+            min=0.0,
+            help="Relative tolerance of floating outputs (default: torch.testing's for the dtype).",
+        ),
+    ] = None,
+    atol: Annotated[
+        float | None,
+        typer.Option(
+            "--atol",
+            min=0.0,
+            help="Absolute tolerance of floating outputs (default: torch.testing's for the dtype).",
+        ),
+    ] = None,
+    external_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--external-data/--no-external-data",
+            help="ONNX: weights in OUT.data beside the model, or inline (default: by size).",
+            show_default=False,
+        ),
+    ] = None,
+    trust: Annotated[
+        bool,
+        typer.Option(
+            "--trust", help="Allow a pickled model file as SRC: loading it runs code from it."
+        ),
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for programs.")] = False,
+) -> None:
+    """Export a saved model to ONNX, torch.export (.pt2) or TorchScript, and verify it.
+
+    The file is loaded back and run on the example inputs and other batch sizes; each output
+    is compared with the model's. Only a verified file is written: on a mismatch nothing is
+    written, the numbers are printed and the exit code is 1.
+    """
+    shapes = [parse_shape(s) for s in example_shape]
+    inputs = example_inputs(shapes, _dtypes(dtype or [], len(shapes)))
+    dims = parse_dynamic_dims(dynamic_dim or [])
+    target = fmt.value if fmt is not None else output
+    try:
+        with _spinner(f"exporting to {target}…", enabled=not json_out):
+            report = tk.export(
+                src,
+                inputs,
+                output,
+                format=None if fmt is None else fmt.value,
+                dynamic_batch=not static_batch,
+                dynamic_dims=dims or None,
+                opset=opset,
+                external_data=external_data,
+                method=method.value,
+                rtol=rtol,
+                atol=atol,
+                trust=trust,
+            )
+    except tk.ExportVerificationError as err:
+        if err.report is None:
+            raise
+        if json_out:
+            emit_json(err.report.to_dict())
+        else:
+            render_report(err.report, written=False)
+        report_error(err)
+        raise typer.Exit(1) from None
+    if json_out:
+        emit_json(report.to_dict())
+    else:
+        render_report(report)
