@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import torchkeep as tk
 from torchkeep.cli import _demo_resume, app
-from torchkeep.cli._demo import CHECKPOINT_NAME, MODEL_DIR_NAME
+from torchkeep.cli._demo import CHECKPOINT_NAME, EXPORT_ONNX, EXPORT_PT2, MODEL_DIR_NAME
 from torchkeep.cli._demo_model import DemoMLP, make_data
 from torchkeep.cli._demo_resume import (
     IDENTITY_LINE,
@@ -78,6 +78,14 @@ def test_demo_subprocess(tmp_path: Path) -> None:
     assert f"$ torchkeep ls {run_dir.resolve()}" in out
     assert re.search(r"^ +2 +latest,best +\d{4}-", out, re.MULTILINE)  # the ls table
     assert (workdir / PLOT_NAME).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    # It ends by exporting the run's best checkpoint, verified, and printing the report.
+    exported = [workdir / EXPORT_ONNX, workdir / EXPORT_PT2]
+    path = next(p for p in exported if p.is_file())
+    assert f"$ torchkeep export {run_dir.resolve()}@best --example-shape 2,16 -o {path}" in out
+    assert f"{path}: verified" in out and "max abs error" in out
+    assert re.search(r"^cases +example \(batch 2\), batch 1, batch 3$", out, re.MULTILINE)
+    assert tk.load_exported(path)(torch.randn(3, 16))[0].shape[-1] == 4
 
 
 @pytest.fixture

@@ -283,3 +283,17 @@ def test_torchscript_needs_trust_to_load(tmp_path: Path) -> None:
     with torch.no_grad():
         loaded = tk.load_exported(tmp_path / "m.pt", trust=True)
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_source_can_be_a_run_reference(tmp_path: Path) -> None:
+    model, x = _mlp()
+    with tk.CheckpointManager(tmp_path / "run", monitor="loss", mode="min") as mgr:
+        mgr.save(1, {"model": model}, metrics={"loss": 0.5})
+        with torch.no_grad():
+            best = model.eval()(x)
+            for p in model.parameters():
+                p.add_(1.0)
+        mgr.save(2, {"model": model}, metrics={"loss": 0.9})
+    report = tk.export(f"{tmp_path / 'run'}@best", x, tmp_path / "best.pt2")
+    assert report.ok and "run@best (MLP)" in report.source
+    torch.testing.assert_close(tk.load_exported(tmp_path / "best.pt2")(x), best)

@@ -8,6 +8,7 @@ reads what earlier steps left on the run and adds its own results.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from torchkeep.cli._demo_resume import (
     step_resume,
     step_stop,
 )
+from torchkeep.cli._export import render_report
 from torchkeep.cli._inspect import render_info
 from torchkeep.cli._output import (
     Column,
@@ -50,6 +52,8 @@ __all__ = ["STEPS", "DemoRun", "demo_command", "register"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_DIR_NAME = "model"
+EXPORT_ONNX = "model.onnx"
+EXPORT_PT2 = "model.pt2"
 
 
 def register(app: typer.Typer) -> None:
@@ -78,6 +82,7 @@ class DemoRun:
     identical: dict[str, bool] = field(default_factory=dict)
     #: whether the stopped-and-resumed run ended bit-identical to the uninterrupted one.
     resumed_exactly: bool | None = None
+    exported: tk.ExportReport | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -270,6 +275,20 @@ def step_inspect(run: DemoRun) -> None:
     render_info(tk.inspect(run.checkpoint))
 
 
+def step_export(run: DemoRun) -> None:
+    """Export the run's best checkpoint for deployment, verified, and print the report."""
+    has_onnx = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+    path = run.workdir / (EXPORT_ONNX if has_onnx else EXPORT_PT2)
+    source = f"{run.run_dir}@best" if run.run_dir.is_dir() else str(run.model_dir)
+    shape = f"2,{run.data.x_val.shape[1]}"
+    print_line(f"$ torchkeep export {source} --example-shape {shape} -o {path}")
+    if not has_onnx:
+        print_line("(the onnx extra is not installed: exporting to .pt2 instead)")
+    run.exported = tk.export(source, run.data.x_val[:2].clone(), path)
+    print_line()
+    render_report(run.exported)
+
+
 def step_summary(run: DemoRun) -> None:
     """Print the outcome in one table."""
     print_table(
@@ -292,6 +311,17 @@ def step_summary(run: DemoRun) -> None:
                 if run.resumed_exactly is not None
                 else []
             ),
+            *(
+                [
+                    (
+                        f"export ({run.exported.format})",
+                        f"{run.exported.path} ({human_bytes(run.exported.size_bytes)}), "
+                        f"verified on {len(run.exported.cases)} input cases",
+                    )
+                ]
+                if run.exported is not None
+                else []
+            ),
             ("elapsed", f"{time.perf_counter() - run.started:.1f} s"),
         ],
     )
@@ -310,6 +340,7 @@ STEPS: list[tuple[str, Callable[[DemoRun], None]]] = [
     ("Train without interruption and compare with the resumed run", step_compare),
     ("List the run (torchkeep ls)", step_ls),
     ("Plot the run's metrics (torchkeep plot)", step_plot),
+    ("Export the best checkpoint for deployment (tk.export), verified", step_export),
     ("Summary", step_summary),
 ]
 
@@ -325,7 +356,7 @@ def demo_command(
             show_default=False,
             help=(
                 "Directory for the files the demo writes: checkpoint.safetensors, model/, "
-                "the checkpoint runs run/ and run-uninterrupted/, and curves.png "
+                "the checkpoint runs run/ and run-uninterrupted/, curves.png and model.onnx "
                 "(created if missing; a previous demo's files are replaced). "
                 "Default: a fresh temporary directory, printed."
             ),
@@ -337,9 +368,10 @@ def demo_command(
     """Train, checkpoint, reload, inspect, stop and resume a small model (CPU, seconds).
 
     Then trains it with a CheckpointManager in a new process that stops early, resumes it in
-    another, compares with an uninterrupted run, lists the run and plots its metrics. Exits
-    with 1 when a reloaded model does not predict exactly what the trained one does, or when the
-    resumed run differs from the uninterrupted one.
+    another, compares with an uninterrupted run, lists the run, plots its metrics, and exports
+    the best checkpoint to ONNX (.pt2 without the onnx extra), verified. Exits with 1 when a
+    reloaded model does not predict exactly what the trained one does, when the resumed run
+    differs from the uninterrupted one, or when the export does not verify.
     """
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="torchkeep-demo-"))

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import torchkeep as tk
+
 __all__ = ["DemoData", "DemoMLP", "make_data"]
 
 
+@tk.capture_config  # a CheckpointManager run records the class, so RUN@best rebuilds it
 class DemoMLP(nn.Module):
     """A small classifier with every kind of state a checkpoint must carry.
 

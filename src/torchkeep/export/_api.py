@@ -89,11 +89,16 @@ def _run_eager(model: nn.Module, case: str, inputs: Inputs) -> list[tuple[str, A
         with torch.no_grad():
             return flat_outputs(model(*inputs.args, **inputs.kwargs))
     except Exception as exc:
+        hint = (
+            "fix the example inputs (shapes, dtypes, device) so that the model runs on them"
+            if case.startswith("example")
+            else "the model needs that size fixed: pass dynamic_batch=False (or drop the "
+            "dimension from dynamic_dims)"
+        )
         raise ExportError(
             f"the eager model fails on the {case} inputs: {type(exc).__name__}: {exc}",
             key=case,
-            hint="if the model needs that size fixed, pass dynamic_batch=False (or drop the "
-            "dimension from dynamic_dims); otherwise fix the example inputs",
+            hint=hint,
         ) from exc
 
 
@@ -329,10 +334,11 @@ def export(
                 exported_ms, _ = median_ms(
                     lambda: runner(*inputs.args, **inputs.kwargs), latency_runs
                 )
+            verified = all(c.ok for c in checks)
             report = ExportReport(
                 path=str(dest),
                 format=fmt,
-                files=[str(dest.parent / f.name) for f in files],
+                files=[str(dest.parent / f.name) for f in files] if verified else [],
                 size_bytes=sum(f.stat().st_size for f in files),
                 source=source,
                 inputs=_inputs.specs(inputs, names, dims),

@@ -55,8 +55,9 @@ class ExportReport:
     Attributes:
         path: the artifact written (its main file).
         format: ``"onnx"``, ``"pt2"`` or ``"torchscript"``.
-        files: every file of the artifact (``model.onnx`` and ``model.onnx.data`` are one).
-        size_bytes: their total size.
+        files: every file of the artifact (``model.onnx`` and ``model.onnx.data`` are one);
+            empty when verification failed, since nothing was written then.
+        size_bytes: their total size (of the rejected artifact, when verification failed).
         source: what was exported (the model's class, or the reference it was loaded from).
         inputs: the artifact's tensor inputs, with their dynamic dimensions.
         outputs: the output names, in order.
@@ -143,7 +144,7 @@ class ExportReport:
         """A few lines for a log: verdict, errors per output, latency, size."""
         verdict = "verified" if self.ok else f"MISMATCH in {len(self.failures())} check(s)"
         lines = [
-            f"{self.path} ({self.format}, {self.size_bytes / 1e6:.2f} MB): {verdict} on "
+            f"{self.path} ({self.format}, {_size(self.size_bytes)}): {verdict} on "
             f"{len(self.cases)} input case(s): {', '.join(self.cases)}"
         ]
         rel = self.max_rel_error
@@ -159,7 +160,15 @@ class ExportReport:
             )
         lines.append(
             f"  latency: eager {self.eager_latency_ms:.3f} ms, exported "
-            f"{self.exported_latency_ms:.3f} ms (median of {self.latency_runs}, {self.runtime})"
+            f"{self.exported_latency_ms:.3f} ms, median of {self.latency_runs} runs; {self.runtime}"
         )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    value, i = float(n), 0
+    while value >= 1024 and i < len(units) - 1:
+        value, i = value / 1024, i + 1
+    return f"{n} B" if i == 0 else f"{value:.1f} {units[i]}"
