@@ -297,3 +297,12 @@ def test_source_can_be_a_run_reference(tmp_path: Path) -> None:
     report = tk.export(f"{tmp_path / 'run'}@best", x, tmp_path / "best.pt2")
     assert report.ok and "run@best (MLP)" in report.source
     torch.testing.assert_close(tk.load_exported(tmp_path / "best.pt2")(x), best)
+
+
+def test_missing_onnx_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    model, x = _mlp()
+    with pytest.raises(tk.ExportError, match="onnxruntime") as info:
+        tk.export(model, x, tmp_path / "m.onnx")
+    assert "torchkeep[onnx]" in (info.value.hint or "")
+    assert list(tmp_path.iterdir()) == []

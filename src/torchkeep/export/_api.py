@@ -125,9 +125,9 @@ def _checks(
 def _build_torchscript(
     model: nn.Module, inputs: Inputs, target: Path, options: dict[str, Any], notes: list[str]
 ) -> list[Path]:
-    method, optimize = options["method"], options["optimize"]
+    method = options["method"]
     notes.append(_torchscript.DEPRECATION)
-    while True:
+    for optimize in [True, False] if options["optimize"] else [False]:
         try:
             scripted = _torchscript.build(model, inputs, method=method, optimize=optimize)
         except Exception as exc:
@@ -135,9 +135,13 @@ def _build_torchscript(
         _torchscript.save(scripted, target)
         try:
             _torchscript.load(target)
-        except Exception:
+        except Exception as exc:
             if not optimize:
-                raise
+                raise ExportError(
+                    f"torch.jit.load cannot read the TorchScript file just saved: {exc}",
+                    step="torch.jit.save",
+                    hint="try method='trace' or 'script', or format='pt2'",
+                ) from exc
             # optimize_for_inference folds weights into MKLDNN constants that torch.jit.load
             # cannot read back (a torch bug): keep the frozen graph, optimize after loading.
             notes.append(
@@ -145,9 +149,9 @@ def _build_torchscript(
                 "(MKLDNN constants): saved frozen, not optimized; call "
                 "torch.jit.optimize_for_inference on the loaded module"
             )
-            optimize = False
             continue
-        return [target]
+        break
+    return [target]
 
 
 def _build(
@@ -202,7 +206,6 @@ def _build(
         if lost:
             raise ExportError(
                 f"the ONNX graph has static sizes for dynamic dimensions: {', '.join(lost)}",
-                path=str(target),
                 step="the ONNX export",
                 hint="export with dynamic_batch=False to make that explicit, or use format='pt2'",
             )

@@ -69,7 +69,6 @@ def write(
     if opset is not None and written != opset:
         raise ExportError(
             f"opset {opset} was asked for, but the exporter wrote opset {written}",
-            path=str(path),
             hint=f"export with opset={written}, or an opset this torch's exporter supports",
         )
     weights = sum(t.numel() * t.element_size() for t in program.state_dict.values())
@@ -108,7 +107,6 @@ def check_file(path: Path) -> int:
     except Exception as exc:
         raise ExportError(
             f"onnx.checker rejects the exported model: {exc}",
-            path=str(path),
             hint="try another opset, or format='pt2'",
         ) from exc
     return _opset(model)
