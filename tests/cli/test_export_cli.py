@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,31 @@ def test_data_dependent_control_flow_names_the_module(tmp_path: Path) -> None:
     assert "gate (Gate)" in proc.stderr
     assert "torch.export" in proc.stderr  # the step that failed
     assert "format='torchscript'" in proc.stderr  # the way out
+
+
+def test_the_model_class_is_found_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's models.py beside the run, no PYTHONPATH: `torchkeep export runs/x@latest` works."""
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    (tmp_path / "my_models.py").write_text(
+        "import torch, torchkeep\n\n"
+        "@torchkeep.capture_config\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, width: int = 6):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, width)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x)\n"
+    )
+    train = (
+        "import torchkeep as tk\nfrom my_models import Net\n"
+        "with tk.CheckpointManager('runs/x') as mgr:\n"
+        "    mgr.save(1, {'model': Net(width=3)})\n"
+    )
+    subprocess.run([sys.executable, "-c", train], cwd=tmp_path, check=True, timeout=120)
+    proc = run_torchkeep(
+        "export", "runs/x@latest", "--example-shape", "2,4", "-o", "net.pt2", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "runs/x@latest (Net)" in proc.stdout and (tmp_path / "net.pt2").is_file()

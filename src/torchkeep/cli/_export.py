@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
+import sys
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -366,10 +368,16 @@ def export_command(
 ) -> None:
     """Export a saved model to ONNX, torch.export (.pt2) or TorchScript, and verify it.
 
+    The model's class is imported from the installed packages or the working directory.
+
     The file is loaded back and run on the example inputs and other batch sizes; each output
     is compared with the model's. Only a verified file is written: on a mismatch nothing is
     written, the numbers are printed and the exit code is 1.
     """
+    # Like `python -m`, find the model's class in the working directory too (appended, so that
+    # it cannot shadow an installed package): a console script's sys.path does not hold it.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     shapes = [parse_shape(s) for s in example_shape]
     inputs = example_inputs(shapes, _dtypes(dtype or [], len(shapes)))
     dims = parse_dynamic_dims(dynamic_dim or [])

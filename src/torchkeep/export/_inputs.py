@@ -47,9 +47,6 @@ class Inputs:
         args, kwargs = pytree.tree_map(visit, (self.args, self.kwargs))
         return Inputs(tuple(args), dict(kwargs))
 
-    def to(self, device: torch.device) -> Inputs:
-        return self.map_tensors(lambda _, t: t.to(device))
-
 
 def normalize(example_inputs: Any) -> Inputs:
     """A tensor, a tuple/list of positional arguments, or a dict of keyword arguments."""
