@@ -164,10 +164,13 @@ def read_manifest(path: Path) -> Manifest:
         ):
             raise _bad(path, f"tensor {key!r}: shape and dtype disagree with nbytes", key)
         refs[key] = item
+    time = doc.get("time", 0.0)
+    if type(time) not in (int, float) or not math.isfinite(time):
+        raise _bad(path, f"time {time!r} is not a number")
     return Manifest(
         path=path,
         step=step,
-        time=float(doc.get("time", 0.0)),
+        time=float(time),
         metrics=metrics,
         metadata=metadata,
         skeleton=doc["skeleton"],
