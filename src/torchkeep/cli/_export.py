@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -249,6 +250,28 @@ def render_report(report: tk.ExportReport, *, written: bool = True) -> None:
         print_line(f"note: {note}")
 
 
+#: The API's words in hints -> this command's flags.
+_FLAGS = (
+    (re.compile(r"format='(\w+)'"), r"--format \1"),
+    (re.compile(r"method='(\w+)'"), r"--method \1"),
+    (re.compile(r"dynamic_batch=False"), "--static-batch"),
+    (re.compile(r"\bdynamic_dims\b"), "--dynamic-dim"),
+    (re.compile(r"\brtol/atol\b"), "--rtol/--atol"),
+    (re.compile(r"\bopset=(\w+)"), r"--opset \1"),
+    (re.compile(r"\btrust=True\b"), "--trust"),
+    (re.compile(r"\bbatch_sizes=\[\]"), "--static-batch"),
+)
+
+
+def _as_flags(hint: str | None) -> str | None:
+    """A hint of :func:`torchkeep.export` in the words of the command line."""
+    if hint is None:
+        return None
+    for pattern, flag in _FLAGS:
+        hint = pattern.sub(flag, hint)
+    return hint
+
+
 @contextlib.contextmanager
 def _spinner(text: str, enabled: bool) -> Iterator[None]:
     """A status spinner on stderr while exporting, only when stderr is a terminal."""
@@ -398,8 +421,9 @@ def export_command(
                 atol=atol,
                 trust=trust,
             )
-    except tk.ExportVerificationError as err:
-        if err.report is None:
+    except tk.TorchkeepError as err:
+        err.hint = _as_flags(err.hint)
+        if not isinstance(err, tk.ExportVerificationError) or err.report is None:
             raise
         if json_out:
             emit_json(err.report.to_dict())

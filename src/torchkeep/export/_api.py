@@ -140,7 +140,7 @@ def _build_torchscript(
                 raise ExportError(
                     f"torch.jit.load cannot read the TorchScript file just saved: {exc}",
                     step="torch.jit.save",
-                    hint="try method='trace' or 'script', or format='pt2'",
+                    hint="try method='trace' or method='script', or format='pt2'",
                 ) from exc
             # optimize_for_inference folds weights into MKLDNN constants that torch.jit.load
             # cannot read back (a torch bug): keep the frozen graph, optimize after loading.

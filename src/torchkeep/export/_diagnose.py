@@ -97,7 +97,11 @@ def diagnose(exc: BaseException, model: nn.Module, *, fmt: str, during: str) -> 
         step = f"step {match.group(1)}/3 of the ONNX export ({_ONNX_STEPS[match.group(1)]})"
     module = where.module if where else type(model).__name__
     at = f" in {module}" + (f" at {where.line}" if where and where.line else "")
-    others = {"onnx": "'pt2'", "pt2": "'onnx'", "torchscript": "'pt2' or 'onnx'"}[fmt]
+    others = {
+        "onnx": "format='pt2'",
+        "pt2": "format='onnx'",
+        "torchscript": "format='pt2' or format='onnx'",
+    }[fmt]
 
     if fmt == "onnx" and "compatible OpOverload for aten.sub" in raw:
         return ExportError(
@@ -130,6 +134,6 @@ def diagnose(exc: BaseException, model: nn.Module, *, fmt: str, during: str) -> 
         f"{step} failed{at}: {_first_lines(str(exc))}",
         module=module,
         step=step,
-        hint=f"an operator or construct this exporter does not support: try format={others}"
+        hint=f"an operator or construct this exporter does not support: try {others}"
         + (", or another opset" if fmt == "onnx" else ""),
     )
