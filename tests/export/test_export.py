@@ -306,3 +306,18 @@ def test_missing_onnx_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyP
         tk.export(model, x, tmp_path / "m.onnx")
     assert "torchkeep[onnx]" in (info.value.hint or "")
     assert list(tmp_path.iterdir()) == []
+
+
+class _ReturnsAnInt(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return x * 2, x.argmax(-1), x.shape[1]
+
+
+@needs_onnx
+def test_non_tensor_outputs(tmp_path: Path) -> None:
+    x = torch.randn(2, 4)
+    with pytest.raises(tk.ExportError, match=r"returns output\[2\] = 4"):
+        tk.export(_ReturnsAnInt(), x, tmp_path / "m.onnx")
+    report = tk.export(_ReturnsAnInt(), x, tmp_path / "m.pt2")  # integers compare exactly
+    assert report.outputs == ["output[0]", "output[1]", "output[2]"]
+    assert [c.dtype for c in report.worst()] == ["float32", "int64", "int64"]

@@ -308,6 +308,15 @@ def export(
             notes.append("no input has a batch dimension: nothing was made dynamic for it")
         cases = _inputs.cases(inputs, dims, batch_sizes)
         expected = [_run_eager(model, label, case) for label, case in cases]
+        constants = [f"{n} = {v!r}" for n, v in expected[0] if not isinstance(v, torch.Tensor)]
+        if fmt == "onnx" and constants:
+            raise ExportError(
+                f"an ONNX graph returns only tensors, and {type(model).__name__}.forward also "
+                f"returns {', '.join(constants)}",
+                step="the ONNX export",
+                hint="return only tensors from forward (drop the value or wrap it in "
+                "torch.tensor), or export with format='pt2', which returns it as it is",
+            )
 
         def eager() -> Any:
             with torch.no_grad():
