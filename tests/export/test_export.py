@@ -321,3 +321,14 @@ def test_non_tensor_outputs(tmp_path: Path) -> None:
     report = tk.export(_ReturnsAnInt(), x, tmp_path / "m.pt2")  # integers compare exactly
     assert report.outputs == ["output[0]", "output[1]", "output[2]"]
     assert [c.dtype for c in report.worst()] == ["float32", "int64", "int64"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_checkpoint_readers_point_exported_files_to_load_exported(tmp_path: Path, fmt: str) -> None:
+    model, x = _mlp()
+    out = tmp_path / f"m{SUFFIX[fmt]}"
+    tk.export(model, x, out, latency_runs=1)
+    for read in (tk.load, tk.inspect):
+        with pytest.raises(tk.TorchkeepError) as info:
+            read(out)
+        assert "load_exported" in (info.value.hint or "")

@@ -92,6 +92,12 @@ def detect(path: Path) -> Format:
             doc = None
         if isinstance(doc, dict) and "weight_map" in doc:
             return Format.HF_SHARDED
+    if path.suffix.lower() == ".onnx":
+        raise CorruptCheckpointError(
+            "an ONNX model, not a checkpoint",
+            path=str(path),
+            hint="run it with torchkeep.load_exported(path) or ONNX Runtime",
+        )
     raise CorruptCheckpointError(
         f"unrecognised format (first bytes {head[:8]!r})",
         path=str(path),

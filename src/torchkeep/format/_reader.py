@@ -31,11 +31,19 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _refuse_code_archive(path: Path, fmt: Format) -> UnsafeCheckpointError:
-    what = "a TorchScript archive" if fmt is Format.TORCHSCRIPT else "a torch.export archive"
+    if fmt is Format.TORCHSCRIPT:
+        what = "a TorchScript archive"
+        hint = "run it with torchkeep.load_exported(path, trust=True) if you trust its origin"
+    else:
+        what = "a torch.export archive"
+        hint = (
+            "run it with torchkeep.load_exported(path), which refuses archives with pickles "
+            "or compiled code"
+        )
     return UnsafeCheckpointError(
         f"{what} holds a program, not a checkpoint; torchkeep.load does not run programs",
         path=str(path),
-        hint="load it with torch.jit.load / torch.export.load if you trust it",
+        hint=hint,
     )
 
 
