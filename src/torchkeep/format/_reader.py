@@ -33,7 +33,7 @@ WEIGHTS_FILE = "model.safetensors"
 def _refuse_code_archive(path: Path, fmt: Format) -> UnsafeCheckpointError:
     if fmt is Format.TORCHSCRIPT:
         what = "a TorchScript archive"
-        hint = "run it with torchkeep.load_exported(path, trust=True) if you trust its origin"
+        hint = "if you trust its origin, run it with torchkeep.load_exported(path, trust=True) or torch.jit.load"
     else:
         what = "a torch.export archive"
         hint = (
