@@ -14,6 +14,7 @@ import torch
 
 import torchkeep as tk
 from tests.export import _models as m
+from torchkeep.format._pickle_scan import COMPILED_CODE
 
 
 class _Payload:
@@ -51,6 +52,8 @@ def _pickled_sample_inputs(marker: Path) -> bytes:
 
 def test_a_clean_export_loads(clean_pt2: Path) -> None:
     assert tk.load_exported(clean_pt2)(torch.randn(3, 12)).shape == (3, 3)
+    scan = tk.scan(clean_pt2)  # the pickle inside (sample inputs) needs only safe globals
+    assert scan.is_safe and any("sample_inputs" in r for r in scan.records)
 
 
 def test_sample_inputs_that_need_code_are_refused_before_torch_runs_them(
@@ -65,6 +68,7 @@ def test_sample_inputs_that_need_code_are_refused_before_torch_runs_them(
     )
     with pytest.raises(tk.UnsafeCheckpointError, match="sample_inputs"):
         tk.load_exported(bad)
+    assert "posix.system" in tk.scan(bad).unsafe  # scan names it, statically
     assert not marker.exists()
     # The trap is real: torch.export.load falls back to weights_only=False and runs it.
     with pytest.raises(Exception):  # noqa: B017 - what fails after the payload ran varies
@@ -93,6 +97,7 @@ def test_compiled_code_is_refused_unless_trusted(clean_pt2: Path, tmp_path: Path
         z.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
     with pytest.raises(tk.UnsafeCheckpointError, match="compiled code"):
         tk.load_exported(bad)
+    assert COMPILED_CODE in tk.scan(bad).unsafe
     # Trusted, it reaches torch, which does try to load the library as an AOTInductor package.
     with pytest.raises(tk.ExportError, match="cannot load"):
         tk.load_exported(bad, trust=True)

@@ -70,7 +70,7 @@ def scan_command(
             verdict = "safe" if s.is_safe else f"UNSAFE: {len(s.unsafe)} dangerous global(s)"
             print_heading(f"{s.path}: {verdict}")
             if not s.records:
-                print_line("  no pickle inside (safetensors): nothing can run on load")
+                print_line("  no pickle inside: nothing can run on load")
                 continue
             rows = [[g, "DANGEROUS" if g in s.unsafe else "allowed"] for g in s.globals]
             rows += [[g, "DANGEROUS"] for g in s.unsafe if g not in s.globals]

@@ -23,6 +23,7 @@ import copyreg
 import functools
 import importlib
 import io
+import json
 import os
 import pickletools
 import stat
@@ -44,6 +45,7 @@ from torchkeep.errors import (
 )
 
 __all__ = [
+    "COMPILED_CODE",
     "TAR_FORMAT",
     "UNRESOLVED",
     "PickleScan",
@@ -54,6 +56,8 @@ __all__ = [
 
 UNRESOLVED = "<unresolved STACK_GLOBAL>"
 TAR_FORMAT = "<tar format of PyTorch < 0.4>"
+COMPILED_CODE = "<compiled code (a shared library)>"
+_COMPILED = (".so", ".dll", ".dylib", ".pyd", ".cubin", ".o", ".hsaco", ".spv")
 MAX_RECORD_BYTES = 512 * 1024 * 1024  # a data.pkl holds structure only; tensors live elsewhere
 LEGACY_PICKLES = 5  # magic number, protocol version, sys_info, the object, the storage keys
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -88,8 +92,9 @@ class PickleScan:
             ``"<pickle 0>"``, ``"<pickle 1>"``... for the legacy format and bare pickles.
         globals: every ``module.qualname`` the file would import, in first-seen order.
         unsafe: those torch's ``weights_only`` unpickler refuses (:func:`is_allowed_global`),
-            including :data:`UNRESOLVED` for a ``STACK_GLOBAL`` whose operands are unknown and
-            :data:`TAR_FORMAT` for the pre-0.4 tar format (refused by torch, not scanned).
+            including :data:`UNRESOLVED` for a ``STACK_GLOBAL`` whose operands are unknown,
+            :data:`TAR_FORMAT` for the pre-0.4 tar format (refused by torch, not scanned) and
+            :data:`COMPILED_CODE` for a shared library in a ``.pt2`` archive.
     """
 
     path: str
@@ -309,6 +314,8 @@ def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
     try:
         with zipfile.ZipFile(f) as archive:
             infos = [i for i in archive.infolist() if i.filename.endswith(".pkl")]
+            if not infos and any(n.endswith("/archive_format") for n in archive.namelist()):
+                return _scan_export_archive(archive, path, found)
             if not infos:
                 raise CorruptCheckpointError(
                     "zip archive holds no .pkl record", path=path, hint=_HINT_CORRUPT
@@ -332,6 +339,56 @@ def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
         raise
     except _ZIP_ERRORS as exc:
         raise _broken(path, "zip archive", str(exc) or type(exc).__name__, found) from exc
+    return records
+
+
+def _member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    info = archive.getinfo(name)
+    if info.file_size > MAX_RECORD_BYTES:
+        raise CorruptCheckpointError(
+            f"{name} declares {info.file_size} bytes uncompressed (a zip bomb?)",
+            path=path,
+            hint=_HINT_CORRUPT,
+        )
+    with archive.open(info) as member:
+        return member.read(MAX_RECORD_BYTES)
+
+
+def _scan_export_archive(archive: zipfile.ZipFile, path: str, found: dict[str, None]) -> list[str]:
+    """A ``torch.export`` archive (``.pt2``): the pickles ``torch.export.load`` would unpickle
+    (sample inputs, tensors and objects its payload tables mark as pickled) and compiled code."""
+    records: list[str] = []
+    names = archive.namelist()
+    pickled: list[str] = []
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if name.endswith(_COMPILED) or "/data/aotinductor/" in name:
+            found[COMPILED_CODE] = None
+            records.append(name)
+        elif "/data/sample_inputs/" in name or (
+            "/data/constants/" in name and base.startswith(("custom_obj", "opaque_obj"))
+        ):
+            pickled.append(name)
+        elif base.endswith(("_weights_config.json", "_constants_config.json")):
+            try:
+                table = json.loads(_member(archive, name, path))["config"].values()
+                directory = name.rsplit("/", 1)[0]
+                pickled += [f"{directory}/{e['path_name']}" for e in table if e.get("use_pickle")]
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise _broken(path, name, f"not a payload table ({exc})", found) from exc
+    for name in dict.fromkeys(pickled):
+        if name not in names:
+            continue
+        data = _member(archive, name, path)
+        if data.startswith(_ZIP_MAGIC):  # torch.save bytes inside the archive
+            inner = _scan_zip(io.BytesIO(data), f"{path}:{name}", found)
+            records += [f"{name}:{r}" for r in inner]
+        elif data:
+            try:
+                _scan_stream(_Reader(io.BytesIO(data), len(data)), 1, found, [])
+            except _Malformed as exc:
+                raise _broken(path, name, str(exc), found) from exc
+            records.append(name)
     return records
 
 
