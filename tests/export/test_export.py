@@ -332,3 +332,25 @@ def test_checkpoint_readers_point_exported_files_to_load_exported(tmp_path: Path
         with pytest.raises(tk.TorchkeepError) as info:
             read(out)
         assert "load_exported" in (info.value.hint or "")
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_padded_attention_verifies(tmp_path: Path) -> None:
+    """nn.TransformerEncoder's eval fast path zeroes padded positions; exports compute them."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2).eval()  # nested tensors: the eval fast path
+    x = torch.randn(2, 6, 16)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+            return self.encoder(x, src_key_padding_mask=pad)
+
+    report = tk.export(Model(), (x, pad), tmp_path / "enc.pt2", latency_runs=1)
+    assert report.ok and any("fast path" in n for n in report.notes)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

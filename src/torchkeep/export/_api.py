@@ -84,6 +84,31 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextlib.contextmanager
+def _attention_slow_path(model: nn.Module, notes: list[str]) -> Iterator[None]:
+    """Run nn.MultiheadAttention and nn.TransformerEncoderLayer on their plain path.
+
+    In eval mode their "fast path" packs padded sequences into nested tensors and returns 0 at
+    padded positions, where an exported graph computes values: every export of a padded batch
+    would fail verification on positions nothing reads. The plain path computes the same
+    values elsewhere.
+    """
+    kinds = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    if not enabled or not any(isinstance(m, kinds) for m in model.modules()):
+        yield
+        return
+    torch.backends.mha.set_fastpath_enabled(False)
+    notes.append(
+        "the eager model ran without the attention fast path (torch.backends.mha), which "
+        "returns 0 at padded positions where exported graphs compute values"
+    )
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def _run_eager(model: nn.Module, case: str, inputs: Inputs) -> list[tuple[str, Any]]:
     try:
         with torch.no_grad():
@@ -298,7 +323,7 @@ def export(
         "opset": opset,
         "external_data": external_data,
     }
-    with _eval_mode(model):
+    with _eval_mode(model), _attention_slow_path(model, notes):
         if dynamic_batch and _inputs.batch_size(inputs) == 1:
             inputs = _inputs.ensure_batch(inputs)
             notes.append("the example batch of 1 was tiled to 2: torch.export fixes a batch of 1")
