@@ -354,3 +354,18 @@ def test_padded_attention_verifies(tmp_path: Path) -> None:
     report = tk.export(Model(), (x, pad), tmp_path / "enc.pt2", latency_runs=1)
     assert report.ok and any("fast path" in n for n in report.notes)
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_a_killed_exports_staging_directory_is_swept(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    leftover = tmp_path / f".m.pt2.tkp-{dead.stdout.strip()}-0badc0de"
+    leftover.mkdir()
+    (leftover / "m.pt2").write_bytes(b"half-written")
+    model, x = _mlp()
+    tk.export(model, x, tmp_path / "m.pt2", latency_runs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
