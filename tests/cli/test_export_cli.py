@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 from typer.testing import CliRunner
 
@@ -103,6 +104,8 @@ def test_bad_arguments_are_usage_errors(runner: CliRunner, tmp_path: Path) -> No
         ),
         (["--example-shape", "2,4", "--dtype", "int64", "--dtype", "bool"], "2 --dtype for 1"),
         (["--example-shape", "2,4", "--dynamic-dim", "0:one:seq"], "INPUT:DIM:NAME"),
+        ([], "give either --example-shape"),
+        (["--example-shape", "2,4", "--example-inputs", "x.safetensors"], "give either"),
     ]:
         result = runner.invoke(app, ["export", str(tmp_path / "nothing"), *args, "-o", out])
         assert result.exit_code == 2, (args, result.output)
@@ -165,3 +168,25 @@ def test_the_model_class_is_found_in_the_working_directory(
     )
     assert proc.returncode == 0, proc.stderr
     assert "runs/x@latest (Net)" in proc.stdout and (tmp_path / "net.pt2").is_file()
+
+
+def test_real_example_inputs_from_a_file(tmp_path: Path) -> None:
+    """Inputs saved by name go to forward by name; integer ids keep their values."""
+    x = torch.randn(3, 4)
+    tk.save({"x": x}, tmp_path / "inputs.safetensors")
+    out = tmp_path / "tiny.pt2"
+    proc = run_torchkeep(
+        "export",
+        saved(TinyNet(), tmp_path),
+        "--example-inputs",
+        str(tmp_path / "inputs.safetensors"),
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["inputs"] == [
+        {"name": "x", "shape": [3, 4], "dtype": "float32", "dynamic": {"0": "batch"}}
+    ]
+    assert report["cases"] == ["example (batch 3)", "batch 1", "batch 4"]

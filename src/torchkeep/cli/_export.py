@@ -308,7 +308,7 @@ def export_command(
         ),
     ],
     example_shape: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--example-shape",
             metavar="SHAPE",
@@ -316,7 +316,18 @@ def export_command(
             "in forward's order.",
             show_default=False,
         ),
-    ],
+    ] = None,
+    example_file: Annotated[
+        str | None,
+        typer.Option(
+            "--example-inputs",
+            metavar="FILE",
+            help="Real example inputs instead of random ones: a file of tensors that "
+            "torchkeep.load reads (e.g. saved with tk.save({'input_ids': ..., ...})), passed "
+            "to forward by name (a dict) or in order (a list or tuple).",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[
         list[str] | None,
         typer.Option(
@@ -401,8 +412,16 @@ def export_command(
     # it cannot shadow an installed package): a console script's sys.path does not hold it.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    shapes = [parse_shape(s) for s in example_shape]
-    inputs = example_inputs(shapes, _dtypes(dtype or [], len(shapes)))
+    if (example_file is None) == (not example_shape):
+        fail("give either --example-shape (random inputs) or --example-inputs FILE", code=2)
+    inputs: Any
+    if example_file is not None:
+        if dtype:
+            fail("--dtype applies to --example-shape; --example-inputs keeps the file's", code=2)
+        inputs = tk.load(example_file)
+    else:
+        shapes = [parse_shape(s) for s in example_shape or []]
+        inputs = example_inputs(shapes, _dtypes(dtype or [], len(shapes)))
     dims = parse_dynamic_dims(dynamic_dim or [])
     target = fmt.value if fmt is not None else output
     try:
