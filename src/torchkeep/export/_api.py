@@ -278,7 +278,8 @@ def export(
 
     Args:
         model_or_ref: an ``nn.Module``, a :func:`save_model` directory, or a checkpoint
-            reference whose run recorded the model's class (``"runs/exp1@best"``).
+            reference whose run recorded the model's class (``"runs/exp1@best"``, rebuilt by
+            :func:`load_model`; for another app entry, pass ``load_model(ref, key="ema")``).
         example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword
             arguments of ``forward`` (nested tuples, lists and dicts of tensors are fine).
         path: where to write: ``.onnx`` (weights over 1.5 GiB go to ``.onnx.data`` beside it),
