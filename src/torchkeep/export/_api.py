@@ -25,6 +25,7 @@ from torchkeep.export._diagnose import diagnose
 from torchkeep.export._inputs import Inputs
 from torchkeep.export._quiet import quiet
 from torchkeep.export._report import ExportReport, OutputCheck
+from torchkeep.format import Format, detect
 from torchkeep.storage import publish, staging_directory
 
 __all__ = ["FORMATS", "export", "load_exported"]
@@ -405,14 +406,6 @@ def export(
     return report
 
 
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
 def load_exported(path: str | os.PathLike[str], *, trust: bool = False) -> Callable[..., Any]:
     """Load an exported artifact as a callable taking the model's inputs, without its code.
 
@@ -432,7 +425,7 @@ def load_exported(path: str | os.PathLike[str], *, trust: bool = False) -> Calla
     suffix = p.suffix.lower()
     if suffix == ".onnx":
         return _onnx.OnnxModel(p)
-    if suffix == ".pt2" or (zipfile.is_zipfile(p) and not _is_torchscript(p)):
+    if suffix == ".pt2" or (zipfile.is_zipfile(p) and detect(p) is not Format.TORCHSCRIPT):
         return _pt2.load(p, trust=trust).module()
     if not trust:
         raise UnsafeCheckpointError(

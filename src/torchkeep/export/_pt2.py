@@ -26,10 +26,10 @@ from torchkeep.errors import (
     UnsafeCheckpointError,
 )
 from torchkeep.export._inputs import Inputs
+from torchkeep.format._pickle_scan import is_compiled_code, read_member
 
 __all__ = ["capture", "check_archive", "load", "static_dims"]
 
-_COMPILED = (".so", ".dll", ".dylib", ".pyd", ".cubin", ".o", ".hsaco", ".spv")
 _TRUST_HINT = "export it again with torchkeep, or pass trust=True if you trust its origin"
 
 
@@ -58,13 +58,6 @@ def static_dims(
             if isinstance(size, int):
                 out.append(f"{name} dim {dim} ({label}) = {size}")
     return out
-
-
-def _member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
-    info = archive.getinfo(name)
-    if info.file_size > 1 << 30:
-        raise CorruptCheckpointError(f"{name} declares {info.file_size} bytes", path=path)
-    return archive.read(info)
 
 
 def _unsafe(path: str, what: str, globals_: list[str] | None = None) -> UnsafeCheckpointError:
@@ -100,7 +93,7 @@ def check_archive(path: Path, *, trust: bool) -> None:
                 raise CorruptCheckpointError(f"archive member {name!r} escapes the archive", path=p)
         if trust:
             return
-        compiled = [n for n in names if n.endswith(_COMPILED) or "/data/aotinductor/" in n]
+        compiled = [n for n in names if is_compiled_code(n)]
         if compiled:
             raise _unsafe(p, f"it holds compiled code ({', '.join(compiled[:3])})")
         if root + "archive_format" not in names:
@@ -110,9 +103,9 @@ def check_archive(path: Path, *, trust: bool) -> None:
             if rel.startswith("data/constants/") and rel.endswith(".pt"):
                 raise _unsafe(p, f"{rel} is a pickled constants file")
             if rel.endswith(("_weights_config.json", "_constants_config.json")):
-                _check_config(p, rel, _member(archive, name, p))
+                _check_config(p, rel, read_member(archive, name, p))
             if rel.startswith("data/sample_inputs/"):
-                _check_sample_inputs(p, rel, _member(archive, name, p))
+                _check_sample_inputs(p, rel, read_member(archive, name, p))
 
 
 def _check_config(path: str, rel: str, data: bytes) -> None:

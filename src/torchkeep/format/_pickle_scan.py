@@ -321,15 +321,7 @@ def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
                     "zip archive holds no .pkl record", path=path, hint=_HINT_CORRUPT
                 )
             for info in infos:
-                if info.file_size > MAX_RECORD_BYTES:
-                    raise CorruptCheckpointError(
-                        f"{info.filename} declares {info.file_size} bytes uncompressed, over "
-                        f"the {MAX_RECORD_BYTES >> 20} MiB limit (a zip bomb?)",
-                        path=path,
-                        hint=_HINT_CORRUPT,
-                    )
-                with archive.open(info) as member:  # zipfile stops at the declared size
-                    data = member.read(MAX_RECORD_BYTES)
+                data = read_member(archive, info.filename, path)
                 records.append(info.filename)
                 try:  # torch reads one pickle per record and ignores what follows its STOP
                     _scan_stream(_Reader(io.BytesIO(data), len(data)), 1, found, [])
@@ -342,16 +334,24 @@ def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
     return records
 
 
-def _member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+def read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    """The bytes of one archive member, refusing one that declares more than
+    :data:`MAX_RECORD_BYTES` (a zip bomb)."""
     info = archive.getinfo(name)
     if info.file_size > MAX_RECORD_BYTES:
         raise CorruptCheckpointError(
-            f"{name} declares {info.file_size} bytes uncompressed (a zip bomb?)",
+            f"{name} declares {info.file_size} bytes uncompressed, over "
+            f"the {MAX_RECORD_BYTES >> 20} MiB limit (a zip bomb?)",
             path=path,
             hint=_HINT_CORRUPT,
         )
-    with archive.open(info) as member:
+    with archive.open(info) as member:  # zipfile stops at the declared size
         return member.read(MAX_RECORD_BYTES)
+
+
+def is_compiled_code(name: str) -> bool:
+    """An archive member that is a shared library or AOTInductor output: loading runs it."""
+    return name.endswith(_COMPILED) or "/data/aotinductor/" in name
 
 
 def _scan_export_archive(archive: zipfile.ZipFile, path: str, found: dict[str, None]) -> list[str]:
@@ -362,7 +362,7 @@ def _scan_export_archive(archive: zipfile.ZipFile, path: str, found: dict[str, N
     pickled: list[str] = []
     for name in names:
         base = name.rsplit("/", 1)[-1]
-        if name.endswith(_COMPILED) or "/data/aotinductor/" in name:
+        if is_compiled_code(name):
             found[COMPILED_CODE] = None
             records.append(name)
         elif "/data/sample_inputs/" in name or (
@@ -371,7 +371,7 @@ def _scan_export_archive(archive: zipfile.ZipFile, path: str, found: dict[str, N
             pickled.append(name)
         elif base.endswith(("_weights_config.json", "_constants_config.json")):
             try:
-                table = json.loads(_member(archive, name, path))["config"].values()
+                table = json.loads(read_member(archive, name, path))["config"].values()
                 directory = name.rsplit("/", 1)[0]
                 pickled += [f"{directory}/{e['path_name']}" for e in table if e.get("use_pickle")]
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -379,7 +379,7 @@ def _scan_export_archive(archive: zipfile.ZipFile, path: str, found: dict[str, N
     for name in dict.fromkeys(pickled):
         if name not in names:
             continue
-        data = _member(archive, name, path)
+        data = read_member(archive, name, path)
         if data.startswith(_ZIP_MAGIC):  # torch.save bytes inside the archive
             inner = _scan_zip(io.BytesIO(data), f"{path}:{name}", found)
             records += [f"{name}:{r}" for r in inner]
