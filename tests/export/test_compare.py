@@ -101,3 +101,15 @@ def test_dynamic_dims_round_trip(items: list[tuple[int | str, int, str]]) -> Non
     for key, dim, name in items:
         expected.setdefault(key, {})[dim] = name
     assert parse_dynamic_dims([f"{k}:{d}:{n}" for k, d, n in items]) == expected
+
+
+def test_dtypes_shape_the_random_example_inputs() -> None:
+    from torchkeep.cli._export import _dtypes, example_inputs
+
+    dtypes = _dtypes(["int64", "bool", "float64"], 3)
+    ids, mask, x = example_inputs([(2, 5), (2, 5), (2, 3)], dtypes)
+    assert (ids.dtype, mask.dtype, x.dtype) == (torch.int64, torch.bool, torch.float64)
+    assert set(ids.unique().tolist()) <= {0, 1}  # valid token ids and masks
+    assert _dtypes(["fp16"], 2) == [torch.float16, torch.float16]
+    again = example_inputs([(2, 5), (2, 5), (2, 3)], dtypes)[2]
+    assert torch.equal(again, x)  # a fixed seed: the same example every run
