@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import subprocess
 import zipfile
 from collections import OrderedDict
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torchkeep
@@ -64,6 +67,101 @@ def test_detect_each_format_from_its_bytes(tmp_path: Path) -> None:
         assert detect(tmp_path / name) is fmt, name
     torchkeep.save_model(MLP(), tmp_path / "model", config={})
     assert detect(tmp_path / "model") is Format.MODEL_DIR
+
+
+_TENSORS = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([7, 8])}
+
+
+def _padded_safetensors(n: int, lead: bytes, space: bytes) -> bytes:
+    """A valid safetensors file whose header is exactly ``n`` bytes: ``lead``, JSON, ``space``*."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    data = b""
+    for key, t in _TENSORS.items():
+        raw = t.numpy().tobytes()
+        code = "F32" if t.dtype == torch.float32 else "I64"
+        header[key] = {
+            "dtype": code,
+            "shape": list(t.shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    text = lead + json.dumps(header).encode()
+    assert len(text) <= n
+    text += (space * n)[: n - len(text)]
+    return struct.pack("<Q", n) + text + data
+
+
+def _min_header() -> int:
+    return len(_padded_safetensors(1 << 12, b"", b" ")) - 8 - (1 << 12) + 200  # room for lead
+
+
+# Header lengths whose first byte reads as another format's magic: 0x80 (a pickle's PROTO),
+# "P" (a zip's PK), "L" (a protocol-0 pickle's LONG), "{" (JSON), and all the others.
+_LENGTHS = st.one_of(
+    st.integers(min_value=300, max_value=5000),
+    st.builds(
+        lambda k, low: 256 * k + low, st.integers(2, 400), st.sampled_from([0x80, 0x50, 0x4C, 0x7B])
+    ),
+)
+
+
+@given(
+    n=_LENGTHS,
+    lead=st.text(alphabet=" \t\n\r", max_size=100).map(str.encode),
+    space=st.sampled_from([b" ", b"\t", b"\n", b"\r", b" \n"]),
+)
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_detect_safetensors_whatever_its_header_length_and_padding(
+    tmp_path: Path, n: int, lead: bytes, space: bytes
+) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_padded_safetensors(n, lead, space))
+    assert detect(path) is Format.SAFETENSORS
+    loaded = torchkeep.load(path)
+    assert loaded.keys() == _TENSORS.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in _TENSORS.items())
+    assert torchkeep.inspect(path).format == "safetensors"
+    if not lead:  # the layout its own writers make: safetensors agrees it is valid
+        peer = safetensors.torch.load_file(str(path))
+        assert all(torch.equal(peer[k], v) for k, v in _TENSORS.items())
+
+
+@pytest.mark.slow
+def test_detect_safetensors_whose_length_spells_pk(tmp_path: Path) -> None:
+    n = 0x04034B50  # 67 MB of header: the file starts with b"PK\x03\x04", a zip's magic
+    path = tmp_path / "pk.safetensors"
+    path.write_bytes(_padded_safetensors(n, b"", b" "))
+    assert path.read_bytes()[:4] == b"PK\x03\x04"
+    assert detect(path) is Format.SAFETENSORS
+    assert torch.equal(torchkeep.load(path)["a"], _TENSORS["a"])
+
+
+@given(
+    legacy=st.booleans(),
+    protocol=st.integers(min_value=0, max_value=5),
+    size=st.integers(min_value=0, max_value=300),
+)
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_detect_every_torch_save_layout(
+    tmp_path: Path, legacy: bool, protocol: int, size: int
+) -> None:
+    obj = {"w": torch.arange(size, dtype=torch.float32), "step": size}
+    path = tmp_path / "x.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy, pickle_protocol=protocol)
+    assert detect(path) is (Format.TORCH_LEGACY if legacy else Format.TORCH_ZIP)
+    if protocol >= 1:  # torch.load itself cannot read protocol 0 (persistent ids turn to str)
+        loaded = torchkeep.load(path, trust=True)  # our own file; the safe unpickler reads 2, 3
+        assert loaded["step"] == size and torch.equal(loaded["w"], obj["w"])
+    if protocol in (2, 3):
+        assert torch.equal(torchkeep.load(path)["w"], obj["w"])
 
 
 def test_inspect_reports_the_detected_format(tmp_path: Path) -> None:

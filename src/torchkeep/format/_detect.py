@@ -4,14 +4,24 @@
 format              recognised by
 ==================  =========================================================================
 torchkeep           safetensors whose header metadata has a ``torchkeep`` entry
-safetensors         8-byte little-endian header length, then ``{`` (JSON)
+safetensors         8-byte little-endian header length ``N`` (at most 100 MiB), then ``{`` after
+                    optional JSON whitespace
 torch-zip           a zip archive (``PK\\x03\\x04``) holding ``<name>/data.pkl``
-torch-legacy        a pickle stream (``\\x80`` protocol opcode): ``torch.save`` before 1.6
+torch-legacy        a pickle stream (``\\x80`` and a protocol 2-5, or torch's magic number as
+                    text for protocols 0 and 1): ``torch.save`` before 1.6, or with
+                    ``_use_new_zipfile_serialization=False``
 torchscript         a zip holding ``constants.pkl`` or ``code/`` (``torch.jit.save``)
 torch-export        a zip holding ``archive_format`` or ``models/`` (``torch.export.save``)
 hf-sharded          JSON with a ``weight_map`` (``*.safetensors.index.json``, ``*.bin.index.json``)
 torchkeep-model     a directory with ``torchkeep_model.json`` (``torchkeep.save_model``)
 ==================  =========================================================================
+
+Safetensors is tried first, because its first bytes are a number and can be anything: a header
+of 128 + 256k bytes starts with ``\\x80`` like a pickle, one of 0x04034B50 bytes with ``PK\\x03\\x04``
+like a zip. The test is structural (a plausible length, then JSON's ``{`` at byte 8), and no other
+format passes it: a zip has its compression method at byte 8 (0 or 8), a torch pickle its magic
+number or a frame length, and JSON text (a sharded index) an ASCII start, which as a length is far
+beyond the limit.
 """
 
 from __future__ import annotations
@@ -23,8 +33,10 @@ import struct
 import zipfile
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.format._safetensors import HEADER_LIMIT
 
 MODEL_FILE = "torchkeep_model.json"
 HF_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -72,19 +84,17 @@ def detect(path: Path) -> Format:
     """The format of the file (or model directory) at ``path``, from its content."""
     if path.is_dir():
         return Format.MODEL_DIR
-    with open(path, "rb") as f:
-        head = f.read(9)
     size = path.stat().st_size
     if size == 0:
         raise CorruptCheckpointError("the file is empty (0 bytes)", path=str(path), hint=_HINT)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if _is_safetensors(f, head):
+            return Format.SAFETENSORS  # torchkeep or plain: the reader validates the header
     if head.startswith(b"PK\x03\x04"):
         return _zip_kind(path)
-    if head[:1] == b"\x80":
+    if (head[:1] == b"\x80" and head[1:2] in _PICKLE_PROTOCOLS) or head.startswith(_TEXT_MAGIC):
         return Format.TORCH_LEGACY
-    if len(head) == 9 and head[8:9] == b"{":
-        (n,) = struct.unpack("<Q", head[:8])
-        if n <= 100 * 1024 * 1024:
-            return Format.SAFETENSORS  # torchkeep or plain: the reader validates the header
     if head.lstrip()[:1] == b"{" and size < 64 * 1024 * 1024:
         try:
             doc = json.loads(path.read_bytes())
@@ -107,6 +117,34 @@ def detect(path: Path) -> Format:
 
 
 _HINT = "the file is damaged or was never written completely; restore it from a copy"
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
+# torch.save's magic number, pickled with protocol 0 or 1 (a LONG opcode in decimal text).
+_TEXT_MAGIC = b"L119547037146038801333356L\n"
+_JSON_SPACE = b" \t\n\r"
+
+
+def _is_safetensors(f: BinaryIO, head: bytes) -> bool:
+    """True when the file opens like safetensors: a length within the limit, then a JSON object.
+
+    The header may start with whitespace (JSON allows it; writers pad at the end, some at the
+    start), so the first character that is not whitespace must be ``{``, within the header.
+    """
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    if n == 0 or n > HEADER_LIMIT:
+        return False
+    f.seek(8)
+    remaining = n
+    while remaining > 0:
+        chunk = f.read(min(remaining, 64 * 1024))
+        if not chunk:  # truncated inside leading whitespace: not worth calling safetensors
+            return False
+        rest = chunk.lstrip(_JSON_SPACE)
+        if rest:
+            return rest[:1] == b"{"
+        remaining -= len(chunk)
+    return False
 
 
 def _zip_kind(path: Path) -> Format:
