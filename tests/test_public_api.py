@@ -34,6 +34,7 @@ EXPECTED_ALL = [
     "StorageError",
     "TensorDiff",
     "TensorInfo",
+    "Tie",
     "TorchkeepError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import torchkeep
-from torchkeep import IncompatibleStateError, LoadReport, Mismatch
+from torchkeep import IncompatibleStateError, LoadReport, Mismatch, Tie
 from torchkeep.state import find_state
 
 from ..models import (
@@ -237,6 +237,73 @@ def test_tied_weights_stay_tied(tmp_path: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", SOURCES)
+@pytest.mark.parametrize("dropped", ["out.weight", "emb.weight"])
+def test_a_tie_the_writer_dropped_loads_through_the_module(
+    tmp_path: Path, kind: str, dropped: str
+) -> None:
+    # save_pretrained and safetensors.torch.save_model store a tied tensor under one name only
+    src = fill_(TiedLM(), 1)
+    state = {k: v for k, v in src.state_dict().items() if k != dropped}
+    kept = "emb.weight" if dropped == "out.weight" else "out.weight"
+    dst = fill_(TiedLM(), 2)
+    report = torchkeep.load_into(dst, source_of(state, kind, tmp_path))  # strict by default
+    assert report.ok and report.missing == ()
+    assert report.loaded == (kept,) and report.tied == (Tie(key=dropped, to=kept),)
+    assert dst.out.weight is dst.emb.weight and torch.equal(dst.emb.weight, src.emb.weight)
+    assert "1 tied" in str(report) and f"through {kept}" in str(report)
+    assert report.to_dict()["tied"] == [{"key": dropped, "to": kept}]
+
+
+class TiedHeads(nn.Module):
+    """Two heads tied to one embedding, a buffer sharing a parameter's memory, an untied layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.a = nn.Linear(3, 5, bias=False)
+        self.b = nn.Linear(3, 5, bias=False)
+        self.a.weight = self.emb.weight
+        self.b.weight = self.emb.weight
+        self.register_buffer("view", self.emb.weight.data)  # same memory, another tensor
+        self.fc = nn.Linear(3, 3)
+
+
+def test_ties_of_several_names_and_of_shared_memory() -> None:
+    src = fill_(TiedHeads(), 1)
+    state = {k: v for k, v in src.state_dict().items() if k in ("b.weight", "fc.weight", "fc.bias")}
+    dst = fill_(TiedHeads(), 2)
+    report = torchkeep.load_into(dst, state)
+    assert report.ok
+    assert {(t.key, t.to) for t in report.tied} == {
+        ("emb.weight", "b.weight"),
+        ("a.weight", "b.weight"),
+        ("view", "b.weight"),
+    }
+    assert torch.equal(dst.view, src.emb.weight) and torch.equal(dst.a.weight, src.b.weight)
+
+
+def test_a_tie_whose_counterpart_is_missing_too_stays_missing() -> None:
+    src = fill_(TiedHeads(), 1)
+    state = {k: v for k, v in src.state_dict().items() if k.startswith("fc.")}
+    dst = TiedHeads()
+    with pytest.raises(IncompatibleStateError, match="4 missing"):
+        torchkeep.load_into(dst, state)
+    report = torchkeep.load_into(dst, state, strict=False)
+    assert set(report.missing) == {"emb.weight", "a.weight", "b.weight", "view"}
+    assert report.tied == ()
+
+
+def test_a_tie_whose_counterpart_has_another_shape_is_not_loaded() -> None:
+    state = {"emb.weight": torch.ones(7, 6)}  # TiedLM(11, 6) expects (11, 6)
+    dst = fill_(TiedLM(), 2)
+    with pytest.raises(IncompatibleStateError) as err:
+        torchkeep.load_into(dst, state)
+    report = err.value.report
+    assert report.missing == ("out.weight",) and report.tied == ()
+    assert [m.key for m in report.mismatched] == ["emb.weight"]
+
+
+@pytest.mark.parametrize("kind", SOURCES)
 def test_non_contiguous_parameter(tmp_path: Path, kind: str) -> None:
     src = fill_(TransposedWeight(), 1)
     dst = fill_(TransposedWeight(), 2)
@@ -360,13 +427,15 @@ def test_report_str_and_dict() -> None:
         missing=("b",),
         unexpected=("c",),
         mismatched=(Mismatch(key="d", expected=(1, 2), found=(3,)),),
+        tied=(Tie(key="e", to="a"),),
         source="x.safetensors",
         entry="model",
     )
     text = str(report)
-    assert text.startswith("LoadReport: 1 loaded, 1 missing, 1 unexpected, 1 mismatched")
-    for needle in ("b", "missing", "c", "unexpected", "d", "(1, 2)", "(3)"):
+    assert text.startswith("LoadReport: 1 loaded, 1 missing, 1 unexpected, 1 mismatched, 1 tied")
+    for needle in ("b", "missing", "c", "unexpected", "d", "(1, 2)", "(3)", "through a"):
         assert needle in text
+    assert report.table().splitlines()[-1].split() == ["e", "tied", "present", "through", "a"]
     assert report.to_dict() == {
         "source": "x.safetensors",
         "entry": "model",
@@ -374,6 +443,7 @@ def test_report_str_and_dict() -> None:
         "missing": ["b"],
         "unexpected": ["c"],
         "mismatched": [{"key": "d", "expected": [1, 2], "found": [3]}],
+        "tied": [{"key": "e", "to": "a"}],
         "renamed": [],
     }
     assert LoadReport(loaded=("a",)).table() == ""

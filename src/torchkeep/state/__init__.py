@@ -11,7 +11,7 @@ from torchkeep.state._config import (
 from torchkeep.state._freeze import freeze, trainable_param_groups, unfreeze
 from torchkeep.state._keys import adapt_keys, renamed_state, unwrap_module
 from torchkeep.state._loading import apply, check, find_state, plan
-from torchkeep.state._report import LoadReport, Mismatch
+from torchkeep.state._report import LoadReport, Mismatch, Tie
 from torchkeep.state._rng import RNGState
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "LoadReport",
     "Mismatch",
     "RNGState",
+    "Tie",
     "adapt_keys",
     "apply",
     "capture_app",

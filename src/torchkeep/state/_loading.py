@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from torchkeep.errors import IncompatibleStateError, TorchkeepError
 from torchkeep.state._keys import adapt_keys
-from torchkeep.state._report import LoadReport, Mismatch
+from torchkeep.state._report import LoadReport, Mismatch, Tie
 
 # Names under which checkpoints commonly keep a model's state, tried first when scores tie.
 PREFERRED_ENTRIES = ("model_state_dict", "state_dict", "model", "module", "net", "network")
@@ -117,12 +117,44 @@ def uses_custom_loading(module: nn.Module) -> bool:
     return False
 
 
+def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two tensors of a module that are one: the same object, or the same memory."""
+    if t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
+        return ("id", id(t))
+    return (
+        str(t.device),
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+    )
+
+
+def tie_groups(expected: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """For each tensor key of a module's state, the other keys naming the same tensor.
+
+    ``expected`` is ``module.state_dict(keep_vars=True)``, which lists a tied parameter under
+    each of its names (``lm_head.weight`` and ``transformer.wte.weight`` in GPT-2); a tensor
+    shared through a view of the same memory counts too.
+    """
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for k, t in expected.items():
+        if isinstance(t, torch.Tensor):
+            groups.setdefault(_tie_key(t), []).append(k)
+    return {k: tuple(o for o in keys if o != k) for keys in groups.values() for k in keys}
+
+
 def plan(
     module: nn.Module, state: Mapping[str, Any], *, source: str | None, entry: str
 ) -> LoadReport:
-    """Compare a module's state with a checkpoint's, key by key."""
+    """Compare a module's state with a checkpoint's, key by key.
+
+    A key the checkpoint lacks whose tensor the module ties to a key the checkpoint provides
+    (with a fitting shape) is loaded through the tie and reported in ``tied``, not ``missing``.
+    """
     expected = module.state_dict(keep_vars=True)
-    missing = tuple(k for k in expected if k not in state)
+    absent = [k for k in expected if k not in state]
     unexpected = tuple(k for k in state if k not in expected)
     mismatched: list[Mismatch] = []
     loaded: list[str] = []
@@ -137,11 +169,22 @@ def plan(
             mismatched.append(Mismatch(key=k, expected=tuple(target.shape), found=found))
         else:
             loaded.append(k)
+    ties = tie_groups(expected) if absent else {}
+    done = set(loaded)
+    tied: list[Tie] = []
+    missing: list[str] = []
+    for k in absent:
+        to = next((o for o in ties.get(k, ()) if o in done), None)
+        if to is None:
+            missing.append(k)
+        else:
+            tied.append(Tie(key=k, to=to))
     return LoadReport(
         loaded=tuple(loaded),
-        missing=missing,
+        missing=tuple(missing),
         unexpected=unexpected,
         mismatched=tuple(mismatched),
+        tied=tuple(tied),
         source=source,
         entry=entry,
     )

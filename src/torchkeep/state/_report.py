@@ -19,6 +19,22 @@ class Mismatch:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Tie:
+    """A key the checkpoint lacks that was loaded anyway, through the module's own tie.
+
+    Writers that store shared tensors once (``save_pretrained``, ``safetensors.torch.save_model``)
+    drop one name of each tied pair (GPT-2's ``lm_head.weight``, T5's ``embed_tokens``); the
+    module shares that tensor with ``to``, which the checkpoint provides.
+    """
+
+    key: str
+    to: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "to": self.to}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LoadReport:
     """The outcome of loading a state into a module.
 
@@ -27,6 +43,8 @@ class LoadReport:
         missing: keys the module has and the checkpoint lacks (left at their current values).
         unexpected: keys the checkpoint has and the module lacks (ignored).
         mismatched: keys on both sides with different shapes (left untouched when skipped).
+        tied: keys the checkpoint lacks that share their tensor, in the module, with a key it
+            provides; they hold the loaded values (neither missing nor an error when strict).
         source: the file or reference that was read, when there was one.
         entry: where in the checkpoint the module's state was found (``"model_state_dict"``),
             or ``""`` when the checkpoint is the state dict itself.
@@ -38,6 +56,7 @@ class LoadReport:
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     mismatched: tuple[Mismatch, ...] = ()
+    tied: tuple[Tie, ...] = ()
     source: str | None = None
     entry: str = ""
     renamed: tuple[str, ...] = ()
@@ -56,15 +75,20 @@ class LoadReport:
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "mismatched": [m.to_dict() for m in self.mismatched],
+            "tied": [t.to_dict() for t in self.tied],
         }
 
     def table(self) -> str:
-        """A plain-text table of every key that did not load cleanly (empty when ``ok``)."""
+        """A plain-text table of every key that did not load cleanly, and of the ties.
+
+        Empty when every key of the module was found under its own name in the checkpoint.
+        """
         rows = [
             (m.key, "shape mismatch", _shape(m.expected), _shape(m.found)) for m in self.mismatched
         ]
         rows += [(k, "missing", "present", "-") for k in self.missing]
         rows += [(k, "unexpected", "-", "present") for k in self.unexpected]
+        rows += [(t.key, "tied", "present", f"through {t.to}") for t in self.tied]
         if not rows:
             return ""
         header = ("key", "problem", "expected (module)", "found (checkpoint)")
@@ -80,6 +104,8 @@ class LoadReport:
             f"LoadReport: {len(self.loaded)} loaded, {len(self.missing)} missing, "
             f"{len(self.unexpected)} unexpected, {len(self.mismatched)} mismatched"
         )
+        if self.tied:
+            head += f", {len(self.tied)} tied"
         lines = [head, *(f"  keys: {note}" for note in self.renamed)]
         if body := self.table():
             lines.append(body)
