@@ -174,3 +174,100 @@ def test_optimizer_with_other_param_groups_is_refused_on_restore(tmp_path: Path)
         smaller = torch.optim.Adam(tk.trainable_param_groups(model))
         with pytest.raises(tk.IncompatibleStateError, match="param groups"):
             mgr.restore({"model": model, "optimizer": smaller})
+
+
+class Holder(nn.Module):
+    """A LightningModule-like wrapper keeping the network as ``self.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def _stacked(kind: str, model: nn.Module) -> nn.Module:
+    """``model`` inside the real wrappers whose prefixes stack as ``kind``."""
+    if kind == "module._orig_mod.":
+        return nn.DataParallel(torch.compile(model))
+    if kind == "_orig_mod.module.":
+        return torch.compile(nn.DataParallel(model))
+    return Holder(nn.DataParallel(model))
+
+
+@pytest.mark.parametrize(
+    ("kind", "origin"),
+    [
+        ("module._orig_mod.", "DataParallel/DDP, torch.compile"),
+        ("_orig_mod.module.", "torch.compile, DataParallel/DDP"),
+        ("model.module.", "LightningModule attribute, DataParallel/DDP"),
+    ],
+)
+def test_stacked_wrapper_prefixes_are_stripped(tmp_path: Path, kind: str, origin: str) -> None:
+    torch.manual_seed(0)
+    model = net()
+    wrapped = _stacked(kind, model)
+    assert all(k.startswith(kind) for k in wrapped.state_dict())
+    tk.save(wrapped.state_dict(), tmp_path / "w.safetensors")
+    fresh = net()
+    report = tk.load_into(fresh, tmp_path / "w.safetensors")
+    assert report.ok and report.renamed == (f"stripped prefix {kind!r} ({origin})",)
+    assert same(fresh, model)
+    # and the other way: a plain checkpoint into the stacked wrappers
+    torch.manual_seed(1)
+    other = net()
+    tk.save(other.state_dict(), tmp_path / "plain.safetensors")
+    report = tk.load_into(wrapped, tmp_path / "plain.safetensors")
+    assert report.ok and report.renamed == (f"added prefix {kind!r} ({origin})",)
+    assert same(model, other)
+
+
+def test_compiled_checkpoint_into_a_data_parallel_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = net()
+    tk.save(torch.compile(model).state_dict(), tmp_path / "c.safetensors")
+    target = nn.DataParallel(net())
+    report = tk.load_into(target, tmp_path / "c.safetensors")
+    assert report.ok
+    assert report.renamed == (
+        "stripped prefix '_orig_mod.' (torch.compile)",
+        "added prefix 'module.' (DataParallel/DDP)",
+    )
+    assert same(target.module, model)
+
+
+def test_nothing_matching_is_an_error_even_when_not_strict(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = nn.Sequential()
+    source.add_module("encoder", net())
+    tk.save(source.state_dict(), tmp_path / "enc.safetensors")
+    target = nn.Sequential()
+    target.add_module("backbone", net())
+    before = target.state_dict()["backbone.0.weight"].clone()
+    for strict in (True, False):
+        with pytest.raises(tk.IncompatibleStateError, match="no tensor would be loaded") as err:
+            tk.load_into(target, tmp_path / "enc.safetensors", strict=strict)
+        hint = err.value.hint or ""
+        assert "strict=False" not in hint and "strict=False" not in str(err.value)
+        assert "'encoder.'" in hint and "'backbone.'" in hint
+        assert "rename={'^encoder\\\\.': 'backbone.'}" in hint, hint
+        assert torch.equal(target.state_dict()["backbone.0.weight"], before)
+    # the suggested rename works
+    report = tk.load_into(target, tmp_path / "enc.safetensors", rename={r"^encoder\.": "backbone."})
+    assert report.ok and same(target.backbone, source.encoder)
+
+
+def test_nothing_in_common_says_so_without_suggesting_strict_false() -> None:
+    state = {"conv.kernel": torch.ones(2), "conv.offset": torch.ones(1)}
+    with pytest.raises(tk.IncompatibleStateError, match="no tensor would be loaded") as err:
+        tk.load_into(net(), state, strict=False)
+    hint = err.value.hint or ""
+    assert "share no name" in hint and "'conv.kernel'" in hint and "'0.weight'" in hint
+    assert "strict=False" not in hint
+
+
+def test_partial_match_still_suggests_strict_false() -> None:
+    state = dict(net().state_dict())
+    del state["2.bias"]
+    with pytest.raises(tk.IncompatibleStateError, match="1 missing") as err:
+        tk.load_into(net(), state)
+    assert "strict=False" in (err.value.hint or "")
+    assert tk.load_into(net(), state, strict=False).missing == ("2.bias",)

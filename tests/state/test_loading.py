@@ -296,11 +296,32 @@ def test_a_tie_whose_counterpart_is_missing_too_stays_missing() -> None:
 def test_a_tie_whose_counterpart_has_another_shape_is_not_loaded() -> None:
     state = {"emb.weight": torch.ones(7, 6)}  # TiedLM(11, 6) expects (11, 6)
     dst = fill_(TiedLM(), 2)
+    before = snapshot(dst)
+    with pytest.raises(IncompatibleStateError, match="no tensor would be loaded"):
+        torchkeep.load_into(dst, state, strict=False, skip_mismatched=True)
+    assert_state(dst, before)
     with pytest.raises(IncompatibleStateError) as err:
         torchkeep.load_into(dst, state)
     report = err.value.report
     assert report.missing == ("out.weight",) and report.tied == ()
     assert [m.key for m in report.mismatched] == ["emb.weight"]
+
+
+def test_a_load_that_would_load_nothing_is_refused_whatever_strict_says() -> None:
+    dst = fill_(MLP(), 2)
+    before = snapshot(dst)
+    src = fill_(MLP(), 1)
+    state: dict[str, Any] = {f"encoder.{k}": v for k, v in src.state_dict().items()}
+    state["decoder.w"] = torch.ones(1)  # no prefix all keys share: nothing is stripped
+    with pytest.raises(IncompatibleStateError, match="no tensor would be loaded") as err:
+        torchkeep.load_into(dst, state, strict=False)
+    hint = err.value.hint or ""
+    assert "'encoder.'" in hint and "strict=False" not in hint
+    assert "rename={'^encoder\\\\.': ''}" in hint, hint
+    assert_state(dst, before)
+    report = torchkeep.load_into(dst, state, strict=False, rename={r"^encoder\.": ""})
+    assert report.unexpected == ("decoder.w",)
+    assert_state(dst, snapshot(src))
 
 
 @pytest.mark.parametrize("kind", SOURCES)

@@ -5,7 +5,9 @@ DistributedDataParallel), ``_orig_mod.`` (``torch.compile``), ``model.`` or anot
 name (a LightningModule holding the network as ``self.model``), ``_forward_module.`` (Fabric).
 :func:`adapt_keys` removes such a prefix from the checkpoint, or adds it when the target is the
 wrapped one, but only when that is unambiguous: every key of the side concerned carries it, and the
-change makes strictly more keys match. Explicit ``rename`` rules (regular expression ->
+change makes strictly more keys match. Wrappers stack (``module._orig_mod.``, ``model.module.``),
+and a checkpoint of one wrapper may go into another (strip ``_orig_mod.``, add ``module.``).
+When nothing matches at all, :func:`no_match_hint` names the closest prefixes. Explicit ``rename`` rules (regular expression ->
 replacement, applied to the checkpoint's keys in order) run first, for everything else.
 """
 
@@ -19,35 +21,77 @@ from torch import nn
 
 from torchkeep.errors import IncompatibleStateError, TorchkeepError
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.", "model.")
-_MAX_ROUNDS = 4
+_ORIGINS = {
+    "module.": "DataParallel/DDP",
+    "_orig_mod.": "torch.compile",
+    "_forward_module.": "Lightning Fabric",
+    "model.": "LightningModule attribute",
+}
+WRAPPER_PREFIXES = tuple(_ORIGINS)
 
 
-def _common_first_component(keys: Iterable[str]) -> str | None:
-    firsts = {k.split(".", 1)[0] + "." if "." in k else None for k in keys}
-    if len(firsts) == 1:
-        (only,) = firsts
-        return only
-    return None
+_MAX_ROUNDS = 4  # wrapper prefixes stacked deeper than this are not looked for
+_AMBIGUOUS = 8  # a key tail shared by more names than this (``weight``) says nothing of prefixes
 
 
-def _candidates(source: set[str], target: set[str]) -> list[tuple[str, str]]:
-    """Prefix moves worth trying: ("strip", p) on the checkpoint or ("add", p) to it."""
-    moves: list[tuple[str, str]] = []
-    for side, keys in (("strip", source), ("add", target)):
-        prefixes = [p for p in WRAPPER_PREFIXES if keys and all(k.startswith(p) for k in keys)]
-        common = _common_first_component(keys)
-        if common is not None and common not in prefixes:
-            prefixes.append(common)
-        moves += [(side, p) for p in prefixes]
-    return moves
+def _common_components(keys: Iterable[str], limit: int = _MAX_ROUNDS) -> list[str]:
+    """The leading dotted components every key shares (``["module.", "_orig_mod."]``).
+
+    Each key keeps at least one component of its own, so a single key ``fc.weight`` gives
+    ``["fc."]`` and never the whole name.
+    """
+    keys = list(keys)
+    if not keys:
+        return []
+    parts = [k.split(".") for k in keys]
+    shortest = min(len(p) for p in parts) - 1
+    common: list[str] = []
+    for i in range(min(shortest, limit)):
+        first = parts[0][i]
+        if any(p[i] != first for p in parts):
+            break
+        common.append(first + ".")
+    return common
 
 
-def _apply_move(keys: list[str], move: tuple[str, str]) -> list[str]:
-    side, prefix = move
-    if side == "strip":
-        return [k[len(prefix) :] if k.startswith(prefix) else k for k in keys]
-    return [prefix + k for k in keys]
+def _best_move(keys: list[str], target: set[str]) -> tuple[str, str, list[str]] | None:
+    """The prefix change that makes the most keys match: strip ``s`` from every key, add ``a``.
+
+    Wrappers stack (``module._orig_mod.`` from DDP over ``torch.compile``; an ``_orig_mod.``
+    checkpoint for a DataParallel model needs ``_orig_mod.`` stripped and ``module.`` added), so
+    every depth of the checkpoint's common prefix is tried against every depth of the module's.
+    Only a change that matches strictly more keys than none counts; ties go to the smallest.
+    A change of more than one component uses known wrapper names only: one arbitrary component
+    (a network kept as ``self.net``) is unambiguous, ``encoder.`` -> ``backbone.`` is a guess.
+    """
+    matched = len(target.intersection(keys))
+    source_stack = _common_components(keys)
+    target_stack = _common_components(target)
+    best: tuple[int, int, str, str, list[str]] | None = None
+    for i in range(len(source_stack) + 1):
+        strip = "".join(source_stack[:i])
+        for j in range(len(target_stack) + 1):
+            if i == j == 0:
+                continue
+            changed = source_stack[:i] + target_stack[:j]
+            if i + j > 1 and not all(c in _ORIGINS for c in changed):
+                continue
+            add = "".join(target_stack[:j])
+            moved = [add + k[len(strip) :] for k in keys]
+            score = len(target.intersection(moved))
+            if score > matched and (best is None or (score, -(i + j)) > (best[0], -best[1])):
+                best = (score, i + j, strip, add, moved)
+    return None if best is None else (best[2], best[3], best[4])
+
+
+def _describe(prefix: str) -> str:
+    """``'module._orig_mod.' (DataParallel/DDP, torch.compile)``."""
+    origins = [_ORIGINS[p] for p in _split(prefix) if p in _ORIGINS]
+    return f"{prefix!r}" + (f" ({', '.join(origins)})" if origins else "")
+
+
+def _split(prefix: str) -> list[str]:
+    return [c + "." for c in prefix.split(".")[:-1]]
 
 
 def adapt_keys(
@@ -89,21 +133,15 @@ def adapt_keys(
         changed = sum(a != b for a, b in zip(keys, renamed, strict=True))
         notes.append(f"rename {pattern!r} -> {replacement!r} ({changed} keys)")
         keys = renamed
-    for _ in range(_MAX_ROUNDS):
-        matched = len(target.intersection(keys))
-        if matched == len(target) and matched == len(set(keys)):
-            break
-        best: tuple[int, tuple[str, str], list[str]] | None = None
-        for move in _candidates(set(keys), target):
-            moved = _apply_move(keys, move)
-            score = len(target.intersection(moved))
-            if score > matched and (best is None or score > best[0]):
-                best = (score, move, moved)
-        if best is None:
-            break
-        _, (side, prefix), keys = best
-        what = "stripped prefix" if side == "strip" else "added prefix"
-        notes.append(f"{what} {prefix!r}{_origin(prefix)}")
+    matched = len(target.intersection(keys))
+    if not (matched == len(target) and matched == len(set(keys))):
+        move = _best_move(keys, target)
+        if move is not None:
+            strip, add, keys = move
+            if strip:
+                notes.append(f"stripped prefix {_describe(strip)}")
+            if add:
+                notes.append(f"added prefix {_describe(add)}")
     mapping = dict(zip(original, keys, strict=True))
     seen: dict[str, str] = {}
     for old, new in mapping.items():
@@ -118,13 +156,64 @@ def adapt_keys(
     return mapping, tuple(notes)
 
 
-def _origin(prefix: str) -> str:
-    return {
-        "module.": " (DataParallel/DDP)",
-        "_orig_mod.": " (torch.compile)",
-        "_forward_module.": " (Lightning Fabric)",
-        "model.": " (LightningModule attribute)",
-    }.get(prefix, "")
+def closest_prefixes(
+    source_keys: Iterable[str], target_keys: Iterable[str]
+) -> tuple[str, str, int, tuple[str, str]] | None:
+    """The prefix pair that would make the most checkpoint keys match the module's.
+
+    Looks for ``(a, b)`` such that many checkpoint keys ``a + tail`` have a module key
+    ``b + tail`` (``encoder.`` vs ``backbone.``). Tails shared by many names (``weight``) are
+    skipped: they would pair every prefix with every other.
+
+    Returns:
+        ``(a, b, count, (example checkpoint key, example module key))``, or ``None`` when no
+        key tail is shared at all.
+    """
+    heads: dict[str, set[str]] = {}
+    for t in target_keys:
+        parts = t.split(".")
+        for i in range(len(parts)):
+            heads.setdefault(".".join(parts[i:]), set()).add("".join(p + "." for p in parts[:i]))
+    counts: dict[tuple[str, str], list[Any]] = {}
+    for k in source_keys:
+        parts = k.split(".")
+        for i in range(len(parts)):
+            tail = ".".join(parts[i:])
+            found = heads.get(tail, set())
+            if not found or len(found) > _AMBIGUOUS:
+                continue
+            a = "".join(p + "." for p in parts[:i])
+            for b in found:
+                if a != b:
+                    entry = counts.setdefault((a, b), [0, (k, b + tail)])
+                    entry[0] += 1
+            break  # the longest shared tail decides this key's prefixes
+    if not counts:
+        return None
+    (a, b), (count, example) = max(
+        counts.items(), key=lambda item: (item[1][0], -len(item[0][0]) - len(item[0][1]))
+    )
+    return a, b, count, example
+
+
+def no_match_hint(source_keys: Iterable[str], target_keys: Iterable[str]) -> str:
+    """How to make a checkpoint whose keys match none of a module's load into it."""
+    source, target = list(source_keys), list(target_keys)
+    found = closest_prefixes(source, target)
+    if found is not None:
+        a, b, count, (ck, mk) = found
+        pattern = "^" + re.escape(a)
+        return (
+            f"the closest prefix: checkpoint keys start with {a!r} where the module's start "
+            f"with {b!r} ({count} keys, e.g. {ck!r} vs {mk!r}); pass rename={{{pattern!r}: {b!r}}}"
+        )
+    shown_source = ", ".join(map(repr, source[:2])) or "none"
+    shown_target = ", ".join(map(repr, target[:2])) or "none"
+    return (
+        f"the checkpoint's keys ({shown_source}, ...) share no name with the module's "
+        f"({shown_target}, ...): is it the checkpoint of another model? A rename= mapping "
+        "regular expressions to replacements can align them"
+    )
 
 
 def renamed_state(state: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:

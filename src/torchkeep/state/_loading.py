@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from torchkeep.errors import IncompatibleStateError, TorchkeepError
-from torchkeep.state._keys import adapt_keys
+from torchkeep.state._keys import adapt_keys, no_match_hint
 from torchkeep.state._report import LoadReport, Mismatch, Tie
 
 # Names under which checkpoints commonly keep a model's state, tried first when scores tie.
@@ -191,20 +191,28 @@ def plan(
 
 
 def check(report: LoadReport, module: nn.Module, *, strict: bool, skip_mismatched: bool) -> None:
-    """Raise :class:`IncompatibleStateError` when the report breaks the caller's rules."""
+    """Raise :class:`IncompatibleStateError` when the report breaks the caller's rules.
+
+    A load that would copy no tensor at all is refused whatever ``strict`` says: it is the wrong
+    checkpoint, or its keys need a rename, and the message names the prefixes that differ.
+    """
+    nothing = not report.loaded and bool(report.missing or report.mismatched)
     fatal = (bool(report.missing) or bool(report.unexpected)) if strict else False
-    fatal = fatal or (bool(report.mismatched) and not skip_mismatched)
+    fatal = nothing or fatal or (bool(report.mismatched) and not skip_mismatched)
     if not fatal:
         return
     where = f" from {report.source}" if report.source else ""
     entry = f" (entry {report.entry!r})" if report.entry else ""
     hints = []
+    if nothing:
+        hints.append(no_match_hint(report.unexpected, report.missing))
     if report.mismatched and not skip_mismatched:
         hints.append("skip_mismatched=True keeps the module's own values for mismatched shapes")
-    if strict and (report.missing or report.unexpected):
+    if strict and (report.missing or report.unexpected) and not nothing:
         hints.append("strict=False loads the matching keys and reports the rest")
+    summary = "no tensor would be loaded" if nothing else "cannot load the state"
     raise IncompatibleStateError(
-        f"cannot load the state{where}{entry} into {type(module).__name__}: "
+        f"{summary}{where}{entry} into {type(module).__name__}: "
         f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
         f"{len(report.mismatched)} with another shape\n{report.table()}",
         path=report.source,
