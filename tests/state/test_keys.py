@@ -271,3 +271,13 @@ def test_partial_match_still_suggests_strict_false() -> None:
         tk.load_into(net(), state)
     assert "strict=False" in (err.value.hint or "")
     assert tk.load_into(net(), state, strict=False).missing == ("2.bias",)
+
+
+def test_pattern_learning_rates_win_over_the_default_lr() -> None:
+    model = net()
+    groups = tk.trainable_param_groups(model, {"2.*": 0.1}, lr=0.01, weight_decay=0.5)
+    assert [g["names"] for g in groups] == [["2.weight", "2.bias"], ["0.weight", "0.bias"]]
+    assert [g["lr"] for g in groups] == [0.1, 0.01]
+    assert all(g["weight_decay"] == 0.5 for g in groups)
+    opt = torch.optim.SGD(groups, lr=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]

@@ -71,7 +71,8 @@ def trainable_param_groups(
         model: the model, some of whose parameters may be frozen.
         lrs: glob -> learning rate; each parameter goes to the group of the first glob it
             matches, the rest to a last group without its own ``lr``.
-        **defaults: extra settings for every group (``weight_decay=0.01``).
+        **defaults: settings for every group (``weight_decay=0.01``); an ``lr`` here applies to
+            the parameters no glob matches, the globs' own rates win over it.
 
     Returns:
         Groups for ``torch.optim.*(groups, lr=...)``; each also lists its parameter ``names``.
@@ -82,9 +83,9 @@ def trainable_param_groups(
     """
     rules = list((lrs or {}).items())
     groups: list[dict[str, Any]] = [
-        {"params": [], "names": [], "lr": lr, **defaults} for _, lr in rules
+        {**defaults, "params": [], "names": [], "lr": lr} for _, lr in rules
     ]
-    rest: dict[str, Any] = {"params": [], "names": [], **defaults}
+    rest: dict[str, Any] = {**defaults, "params": [], "names": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
