@@ -260,7 +260,7 @@ def test_nothing_in_common_says_so_without_suggesting_strict_false() -> None:
     with pytest.raises(tk.IncompatibleStateError, match="no tensor would be loaded") as err:
         tk.load_into(net(), state, strict=False)
     hint = err.value.hint or ""
-    assert "share no name" in hint and "'conv.kernel'" in hint and "'0.weight'" in hint
+    assert "no prefix change aligns" in hint and "'conv.kernel'" in hint and "'0.weight'" in hint
     assert "strict=False" not in hint
 
 

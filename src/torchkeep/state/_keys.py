@@ -210,9 +210,9 @@ def no_match_hint(source_keys: Iterable[str], target_keys: Iterable[str]) -> str
     shown_source = ", ".join(map(repr, source[:2])) or "none"
     shown_target = ", ".join(map(repr, target[:2])) or "none"
     return (
-        f"the checkpoint's keys ({shown_source}, ...) share no name with the module's "
-        f"({shown_target}, ...): is it the checkpoint of another model? A rename= mapping "
-        "regular expressions to replacements can align them"
+        f"no prefix change aligns the checkpoint's keys ({shown_source}, ...) with the "
+        f"module's ({shown_target}, ...): is it the checkpoint of another model? rename= "
+        "(regular expression -> replacement) can map them"
     )
 
 

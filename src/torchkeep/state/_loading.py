@@ -204,12 +204,19 @@ def check(report: LoadReport, module: nn.Module, *, strict: bool, skip_mismatche
     where = f" from {report.source}" if report.source else ""
     entry = f" (entry {report.entry!r})" if report.entry else ""
     hints = []
-    if nothing:
+    if nothing:  # neither strict=False nor skip_mismatched=True would help
         hints.append(no_match_hint(report.unexpected, report.missing))
-    if report.mismatched and not skip_mismatched:
-        hints.append("skip_mismatched=True keeps the module's own values for mismatched shapes")
-    if strict and (report.missing or report.unexpected) and not nothing:
-        hints.append("strict=False loads the matching keys and reports the rest")
+        if report.mismatched:
+            shared = report.mismatched[0].key
+            hints.append(
+                f"the names both have ({len(report.mismatched)}, e.g. {shared!r}) differ in "
+                "shape: another architecture or size?"
+            )
+    else:
+        if report.mismatched and not skip_mismatched:
+            hints.append("skip_mismatched=True keeps the module's own values for mismatched shapes")
+        if strict and (report.missing or report.unexpected):
+            hints.append("strict=False loads the matching keys and reports the rest")
     summary = "no tensor would be loaded" if nothing else "cannot load the state"
     raise IncompatibleStateError(
         f"{summary}{where}{entry} into {type(module).__name__}: "
