@@ -177,3 +177,17 @@ def test_a_wrong_architecture_is_refused_with_the_closest_prefix(tmp_path: Path)
     hint = err.value.hint or ""
     assert "strict=False" not in hint and "skip_mismatched" not in hint
     assert "no prefix change aligns" in hint and "'transformer." in hint
+
+
+def test_save_pretrained_into_a_data_parallel_model(
+    tmp_path: Path,
+) -> None:
+    model = built("gpt2", 0)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    wrapped = nn.DataParallel(built("gpt2", 1))
+    report = tk.load_into(wrapped, tmp_path / "hf")
+    assert report.ok and report.renamed == ("added prefix 'module.' (DataParallel/DDP)",)
+    assert [(t.key, t.to) for t in report.tied] == [
+        ("module.lm_head.weight", "module.transformer.wte.weight")
+    ]
+    assert_same_state(wrapped.module, model)
