@@ -179,9 +179,7 @@ def test_a_wrong_architecture_is_refused_with_the_closest_prefix(tmp_path: Path)
     assert "no prefix change aligns" in hint and "'transformer." in hint
 
 
-def test_save_pretrained_into_a_data_parallel_model(
-    tmp_path: Path,
-) -> None:
+def test_save_pretrained_into_a_data_parallel_model(tmp_path: Path) -> None:
     model = built("gpt2", 0)
     model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
     wrapped = nn.DataParallel(built("gpt2", 1))

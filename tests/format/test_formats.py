@@ -91,10 +91,6 @@ def _padded_safetensors(n: int, lead: bytes, space: bytes) -> bytes:
     return struct.pack("<Q", n) + text + data
 
 
-def _min_header() -> int:
-    return len(_padded_safetensors(1 << 12, b"", b" ")) - 8 - (1 << 12) + 200  # room for lead
-
-
 # Header lengths whose first byte reads as another format's magic: 0x80 (a pickle's PROTO),
 # "P" (a zip's PK), "L" (a protocol-0 pickle's LONG), "{" (JSON), and all the others.
 _LENGTHS = st.one_of(
