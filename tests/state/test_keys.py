@@ -220,6 +220,14 @@ def test_stacked_wrapper_prefixes_are_stripped(tmp_path: Path, kind: str, origin
     assert same(model, other)
 
 
+def test_ddp_over_a_named_attribute_is_stripped_but_no_two_names_are_swapped() -> None:
+    mapping, notes = adapt_keys(["module.net.a", "module.net.b"], ["a", "b"])
+    assert mapping == {"module.net.a": "a", "module.net.b": "b"}
+    assert notes == ("stripped prefix 'module.net.' (DataParallel/DDP)",)
+    mapping, notes = adapt_keys(["encoder.a", "encoder.b"], ["backbone.a", "backbone.b"])
+    assert mapping == {"encoder.a": "encoder.a", "encoder.b": "encoder.b"} and notes == ()
+
+
 def test_compiled_checkpoint_into_a_data_parallel_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = net()

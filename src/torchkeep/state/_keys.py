@@ -61,8 +61,8 @@ def _best_move(keys: list[str], target: set[str]) -> tuple[str, str, list[str]] 
     checkpoint for a DataParallel model needs ``_orig_mod.`` stripped and ``module.`` added), so
     every depth of the checkpoint's common prefix is tried against every depth of the module's.
     Only a change that matches strictly more keys than none counts; ties go to the smallest.
-    A change of more than one component uses known wrapper names only: one arbitrary component
-    (a network kept as ``self.net``) is unambiguous, ``encoder.`` -> ``backbone.`` is a guess.
+    At most one changed component may be other than a known wrapper name: one (a network kept
+    as ``self.net``, under DDP or not) is unambiguous, ``encoder.`` -> ``backbone.`` a guess.
     """
     matched = len(target.intersection(keys))
     source_stack = _common_components(keys)
@@ -74,7 +74,7 @@ def _best_move(keys: list[str], target: set[str]) -> tuple[str, str, list[str]] 
             if i == j == 0:
                 continue
             changed = source_stack[:i] + target_stack[:j]
-            if i + j > 1 and not all(c in _ORIGINS for c in changed):
+            if sum(c not in _ORIGINS for c in changed) > 1:
                 continue
             add = "".join(target_stack[:j])
             moved = [add + k[len(strip) :] for k in keys]
@@ -111,7 +111,8 @@ def adapt_keys(
 
     Returns:
         ``{source_key: new_key}`` for every source key, and what was done, one line per change
-        (``"rename '^fc\\.' -> 'head.' (2 keys)"``, ``"stripped prefix 'module.' (DDP)"``).
+        (``"rename '^fc\\.' -> 'head.' (2 keys)"``,
+        ``"stripped prefix 'module.' (DataParallel/DDP)"``).
 
     Raises:
         TorchkeepError: a rename pattern is not a valid regular expression.
