@@ -40,6 +40,7 @@ from torchkeep.format._dtypes import dtype_from_name
 from torchkeep.format._hash import hash_matches, seal_ok
 from torchkeep.format._location import MapLocation
 from torchkeep.format._safetensors import parse_json
+from torchkeep.storage import local_path
 
 RUN_FILE = "torchkeep_run.json"
 MANIFEST_DIR = "checkpoints"
@@ -65,6 +66,7 @@ def parse_reference(text: str | os.PathLike[str]) -> tuple[Path, str] | None:
 
     Returns ``None`` when ``text`` is no run reference (an ordinary file path).
     """
+    local_path(text)  # a URL is refused before any part of it is taken for a local file
     text = os.fspath(text)
     match = _REFERENCE.match(text)
     if match and is_run(match["run"]):
@@ -214,7 +216,7 @@ class RunReader:
     """Read-only view of a run directory: never takes the writer lock, never writes."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+        self.root = local_path(root)
         if not is_run(self.root):
             raise CheckpointNotFoundError(
                 "not a torchkeep run (no torchkeep_run.json)",
