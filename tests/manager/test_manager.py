@@ -352,3 +352,21 @@ def test_reopening_with_another_policy_warns_names_both_and_records_it(tmp_path:
     tk.CheckpointManager(run, keep_last=1, monitor="val_loss").close()
     tk.CheckpointManager(run, read_only=True, keep_last=7).close()  # a view, not a change
     assert json.loads((run / "torchkeep_run.json").read_text())["policy_history"] == history
+
+
+def test_an_unknown_selector_is_named_with_the_valid_ones(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        for step in (5, 10):
+            mgr.save(step, {"epoch": step})
+    for read in (tk.load, tk.inspect, tk.verify):
+        with pytest.raises(tk.CheckpointNotFoundError) as caught:
+            read(f"{run}@bset")
+        err = caught.value
+        assert err.message.startswith("unknown selector 'bset'"), read
+        assert "RUN@latest, RUN@best or RUN@<step>" in (err.hint or "")
+        assert "5, 10" in (err.hint or "")
+    # A file whose name has an "@" beside a directory that is no run stays a file path.
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(tk.CheckpointNotFoundError, match="no such file"):
+        tk.load(tmp_path / "plain@bset")

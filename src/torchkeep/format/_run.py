@@ -73,6 +73,17 @@ def parse_reference(text: str | os.PathLike[str]) -> tuple[Path, str] | None:
         return Path(match["run"]), match["which"]
     if is_run(text):
         return Path(text), "latest"
+    run, at, which = text.rpartition("@")
+    if at and run and is_run(run):
+        # `RUN@bset` would otherwise be looked up as a file named "RUN@bset": not found.
+        raise CheckpointNotFoundError(
+            f"unknown selector {which!r} in run reference {text!r}",
+            path=text,
+            expected=["latest", "best", "<step>"],
+            actual=which,
+            hint="use RUN@latest, RUN@best or RUN@<step>; steps in this run: "
+            f"{_steps_text(RunReader(run).steps())}",
+        )
     return None
 
 
