@@ -328,15 +328,19 @@ def error_document(err: BaseException, *, hint: str | None = None) -> dict[str, 
     return {"error": type(err).__name__, "message": str(err), "hint": hint}
 
 
-def report_error(err: BaseException, *, hint: str | None = None) -> None:
+def report_error(
+    err: BaseException, *, hint: str | None = None, json_document: bool = True
+) -> None:
     """Print ``ErrorName: message`` (and a hint line) to stderr; under ``--json`` also the
     :func:`error_document` on stdout.
 
     Args:
         err: the error; its class name and ``str()`` are printed.
         hint: an extra line saying how to fix it.
+        json_document: ``False`` when the command already printed its JSON document for this
+            failure (``export``'s report of a failed verification): stdout holds one document.
     """
-    if _JSON_OUTPUT.get():
+    if json_document and _JSON_OUTPUT.get():
         emit_json(error_document(err, hint=hint))
     text = Text()
     text.append(type(err).__name__, style="bold red")
