@@ -93,3 +93,19 @@ def test_convert_refuses_unsafe_pickles(tmp_path: Path) -> None:
     with pytest.raises(tk.UnsafeCheckpointError):
         tk.convert(tmp_path / "evil.pt", tmp_path / "evil.safetensors")
     assert not (tmp_path / "evil.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["out.onnx", "out.npz", "out"])
+def test_convert_to_a_suffix_it_cannot_write_lists_the_formats(tmp_path: Path, name: str) -> None:
+    # It used to write a safetensors file under any name: `out.onnx` that is no ONNX model.
+    tk.save({"w": torch.zeros(2)}, tmp_path / "in.safetensors")
+    with pytest.raises(tk.TorchkeepError, match="convert cannot write") as caught:
+        tk.convert(tmp_path / "in.safetensors", tmp_path / name)
+    text = str(caught.value)
+    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar"):
+        assert suffix in text
+    assert str(tmp_path / name) in text
+    assert not (tmp_path / name).exists()
+    if name == "out.onnx":
+        assert "torchkeep.export" in (caught.value.hint or "")
+    assert tk.convert(tmp_path / "in.safetensors", tmp_path / "out.PT").format == "torch-zip"

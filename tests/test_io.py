@@ -1223,3 +1223,28 @@ def test_load_model_eval_mode_matters(tmp_path: Path) -> None:
     x = torch.randn(5, 4)
     assert torch.equal(rebuilt(x), model.eval()(x))
     assert rebuilt.bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_saving_a_module_names_state_dict_and_save_model(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    for obj in (MLP(), {"epoch": 1, "model": MLP()}):
+        with pytest.raises(UnsupportedValueError) as caught:
+            torchkeep.save(obj, path)
+        err = caught.value
+        assert "torch.nn.Module (MLP)" in err.message
+        assert "model.state_dict()" in (err.hint or "") and "tk.save_model" in (err.hint or "")
+        assert err.path == str(path) and str(path) in str(err)
+        assert not path.exists()
+
+
+def test_save_model_of_a_main_class_warns_and_says_how_to_fix(tmp_path: Path) -> None:
+    # A class of the running script: `torchkeep_model.json` records `__main__:Net`, which any
+    # other program (a server, a notebook) resolves to its own `__main__`.
+    net = type("Net", (nn.Module,), {"__module__": "__main__"})
+    with pytest.warns(UserWarning, match="defined in __main__") as caught:
+        torchkeep.save_model(net(), tmp_path / "net", config={})
+    text = str(caught[0].message)
+    assert "only that same script can load" in text
+    assert "move the class into a module" in text and str(tmp_path / "net") in text
+    assert (tmp_path / "net" / "torchkeep_model.json").is_file()

@@ -13,6 +13,7 @@ import fnmatch
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +26,7 @@ from torchkeep.errors import (
     CorruptCheckpointError,
     IncompatibleStateError,
     ModelClassError,
+    TorchkeepError,
     UnsupportedValueError,
 )
 from torchkeep.format import (
@@ -62,7 +64,7 @@ from torchkeep.state import (
     plan,
     renamed_state,
 )
-from torchkeep.storage import atomic_write
+from torchkeep.storage import atomic_write, local_path
 
 PathLike = str | os.PathLike[str]
 TORCH_SUFFIXES = frozenset({".pt", ".pth", ".tar", ".bin", ".ckpt"})
@@ -90,11 +92,16 @@ def save(obj: Any, path: PathLike, *, metadata: dict[str, Any] | None = None) ->
         >>> torchkeep.save({"epoch": 3, "model_state_dict": model.state_dict()}, "ckpt.safetensors",
         ...                metadata={"lr": 1e-3})
     """
-    target = Path(path)
-    if target.suffix.lower() in TORCH_SUFFIXES:
-        atomic_write(target, lambda f: write_torch(obj, f, metadata))
-    else:
-        atomic_write(target, lambda f: write_artifact(obj, f, metadata))
+    target = local_path(path)
+    try:
+        if target.suffix.lower() in TORCH_SUFFIXES:
+            atomic_write(target, lambda f: write_torch(obj, f, metadata))
+        else:
+            atomic_write(target, lambda f: write_artifact(obj, f, metadata))
+    except UnsupportedValueError as err:
+        if err.path is None:  # the flattener knows the key, not the file
+            err.path = str(target)
+        raise
 
 
 def load(
@@ -264,7 +271,12 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
     Raises:
         UnsupportedValueError: no config was given or captured, or it holds unstorable values.
         ModelClassError: the class cannot be imported later (defined inside a function).
+        StorageError: ``path`` is a URL (remote storage is not supported yet).
+
+    Warns:
+        UserWarning: the class is defined in ``__main__``: only the same script can load it.
     """
+    directory = local_path(path)
     if config is None:
         config = captured_config(model)
     if config is None:
@@ -281,14 +293,23 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
             path=str(path),
             hint="pass only plain values (numbers, strings, lists, dicts) in config",
         )
+    cls_path = class_path(type(model))
+    if type(model).__module__ == "__main__":
+        warnings.warn(
+            f"{directory}: {type(model).__qualname__} is defined in __main__ (the script being "
+            "run), so only that same script can load this model with torchkeep.load_model; "
+            "move the class into a module (e.g. models.py) and import it from the script, "
+            "then save again",
+            UserWarning,
+            stacklevel=2,
+        )
     document = {
         "format_version": FORMAT_VERSION,
         "torchkeep_version": __version__,
         "torch_version": str(torch.__version__),
-        "class": class_path(type(model)),
+        "class": cls_path,
         "config": flat.skeleton,
     }
-    directory = Path(path)
     save(model.state_dict(), directory / WEIGHTS_FILE)
     text = json.dumps(document, indent=2).encode()
 
@@ -423,6 +444,29 @@ def _rebuild_from_run(manifest: Manifest, run: RunReader, name: str, key: str | 
     return model
 
 
+#: The suffixes ``convert`` writes, and the format each gives.
+CONVERT_SUFFIXES = {".safetensors": "safetensors", **dict.fromkeys(sorted(TORCH_SUFFIXES), "torch")}
+
+
+def _check_convert_suffix(target: Path) -> None:
+    suffix = target.suffix.lower()
+    if suffix in CONVERT_SUFFIXES:
+        return
+    known = ", ".join(CONVERT_SUFFIXES)
+    hint = f"name the output with one of {known}"
+    if suffix in (".onnx", ".pt2"):
+        hint += f"; to export a model to {suffix}, use torchkeep.export (torchkeep export)"
+    raise TorchkeepError(
+        f"convert cannot write {f'a {suffix} file' if suffix else 'a path without a suffix'}: "
+        "it writes "
+        f"safetensors (.safetensors) and torch files ({', '.join(sorted(TORCH_SUFFIXES))})",
+        path=str(target),
+        expected=list(CONVERT_SUFFIXES),
+        actual=suffix,
+        hint=hint,
+    )
+
+
 def convert(
     source: PathLike,
     destination: PathLike,
@@ -449,7 +493,12 @@ def convert(
 
     Returns:
         :func:`inspect` of the written file.
+
+    Raises:
+        TorchkeepError: ``destination``'s suffix names no format ``convert`` writes (the
+            message lists those it does); nothing is read or written.
     """
+    _check_convert_suffix(local_path(destination))
     obj = load(source, dtype=dtype)
     info = inspect(source)
     metadata = {**info.metadata, "converted_from": os.fspath(source)}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -51,3 +54,56 @@ def test_console_script() -> None:
     assert helped.returncode == 0, helped.stderr
     for name in COMMANDS:
         assert name in helped.stdout
+
+
+def _description(help_text: str) -> list[str]:
+    """The lines of a command's help between its usage line and its first panel."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+    end = next(i for i, line in enumerate(lines) if line.lstrip().startswith("\u256d"))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_help_paragraphs_are_wrapped_once(runner: CliRunner, columns: int) -> None:
+    # Hard-wrapped docstrings re-wrapped by rich gave a long line and a stub ("on large")
+    # for every source line. Wrapped once, a line breaks only where the next word does not fit.
+    for name in ("", *COMMANDS):
+        args = [name, "--help"] if name else ["--help"]
+        result = runner.invoke(app, args, env={"COLUMNS": str(columns)})
+        assert result.exit_code == 0, name
+        lines = [line.rstrip() for line in _description(result.stdout)]
+        assert any(lines), name
+        for line, after in itertools.pairwise(lines):
+            if not line or not after or after.lstrip().startswith(("-", "*")):
+                continue
+            first_word = after.split()[0]
+            assert len(line) + 1 + len(first_word) > columns - 4, (name, line, after)
+
+
+def test_flags_show_no_bool_metavar(runner: CliRunner) -> None:
+    for name in ("", *COMMANDS):
+        args = [name, "--help"] if name else ["--help"]
+        out = runner.invoke(app, args, env={"COLUMNS": "200"}).stdout
+        assert "<bool>" not in out and "BOOLEAN" not in out, name
+        assert "--help" in out
+    inspect_help = runner.invoke(app, ["inspect", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "N [x>=0]" in inspect_help  # options that take a value keep theirs
+
+
+def test_errors_name_message_hint_exit_1_and_usage_errors_exit_2(runner: CliRunner) -> None:
+    # The contract the README states, on real commands; a URL is refused, never made a folder.
+    for args in (
+        ["inspect", "s3://bucket/model.safetensors"],
+        ["ls", "gs://bucket/runs"],
+        ["convert", "s3://bucket/a.pt", "b.safetensors"],
+        ["export", "s3://bucket/model", "-o", "m.pt2", "--example-shape", "1,4"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stdout == ""
+        first, hint = result.stderr.splitlines()
+        assert first.startswith(f"StorageError: {args[1]}: remote storage ("), args
+        assert hint.startswith("  hint: copy the files to a local directory"), args
+    for args in (["inspect"], ["inspect", "--nope", "x"], ["inspect", "x", "--limit", "-1"]):
+        assert runner.invoke(app, args).exit_code == 2, args

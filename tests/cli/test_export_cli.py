@@ -190,3 +190,16 @@ def test_real_example_inputs_from_a_file(tmp_path: Path) -> None:
         {"name": "x", "shape": [3, 4], "dtype": "float32", "dynamic": {"0": "batch"}}
     ]
     assert report["cases"] == ["example (batch 3)", "batch 1", "batch 4"]
+
+
+def test_verification_failure_with_json_prints_one_document(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    # The report is the failure's JSON document: no second (error) document after it.
+    out = tmp_path / "noisy.pt"
+    src = saved(AlwaysDropout(), tmp_path)
+    result = runner.invoke(app, ["export", src, "--example-shape", "2,4", "-o", str(out), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["checks"] and not out.exists()
+    assert result.stderr.startswith("ExportVerificationError: ")

@@ -212,3 +212,57 @@ def test_error_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert_clean_error(proc.stderr, "CheckpointNotFoundError")
+
+
+def _trained() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = nn.Linear(3, 2)  # 8 parameters
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 3)).sum().backward()
+    opt.step()  # exp_avg, exp_avg_sq and step for each parameter
+    return model, opt
+
+
+def test_inspect_shows_plain_values_and_counts_model_parameters_only(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    model, opt = _trained()
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        app_state = {"model": model, "optimizer": opt, "rng": tk.RNGState()}
+        mgr.save(1, {**app_state, "epoch": 3, "loss": 0.25})
+    # A Lightning-style file: hyperparameters one level down, optimizer states in a list.
+    lightning = tmp_path / "last.ckpt"
+    torch.save(
+        {
+            "epoch": 7,
+            "global_step": 700,
+            "state_dict": model.state_dict(),
+            "optimizer_states": [opt.state_dict()],
+            "hyper_parameters": {"lr": 0.001, "layers": [3, 2], "name": "mlp"},
+            "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 7}}}},
+        },
+        lightning,
+    )
+    expected = {
+        f"{run}@latest": {"epoch": 3, "loss": 0.25},
+        str(lightning): {
+            "epoch": 7,
+            "global_step": 700,
+            "hyper_parameters.lr": 0.001,
+            "hyper_parameters.layers": [3, 2],
+            "hyper_parameters.name": "mlp",
+        },
+    }
+    for ref, values in expected.items():
+        info = tk.inspect(ref)
+        assert info.num_params == 8, ref  # not exp_avg/exp_avg_sq/step, not the RNG bytes
+        assert info.values == values, ref
+        assert any(t.optimizer_state and t.name.endswith("exp_avg") for t in info.tensors)
+        out = runner.invoke(app, ["inspect", ref]).stdout
+        assert re.search(r"^parameters +8$", out, re.MULTILINE), out
+        for key, value in values.items():
+            assert re.search(rf"^{re.escape(key)} +{re.escape(str(value))}", out, re.M) or (
+                _lines_with(out, key, json.dumps(value, separators=(",", ":")))
+            ), (ref, key)
+        data = json.loads(runner.invoke(app, ["inspect", "--json", ref]).stdout)
+        assert data["values"] == values and data["num_params"] == 8

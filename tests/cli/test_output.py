@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -156,3 +158,61 @@ def test_other_errors_are_bugs_and_propagate(runner: CliRunner) -> None:
 def test_usage_errors_keep_exit_code_2(runner: CliRunner) -> None:
     result = runner.invoke(_app(RuntimeError("never")), ["fail", "--nope"])
     assert result.exit_code == 2
+
+
+def _json_app(exc: BaseException) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    @handle_errors
+    def fail(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """A command with --json that raises ``exc``."""
+        raise exc
+
+    @app.command()
+    def other() -> None:
+        """Nothing."""
+
+    return app
+
+
+def test_json_failure_prints_an_error_document_and_exits_1(runner: CliRunner) -> None:
+    err = CorruptCheckpointError("truncated header", path="/data/x.pt", key="w")
+    result = runner.invoke(_json_app(err), ["fail", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {
+        "error": "CorruptCheckpointError",
+        "message": "truncated header",
+        "hint": CorruptCheckpointError.default_hint,
+        "path": "/data/x.pt",
+        "key": "w",
+    }
+    assert result.stderr.startswith("CorruptCheckpointError: /data/x.pt: truncated header\n")
+    plain = runner.invoke(_json_app(err), ["fail"])  # without --json: stderr only
+    assert plain.exit_code == 1 and plain.stdout == ""
+    missing = ModuleNotFoundError("No module named 'onnx'", name="onnx")
+    extra = runner.invoke(_json_app(missing), ["fail", "--json"])
+    assert extra.exit_code == 1
+    assert json.loads(extra.stdout)["hint"] == "pip install 'torchkeep[onnx]'"
+
+
+def test_json_failures_of_real_commands(runner: CliRunner, tmp_path: Path) -> None:
+    from torchkeep.cli import app
+
+    tk.save({"w": torch.zeros(2)}, tmp_path / "in.safetensors")
+    cases = {
+        ("inspect", str(tmp_path / "nope.pt")): ("CheckpointNotFoundError", 1),
+        ("ls", str(tmp_path)): ("CheckpointNotFoundError", 1),
+        ("convert", str(tmp_path / "in.safetensors"), str(tmp_path / "o.onnx")): (
+            "TorchkeepError",
+            1,
+        ),
+        ("convert", str(tmp_path / "in.safetensors"), "o.pt", "--dtype", "zz"): ("UsageError", 2),
+        ("verify", "s3://bucket/run"): ("StorageError", 1),
+    }
+    for args, (name, code) in cases.items():
+        result = runner.invoke(app, [*args, "--json"])
+        assert result.exit_code == code, (args, result.output)
+        document = json.loads(result.stdout)
+        assert document["error"] == name and document["message"], args
+        assert "hint" in document

@@ -350,3 +350,26 @@ def test_metric_history() -> None:
     assert curves["loss"] == {1: 1.0, 2: 0.7, 3: 0.5}
     assert curves["acc"] == {2: 0.5}
     assert math.isnan(metric_history([{"step": 0, "metrics": {"x": "text"}}])["x"][0])
+
+
+def test_ls_on_a_folder_of_runs_lists_the_runs(runner: CliRunner, tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    make_run(folder / "exp1", monitor="val_loss", mode="min")
+    make_run(folder / "exp2", steps=[1, 2])
+    (folder / "notes").mkdir()  # not a run: left out
+    result = runner.invoke(app, ["ls", str(folder)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.startswith(f"2 run(s) in {folder}\n")
+    assert re.search(rf"^exp1 +6 +{LATEST} +{BEST} \(val_loss=0\.3\) +\S+ KiB$", out, re.M), out
+    assert re.search(r"^exp2 +2 +2 +- +\S+ KiB$", out, re.M), out
+    assert "notes" not in out
+    data = json.loads(runner.invoke(app, ["ls", "--json", str(folder)]).stdout)
+    assert [(r["name"], r["checkpoints"], r["latest"], r["best"]) for r in data["runs"]] == [
+        ("exp1", 6, LATEST, BEST),
+        ("exp2", 2, 2, None),
+    ]
+    assert all(r["disk_bytes"] > 0 for r in data["runs"])
+    empty = runner.invoke(app, ["ls", str(folder / "notes")])  # no run inside: still an error
+    assert empty.exit_code == 1
+    assert empty.stderr.startswith("CheckpointNotFoundError: ")

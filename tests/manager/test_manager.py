@@ -330,3 +330,43 @@ def test_a_flipped_byte_in_a_pack_is_detected_on_load_and_restore(tmp_path: Path
     with tk.CheckpointManager(run) as mgr, pytest.raises(tk.CorruptCheckpointError):
         mgr.restore(make_app())
     assert tk.load(f"{run}@0", verify=False)["epoch"] == 0  # the explicit opt-out still reads
+
+
+def test_reopening_with_another_policy_warns_names_both_and_records_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    tk.CheckpointManager(run, keep_last=3, monitor="val_loss").close()
+    with pytest.warns(UserWarning, match="retention policy changes") as caught:
+        tk.CheckpointManager(run, keep_last=1).close()
+    text = str(caught[0].message)
+    assert "keep_last=3" in text and "keep_last=1" in text and str(run) in text
+    with pytest.warns(UserWarning, match="retention policy changes"):
+        tk.CheckpointManager(run, keep_every=10, mode="max").close()
+    doc = json.loads((run / "torchkeep_run.json").read_text())
+    assert doc["policy"]["keep_every"] == 10 and doc["policy"]["keep_last"] == 1
+    history = doc["policy_history"]
+    assert [(h["from"]["keep_last"], h["to"]["keep_last"]) for h in history] == [(3, 1), (1, 1)]
+    assert history[1]["from"]["mode"] == "min" and history[1]["to"]["mode"] == "max"
+    assert all(isinstance(h["time"], float) for h in history)
+    # The same policy, given again or left out, is no change: no warning, no new entry.
+    tk.CheckpointManager(run).close()
+    tk.CheckpointManager(run, keep_last=1, monitor="val_loss").close()
+    tk.CheckpointManager(run, read_only=True, keep_last=7).close()  # a view, not a change
+    assert json.loads((run / "torchkeep_run.json").read_text())["policy_history"] == history
+
+
+def test_an_unknown_selector_is_named_with_the_valid_ones(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        for step in (5, 10):
+            mgr.save(step, {"epoch": step})
+    for read in (tk.load, tk.inspect, tk.verify):
+        with pytest.raises(tk.CheckpointNotFoundError) as caught:
+            read(f"{run}@bset")
+        err = caught.value
+        assert err.message.startswith("unknown selector 'bset'"), read
+        assert "RUN@latest, RUN@best or RUN@<step>" in (err.hint or "")
+        assert "5, 10" in (err.hint or "")
+    # A file whose name has an "@" beside a directory that is no run stays a file path.
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(tk.CheckpointNotFoundError, match="no such file"):
+        tk.load(tmp_path / "plain@bset")

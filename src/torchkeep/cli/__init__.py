@@ -16,6 +16,7 @@ import typer
 
 import torchkeep as tk
 from torchkeep.cli import _compare, _demo, _export, _inspect, _integrity, _plot, _run
+from torchkeep.cli._help import Group, tidy_help
 from torchkeep.cli._output import print_line
 
 __all__ = ["app", "main"]
@@ -27,6 +28,7 @@ app = typer.Typer(
         "runs; export models to ONNX, .pt2 or TorchScript, verified."
     ),
     no_args_is_help=True,
+    cls=Group,  # help paragraphs wrapped once, flags without "<bool>" (see _help.py)
     # A checkpoint tool's locals are tensors and state dicts: never dump them in a traceback.
     pretty_exceptions_show_locals=False,
 )
@@ -66,6 +68,7 @@ _COMMANDS = (
 )
 for _module in _COMMANDS:
     _module.register(app)
+tidy_help(app)
 
 
 def main() -> None:

@@ -448,7 +448,7 @@ def export_command(
             emit_json(err.report.to_dict())
         else:
             render_report(err.report, written=False)
-        report_error(err)
+        report_error(err, json_document=False)  # the report is the JSON document
         raise typer.Exit(1) from None
     if json_out:
         emit_json(report.to_dict())

@@ -40,7 +40,7 @@ def _size(n: int) -> str:
 
 
 def render_info(info: tk.CheckpointInfo, *, limit: int | None = None) -> None:
-    """Print a checkpoint's summary, tensor table, totals, shared tensors and metadata.
+    """Print a checkpoint's summary, tensor table, totals, shared tensors, values and metadata.
 
     Args:
         info: what :func:`torchkeep.inspect` returned.
@@ -98,6 +98,16 @@ def render_info(info: tk.CheckpointInfo, *, limit: int | None = None) -> None:
             sorted(shared.items()),
             title="shared tensors",
         )
+
+    print_line()
+    if info.values:
+        print_table(
+            ["key", "value"],
+            [(k, compact_json(v)) for k, v in info.values.items()],
+            title="values",
+        )
+    else:
+        print_line("values: none")
 
     print_line()
     if info.metadata:

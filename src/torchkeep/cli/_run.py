@@ -38,6 +38,7 @@ __all__ = [
     "register",
     "render_run",
     "run_name",
+    "runs_in",
 ]
 
 
@@ -167,9 +168,86 @@ def render_run(mgr: tk.CheckpointManager) -> None:
     )
 
 
+def runs_in(folder: str | os.PathLike[str]) -> list[tk.CheckpointManager]:
+    """The runs directly inside ``folder``, opened read-only, by name.
+
+    Returns an empty list when ``folder`` is no directory or holds no run. Each manager must be
+    closed by the caller.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        try:
+            found.append(tk.CheckpointManager(child, read_only=True))
+        except tk.CheckpointNotFoundError:
+            continue  # not a run
+    return found
+
+
+def _run_summary(mgr: tk.CheckpointManager) -> dict[str, Any]:
+    records = mgr.checkpoints
+    best = next((r for r in records if "best" in r.kept), None)
+    return {
+        "run": str(mgr.root),
+        "name": mgr.root.name,
+        "checkpoints": len(records),
+        "latest": records[-1].step if records else None,
+        "best": best.step if best else None,
+        "monitor": mgr.policy.monitor,
+        "best_value": best.metrics.get(mgr.policy.monitor) if best and mgr.policy.monitor else None,
+        "disk_bytes": disk_bytes(mgr.root),
+    }
+
+
+def _list_runs(folder: str, runs: list[tk.CheckpointManager], *, as_json: bool) -> None:
+    try:
+        summaries = [_run_summary(mgr) for mgr in runs]
+    finally:
+        for mgr in runs:
+            mgr.close()
+    if as_json:
+        emit_json({"folder": folder, "runs": summaries})
+        return
+    print_table(
+        [
+            Column("run"),
+            Column("checkpoints", justify="right"),
+            Column("latest", justify="right"),
+            Column("best", justify="right"),
+            Column("size", justify="right"),
+        ],
+        [
+            (
+                s["name"],
+                s["checkpoints"],
+                s["latest"],
+                None
+                if s["best"] is None
+                else f"{s['best']} ({s['monitor']}={_metric_text(s['best_value'])})",
+                human_bytes(s["disk_bytes"]),
+            )
+            for s in summaries
+        ],
+        title=f"{len(summaries)} run(s) in {folder}",
+    )
+    print_line()
+    print_line(f"torchkeep ls {Path(folder) / summaries[0]['name']} lists a run's checkpoints")
+
+
 @handle_errors
 def ls_command(
-    run: Annotated[str, RUN_ARGUMENT],
+    run: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN",
+            help="A run directory (written by torchkeep.CheckpointManager), or a folder of runs.",
+            show_default=False,
+        ),
+    ],
     as_json: Annotated[
         bool,
         typer.Option(
@@ -183,10 +261,19 @@ def ls_command(
 ) -> None:
     """List the checkpoints of a run: step, time, metrics, size and why each is kept.
 
-    Marks the latest and the best checkpoint (by the run's monitored metric). Opens the run
+    Marks the latest and the best checkpoint (by the run's monitored metric). Given a folder
+    of runs instead, lists the runs in it: checkpoints, latest and best step, size. Opens runs
     read-only: never takes the writer lock, so it works while training writes to the run.
     """
-    with tk.CheckpointManager(run, read_only=True) as mgr:
+    try:
+        mgr = tk.CheckpointManager(run, read_only=True)
+    except tk.CheckpointNotFoundError:
+        runs = runs_in(run)
+        if not runs:
+            raise
+        _list_runs(run, runs, as_json=as_json)
+        return
+    with mgr:
         if not as_json:
             render_run(mgr)
             return

@@ -26,7 +26,7 @@ from torchkeep.export._inputs import Inputs
 from torchkeep.export._quiet import quiet
 from torchkeep.export._report import ExportReport, OutputCheck
 from torchkeep.format import Format, detect
-from torchkeep.storage import publish, staging_directory
+from torchkeep.storage import local_path, publish, staging_directory
 
 __all__ = ["FORMATS", "export", "load_exported"]
 
@@ -310,7 +310,7 @@ def export(
         ExportError: the exporter failed; the message names the step and the submodule, the
             hint the alternatives. Also for a missing ``onnx`` extra.
     """
-    dest = Path(path)
+    dest = local_path(path)
     fmt = _format(dest, format)
     if fmt == "onnx":
         _onnx.require()
@@ -419,7 +419,7 @@ def load_exported(path: str | os.PathLike[str], *, trust: bool = False) -> Calla
         UnsafeCheckpointError: the file would run code and ``trust`` is False.
         CheckpointNotFoundError: nothing at ``path``.
     """
-    p = Path(path)
+    p = local_path(path)
     if not p.is_file():
         raise CheckpointNotFoundError(f"no file at {p}", path=str(p))
     suffix = p.suffix.lower()

@@ -37,6 +37,7 @@ from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format._safetensors import HEADER_LIMIT
+from torchkeep.storage import local_path
 
 MODEL_FILE = "torchkeep_model.json"
 HF_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -56,7 +57,7 @@ class Format(StrEnum):
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
     """``path`` itself when it is a file; in a directory, the checkpoint file it holds."""
-    p = Path(path)
+    p = local_path(path)
     if not p.exists():
         hint = "check the path"
         if p.parent.is_dir():

@@ -17,6 +17,8 @@ class TensorInfo:
         nbytes: bytes of tensor data (``numel * itemsize``).
         shared_with: the name of the tensor this one shares storage with (a tied weight or a
             view), or ``None`` when it owns its bytes.
+        optimizer_state: the tensor is part of an optimizer's state (Adam's ``exp_avg``,
+            ``exp_avg_sq``, ``step``), not of the model.
     """
 
     name: str
@@ -24,6 +26,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     nbytes: int
     shared_with: str | None = None
+    optimizer_state: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -43,6 +46,8 @@ class CheckpointInfo:
         file_bytes: size of the file(s) on disk.
         metadata: user metadata saved with the checkpoint (empty when there is none).
         format_version: torchkeep format version, when the file is a torchkeep file.
+        values: the plain values saved in the checkpoint beside its tensors, by dotted path,
+            down to two keys deep (``epoch``, ``loss``, ``hyper_parameters.lr``).
     """
 
     path: str
@@ -51,6 +56,7 @@ class CheckpointInfo:
     file_bytes: int
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -59,10 +65,19 @@ class CheckpointInfo:
 
     @property
     def num_params(self) -> int:
-        """Number of elements over all tensors, counting shared storage once."""
+        """Number of model parameters: elements of the floating-point (and complex) tensors,
+        shared storage counted once.
+
+        Optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``) is not counted, nor are integer
+        and bool tensors: step counters, ``num_batches_tracked``, RNG states, token ids.
+        """
         total = 0
         for t in self.tensors:
-            if t.shared_with is None:
+            if (
+                t.shared_with is None
+                and not t.optimizer_state
+                and t.dtype.startswith(("float", "bfloat", "complex"))
+            ):
                 n = 1
                 for s in t.shape:
                     n *= s
@@ -86,4 +101,5 @@ class CheckpointInfo:
             "tensors": [t.to_dict() for t in self.tensors],
             "shared": self.shared,
             "metadata": self.metadata,
+            "values": self.values,
         }

@@ -26,6 +26,7 @@ from torchkeep.format._run import PACK_DIR, Manifest, RunReader, load_reference,
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import unflatten
 from torchkeep.format._torchfile import load_torch, read_document
+from torchkeep.format._values import optimizer_tensor_paths, plain_values
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -136,10 +137,12 @@ def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
     sizes = {p: (run.root / PACK_DIR / p).stat().st_size for p in manifest.packs}
     classes = {key: m["class"] for key, m in manifest.models.items()}
     models = {"models": classes} if classes else {}  # what load_model can rebuild
+    obj = run.load(manifest, verify=False)
     return CheckpointInfo(
         path=f"{run.root}@{manifest.step}",
         format="torchkeep-run",
-        tensors=tuple(describe(run.load(manifest, verify=False))),
+        tensors=tuple(describe(obj)),
+        values=plain_values(obj),
         file_bytes=manifest.path.stat().st_size + sum(sizes.values()),
         metadata={
             "step": manifest.step,
@@ -202,6 +205,7 @@ def describe(obj: Any) -> list[TensorInfo]:
     """List every tensor of a loaded structure by dotted path, marking storage shared with another."""
     out: list[TensorInfo] = []
     owners: dict[tuple[str, int], str] = {}
+    optimizer = optimizer_tensor_paths(obj)
     for name, x in tensors_by_path(obj).items():
         storage = x.untyped_storage()
         ident = (str(x.device), storage.data_ptr()) if storage.nbytes() else None
@@ -215,6 +219,7 @@ def describe(obj: Any) -> list[TensorInfo]:
                 shape=tuple(x.shape),
                 nbytes=x.numel() * x.element_size(),
                 shared_with=owner,
+                optimizer_state=name in optimizer,
             )
         )
     return out
@@ -246,6 +251,7 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
             file_bytes=size,
             metadata=meta,
             format_version=inner.format_version,
+            values=inner.values,
         )
     if fmt in (Format.SAFETENSORS, Format.TORCHKEEP):
         st = SafetensorsFile(str(p))
@@ -271,4 +277,5 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
         file_bytes=size,
         metadata=metadata,
         format_version=version,
+        values=plain_values(obj),
     )

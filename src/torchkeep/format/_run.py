@@ -40,6 +40,7 @@ from torchkeep.format._dtypes import dtype_from_name
 from torchkeep.format._hash import hash_matches, seal_ok
 from torchkeep.format._location import MapLocation
 from torchkeep.format._safetensors import parse_json
+from torchkeep.storage import local_path
 
 RUN_FILE = "torchkeep_run.json"
 MANIFEST_DIR = "checkpoints"
@@ -65,12 +66,24 @@ def parse_reference(text: str | os.PathLike[str]) -> tuple[Path, str] | None:
 
     Returns ``None`` when ``text`` is no run reference (an ordinary file path).
     """
+    local_path(text)  # a URL is refused before any part of it is taken for a local file
     text = os.fspath(text)
     match = _REFERENCE.match(text)
     if match and is_run(match["run"]):
         return Path(match["run"]), match["which"]
     if is_run(text):
         return Path(text), "latest"
+    run, at, which = text.rpartition("@")
+    if at and run and is_run(run):
+        # `RUN@bset` would otherwise be looked up as a file named "RUN@bset": not found.
+        raise CheckpointNotFoundError(
+            f"unknown selector {which!r} in run reference {text!r}",
+            path=text,
+            expected=["latest", "best", "<step>"],
+            actual=which,
+            hint="use RUN@latest, RUN@best or RUN@<step>; steps in this run: "
+            f"{_steps_text(RunReader(run).steps())}",
+        )
     return None
 
 
@@ -214,7 +227,7 @@ class RunReader:
     """Read-only view of a run directory: never takes the writer lock, never writes."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+        self.root = local_path(root)
         if not is_run(self.root):
             raise CheckpointNotFoundError(
                 "not a torchkeep run (no torchkeep_run.json)",

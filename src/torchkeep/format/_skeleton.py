@@ -101,6 +101,21 @@ class _Flattener:
                 return self._container(value, path)
             finally:
                 self.active.discard(id(value))
+        if isinstance(value, torch.nn.Module):
+            raise _unsupported(
+                path,
+                f"a torch.nn.Module ({kind.__qualname__})",
+                "a module is code plus weights: save its weights with "
+                "tk.save(model.state_dict(), path), or the whole model (weights and how to "
+                "rebuild it, no pickle) with tk.save_model(model, directory)",
+            )
+        if isinstance(value, torch.optim.Optimizer):
+            raise _unsupported(
+                path,
+                f"a torch.optim.Optimizer ({kind.__qualname__})",
+                "save its state with optimizer.state_dict(), or keep model and optimizer in a "
+                "tk.CheckpointManager app, which captures both",
+            )
         raise _unsupported(
             path,
             f"a value of type {kind.__module__}.{kind.__qualname__}",

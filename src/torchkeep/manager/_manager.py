@@ -24,10 +24,11 @@ import operator
 import os
 import sys
 import threading
+import time
+import warnings
 import weakref
 from collections.abc import Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -60,7 +61,7 @@ from torchkeep.manager._writer import (
     write_checkpoint,
 )
 from torchkeep.state import capture_app, describe_models, restore_app
-from torchkeep.storage import atomic_write, fsync_dir
+from torchkeep.storage import atomic_write, fsync_dir, local_path
 
 
 class CheckpointManager:
@@ -106,7 +107,7 @@ class CheckpointManager:
         async_save: bool = False,
         read_only: bool = False,
     ) -> None:
-        self.root = Path(directory)
+        self.root = local_path(directory)
         self.read_only = read_only
         self.async_save = async_save
         self._lock = RunLock(self.root / LOCK_FILE)
@@ -137,10 +138,27 @@ class CheckpointManager:
             ) from exc
         self._lock.acquire()
         try:
-            stored = RunReader(self.root).policy if (self.root / RUN_FILE).is_file() else {}
+            existing = RunReader(self.root) if (self.root / RUN_FILE).is_file() else None
+            stored = existing.policy if existing is not None else {}
             self.policy = RetentionPolicy.from_dict({**stored, **_given(given)})
-            if not (self.root / RUN_FILE).is_file() or stored != self.policy.to_dict():
-                self._write_run_file()
+            history = _policy_history(existing.description) if existing is not None else []
+            if existing is not None and RetentionPolicy.from_dict(stored) != self.policy:
+                before = RetentionPolicy.from_dict(stored)
+                # Retention deletes checkpoints: a policy changed by a mistyped argument on
+                # resume must be seen, and the run must remember what it kept by before.
+                warnings.warn(
+                    f"{self.root}: the run's retention policy changes from "
+                    f"{_policy_text(before)} to {_policy_text(self.policy)}; the change is "
+                    f"recorded in {RUN_FILE} (policy_history). Open the run without retention "
+                    "arguments to keep its stored policy",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                history.append(
+                    {"time": time.time(), "from": before.to_dict(), "to": self.policy.to_dict()}
+                )
+            if existing is None or stored != self.policy.to_dict():
+                self._write_run_file(history)
             self._reader = RunReader(self.root)
             self._manifests = {m.step: m for m in self._reader.manifests()}
             sweep(self.root, self._manifests.values())
@@ -383,13 +401,15 @@ class CheckpointManager:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _write_run_file(self) -> None:
-        document = {
+    def _write_run_file(self, policy_history: list[dict[str, Any]]) -> None:
+        document: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "kind": "torchkeep-run",
             "torchkeep_version": __version__,
             "policy": self.policy.to_dict(),
         }
+        if policy_history:
+            document["policy_history"] = policy_history
         text = json.dumps(document, indent=2).encode()
         atomic_write(self.root / RUN_FILE, lambda f: write_bytes(f, text))
 
@@ -441,6 +461,18 @@ def _report_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
             f"torchkeep: the last async save to {manager.root} failed: {pending.exception()}",
             file=sys.stderr,
         )
+
+
+def _policy_text(policy: RetentionPolicy) -> str:
+    rules = ", ".join(f"{k}={v!r}" for k, v in policy.to_dict().items() if v is not None)
+    return f"({rules})"
+
+
+def _policy_history(description: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The recorded policy changes of a run file, oldest first (entries that are not objects
+    are dropped: the history informs, it decides nothing)."""
+    history = description.get("policy_history", [])
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

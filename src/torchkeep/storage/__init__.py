@@ -12,6 +12,7 @@ from torchkeep.storage._local import (
     publish,
     staging_directory,
 )
+from torchkeep.storage._location import is_url, local_path
 from torchkeep.storage._protocol import Storage
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "Storage",
     "atomic_write",
     "fsync_dir",
+    "is_url",
+    "local_path",
     "publish",
     "staging_directory",
 ]

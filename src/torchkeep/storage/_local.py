@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from torchkeep.errors import StorageError
+from torchkeep.storage._location import local_path
 
 _TMP_MARK = ".tkp-"
 
@@ -112,7 +113,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     Raises:
         StorageError: the filesystem failed (disk full, permission denied, I/O error).
     """
-    dest = Path(path)
+    dest = local_path(path)
     if dest.is_dir():
         raise StorageError(
             "cannot write a file there: it is a directory",
