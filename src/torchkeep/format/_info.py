@@ -43,6 +43,8 @@ class CheckpointInfo:
         file_bytes: size of the file(s) on disk.
         metadata: user metadata saved with the checkpoint (empty when there is none).
         format_version: torchkeep format version, when the file is a torchkeep file.
+        files: for a checkpoint directory (format ``"checkpoint-dir"``), every file in it; its
+            ``tensors`` are then those of all its files, named ``<file>/<tensor>``.
     """
 
     path: str
@@ -51,6 +53,7 @@ class CheckpointInfo:
     file_bytes: int
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: str | None = None
+    files: tuple[FileInfo, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -86,4 +89,36 @@ class CheckpointInfo:
             "tensors": [t.to_dict() for t in self.tensors],
             "shared": self.shared,
             "metadata": self.metadata,
+            **({"files": [f.to_dict() for f in self.files]} if self.files else {}),
         }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileInfo:
+    """One file of a checkpoint directory (a Trainer ``checkpoint-N/``, Accelerate state...).
+
+    Attributes:
+        name: the file's name inside the directory.
+        kind: ``"checkpoint"`` (a tensor or pickle file), ``"side-file"`` (JSON beside the
+            checkpoint files, e.g. ``trainer_state.json``), ``"other"`` (not a checkpoint) or
+            ``"directory"`` (a subdirectory, not looked into).
+        format: the format detected from the bytes (as in :class:`CheckpointInfo`), ``"json"``
+            for side files, ``None`` when unknown.
+        file_bytes: size on disk.
+        tensors: how many tensors the file holds (0 when it was not read).
+        tensor_bytes: bytes of tensor data, shared storage counted once.
+        summary: one line on what the file holds.
+        problem: why the file could not be described (damaged, or unsafe to load), else ``None``.
+    """
+
+    name: str
+    kind: str
+    format: str | None
+    file_bytes: int
+    tensors: int = 0
+    tensor_bytes: int = 0
+    summary: str = ""
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -19,6 +19,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format._artifact import SafetensorsFile, check_format_version
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
+from torchkeep.format._directory import inspect_directory, is_checkpoint_dir
 from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, cast, map_tensors
@@ -230,10 +231,16 @@ def describe(obj: Any) -> list[TensorInfo]:
 
 
 def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """Describe a checkpoint without reading its tensor data (tensors are only mapped)."""
+    """Describe a checkpoint without reading its tensor data (tensors are only mapped).
+
+    A directory that is not a run, a ``save_model`` directory or a sharded checkpoint (a
+    Trainer ``checkpoint-N/``) is described file by file (``info.files``).
+    """
     if parse_reference(path) is not None:
         info: CheckpointInfo = load_reference(path, _run_info)
         return info
+    if is_checkpoint_dir(path):  # a Trainer checkpoint-N/, Accelerate state: every file
+        return inspect_directory(Path(path), inspect_file)
     p = resolve_path(path)
     fmt = detect(p)
     version: str | None = None
