@@ -333,3 +333,32 @@ def test_single_file_verify_reports_every_damaged_tensor(tmp_path: Path, suffix:
     report = tk.verify(path)
     assert not report.ok and report.damaged == 2 and report.hashed == 1
     assert sorted(p.split("'")[1] for p in report.problems) == ["a", "c"]
+
+
+@pytest.mark.slow  # some 2,300 loads
+def test_every_flipped_byte_of_a_pt_file_is_detected_or_harmless(tmp_path: Path) -> None:
+    """Bytes torch never reads (zip padding, local headers, timestamps) may change freely;
+    any other flip must be detected, and nothing may escape as a raw exception."""
+    path = tmp_path / "ckpt.pt"
+    obj = {"w": torch.arange(6, dtype=torch.float32), "epoch": 2, "lr": 0.5}
+    tk.save(obj, path, metadata={"note": "baseline"})
+    original = path.read_bytes()
+    detected, silent = 0, []
+    for i in range(len(original)):
+        path.write_bytes(original[:i] + bytes([original[i] ^ 0x01]) + original[i + 1 :])
+        try:
+            loaded, metadata = tk.load(path), tk.inspect(path).metadata
+        except tk.TorchkeepError:
+            detected += 1
+            continue
+        same = set(loaded) == set(obj) and torch.equal(loaded["w"], obj["w"])
+        if not (same and loaded["epoch"] == 2 and loaded["lr"] == 0.5) or metadata != {
+            "note": "baseline"
+        }:
+            silent.append(i)
+    assert not silent, f"flipped bytes at {silent} loaded different values"
+    assert detected > len(original) // 2
+    for n in range(0, len(original), 9):
+        path.write_bytes(original[:n])
+        with pytest.raises(tk.TorchkeepError):
+            tk.load(path)

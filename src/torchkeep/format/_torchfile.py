@@ -55,6 +55,17 @@ from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 
 METADATA_RECORD = "torchkeep.json"
+# what zipfile raises on damaged archives: flipped flag bits read as encryption (RuntimeError)
+# or an unknown compression method (NotImplementedError), lying sizes and offsets...
+_ZIP_ERRORS: tuple[type[Exception], ...] = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+)
+_ZIP_ERRORS += (NotImplementedError, RuntimeError, zlib.error, KeyError, IndexError)
+_RECORD_LIMIT = 16 * 1024 * 1024
 _DAMAGED_HINT = "restore the file from a copy; verify=False loads it anyway"
 _TRUST_HINT = (
     "if you trust where this file comes from, pass trust=True (it runs code from the file); "
@@ -113,14 +124,29 @@ def _bytes_hash(data: bytes) -> str:
 
 def read_document(path: str) -> dict[str, Any] | None:
     """The torchkeep record of a torch zip file, or ``None`` when it was not written by us."""
+    name: str | None = None
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/" + METADATA_RECORD)), None)
-            if name is None or archive.getinfo(name).file_size > 16 * 1024 * 1024:
+            if name is None:
                 return None
+            size = archive.getinfo(name).file_size
+            if size > _RECORD_LIMIT:
+                raise CorruptCheckpointError(
+                    f"the {METADATA_RECORD} record declares {size} bytes, over the "
+                    f"{_RECORD_LIMIT >> 20} MiB it may have: the file was altered or damaged",
+                    path=path,
+                    hint=_DAMAGED_HINT,
+                )
             data = archive.read(name)
-    except (zipfile.BadZipFile, OSError):
-        return None  # a damaged record: the CRC check of every member names it
+    except TorchkeepError:
+        raise
+    except _ZIP_ERRORS as exc:
+        if name is None:
+            return None  # not a zip torchkeep can open: the format checks say why
+        raise CorruptCheckpointError(
+            f"the {METADATA_RECORD} record is damaged ({exc})", path=path, hint=_DAMAGED_HINT
+        ) from exc
     doc = parse_json(data, what="torchkeep record", path=path)
     if not isinstance(doc, dict):
         raise CorruptCheckpointError("the torchkeep record is not a JSON object", path=path)
@@ -160,9 +186,9 @@ def damaged_members(path: str, *, skip_storages: bool = False) -> list[str]:
                     with archive.open(info) as member:
                         while member.read(1 << 24):
                             pass
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+                except _ZIP_ERRORS as exc:
                     problems.append(f"zip member {info.filename}: {exc}")
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except _ZIP_ERRORS as exc:
         problems.append(f"the zip archive is damaged ({exc})")
     return problems
 
@@ -179,12 +205,15 @@ def damaged_records(path: str, doc: dict[str, Any]) -> list[str]:
                     continue
                 try:
                     data = read_member(archive, name, path)
-                except (zipfile.BadZipFile, OSError, ValueError, zlib.error) as exc:
+                except TorchkeepError as exc:  # declares a size over the limit
+                    problems.append(f"zip member {name}: {exc.message}")
+                    continue
+                except _ZIP_ERRORS as exc:
                     problems.append(f"zip member {name}: {exc}")
                     continue
                 if not isinstance(expected, str) or _bytes_hash(data) != expected:
                     problems.append(f"zip member {name} does not match its hash")
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except _ZIP_ERRORS as exc:
         problems.append(f"the zip archive is damaged ({exc})")
     return problems
 
