@@ -157,6 +157,10 @@ def test_scan_and_verify_name_every_unsafe_file(trainer_dir: Path) -> None:
     assert scanned.exit_code == 1
     heading = scanned.stdout.splitlines()[0]
     assert "UNSAFE" in heading and all(n in heading for n in unsafe)
+    scanned_json = CliRunner().invoke(app, ["scan", "--json", str(trainer_dir)])
+    assert scanned_json.exit_code == 1
+    (as_dict,) = json.loads(scanned_json.stdout)
+    assert as_dict["is_safe"] is False and set(as_dict["unsafe_files"]) == unsafe
     verified = CliRunner().invoke(app, ["verify", str(trainer_dir)])
     assert verified.exit_code == 1
     lines = verified.stdout.splitlines()

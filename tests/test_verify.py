@@ -362,3 +362,17 @@ def test_every_flipped_byte_of_a_pt_file_is_detected_or_harmless(tmp_path: Path)
         path.write_bytes(original[:n])
         with pytest.raises(tk.TorchkeepError):
             tk.load(path)
+
+
+def test_pt_files_from_an_older_torchkeep_still_load_and_get_the_crc_check(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    record = {"format_version": "1.0", "torchkeep_version": "0.0.9", "metadata": {"lr": 0.1}}
+    with zipfile.ZipFile(path, "a") as archive:  # the record as torchkeep wrote it before hashes
+        archive.writestr("old/torchkeep.json", json.dumps(record))
+    assert torch.equal(tk.load(path)["w"], torch.ones(3))
+    assert tk.inspect(path).metadata == {"lr": 0.1}
+    report = tk.verify(path)
+    assert report.ok and report.files[0].check == "crc32" and report.hashed == 1
