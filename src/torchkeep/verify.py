@@ -1,8 +1,20 @@
 """Checking checkpoints without trusting them: ``verify`` (integrity) and ``scan`` (pickles).
 
-``verify`` reads a file, one checkpoint of a run, or a whole run, checks its structure and every
-tensor's bytes against the hash its manifest recorded, and reports every problem it finds rather
-than stopping at the first. ``scan`` lists the globals a pickle-based file (``.pt``, ``.bin``,
+``verify`` reads a file, a checkpoint directory (a Trainer ``checkpoint-N/``), one checkpoint of
+a run, or a whole run, checks its structure and every tensor's bytes against what its format
+recorded, and reports every problem it finds rather than stopping at the first. What can be
+checked depends on the format, and the report says which it was, per file:
+
+==========================  ==============================================================
+file                        tensor bytes checked against
+==========================  ==============================================================
+run checkpoint              the xxh3-128 hash in its manifest; packs against their digests
+torchkeep ``.safetensors``  the xxh3-128 hash in its sealed header
+torchkeep ``.pt``           the xxh3-128 hash in its sealed ``torchkeep.json`` member
+other torch zip             the CRC-32 its zip records for every member
+plain safetensors           nothing: structure only (header, dtypes, sizes, bounds)
+legacy torch (pre-1.6)      nothing: structure only (it unpickles, safely)
+==========================  ============================================================== ``scan`` lists the globals a pickle-based file (``.pt``, ``.bin``,
 ``.ckpt``...) would import, statically, without executing it: a tripwire next to the real gate,
 torch's ``weights_only`` unpickler.
 """
