@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -65,12 +67,16 @@ def test_verify_command_exit_codes(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     result = CliRunner().invoke(app, ["verify", str(run), f"{run}@latest"])
     assert result.exit_code == 0, result.stdout
-    assert "OK (run; 3 checkpoint(s), 6 tensor(s) checked)" in result.stdout
+    assert (
+        "OK (run; 3 checkpoint(s), 6 tensor(s) checked: 6 against stored hashes, 0 structure only)"
+        in result.stdout
+    )
     flip_byte_in_last_tensor(sorted((run / "packs").iterdir())[-1])
     result = CliRunner().invoke(app, ["verify", "--json", str(run)])
     assert result.exit_code == 1
     (report,) = json.loads(result.stdout)
     assert report["ok"] is False and report["problems"]
+    assert report["damaged"] == 1 and report["hashed"] == 5 and report["structural"] == 0
 
 
 class Payload:
@@ -203,3 +209,170 @@ def test_every_flipped_byte_of_a_single_file_is_detected(tmp_path: Path) -> None
         detected += not tk.verify(path).ok
     assert tried > 500
     assert detected == tried, f"{tried - detected} of {tried} damaged files went unnoticed"
+
+
+def member_offset(path: Path, suffix: str) -> tuple[str, int, int]:
+    """The name, file offset and size of the data of the zip member whose name ends so."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    return info.filename, info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+def test_pt_files_from_save_carry_hashes_that_load_and_verify_check(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    model = torch.nn.Linear(128, 128)
+    tk.save({"model": model.state_dict(), "epoch": 7}, path)
+    plain = torch.load(path, weights_only=True)  # still torch's own format
+    assert plain["epoch"] == 7 and torch.equal(plain["model"]["weight"], model.weight)
+    assert tk.verify(path).ok
+    name, start, size = member_offset(path, "/data/0")
+    assert size == 128 * 128 * 4
+    flip(path, start + size - 1000)  # deep inside the weight, far past the first 4 KiB
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["weight"], model.weight)
+    with pytest.raises(tk.CorruptCheckpointError, match=r"tensor 'model.weight' does not match"):
+        tk.load(path)
+    fresh = torch.nn.Linear(128, 128)
+    before = fresh.weight.detach().clone()
+    with pytest.raises(tk.CorruptCheckpointError):
+        tk.load_into(fresh, path, strict=False)
+    assert torch.equal(fresh.weight, before)  # nothing copied from a damaged file
+    assert tk.load(path, verify=False)["epoch"] == 7  # the explicit opt-out
+    report = tk.verify(path)
+    assert not report.ok and report.damaged == 1 and report.hashed == 1
+    assert report.files[0].check == "xxh3_128"
+    assert any("model.weight" in p for p in report.problems)
+
+
+def test_pt_structure_and_record_changes_are_detected(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    tk.save({"w": torch.ones(4), "epoch": 7}, path)
+    original = path.read_bytes()
+    _, start, size = member_offset(path, "/data.pkl")
+    at = original.index(b"K\x07", start, start + size)  # BININT1 7: the epoch
+    flip(path, at + 1)
+    assert torch.load(path, weights_only=True)["epoch"] != 7  # torch does not notice
+    with pytest.raises(tk.CorruptCheckpointError, match="data.pkl"):
+        tk.load(path)  # the pickle scan reads data.pkl through zipfile, which checks its CRC
+    with pytest.raises(tk.CorruptCheckpointError, match="zip member archive/data.pkl"):
+        tk.load(path, trust=True)  # no scan: the check of the record members still catches it
+    assert not tk.verify(path).ok
+    path.write_bytes(original)
+    _, start, size = member_offset(path, "/torchkeep.json")
+    record = original[start : start + size]
+    at = start + record.index(b'"xxh3_128:') + 12  # a hex digit of the first tensor hash
+    flip(path, at)
+    with pytest.raises(tk.CorruptCheckpointError):
+        tk.load(path)
+    assert not tk.verify(path).ok
+
+
+def test_foreign_torch_zips_get_the_zip_crc_check(tmp_path: Path) -> None:
+    path, clean = tmp_path / "foreign.pt", tmp_path / "clean.pt"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, clean)
+    path.write_bytes(clean.read_bytes())
+    _, start, size = member_offset(path, "/data/0")
+    flip(path, start + size - 8)  # inside the tensor, past the first 4 KiB
+    assert torch.load(path, weights_only=True)["w"][-2] != 4094  # torch loads it silently
+    with pytest.raises(tk.CorruptCheckpointError, match="CRC-32"):
+        tk.load(path)
+    good = tk.verify(clean)
+    assert good.ok and good.files[0].check == "crc32" and good.hashed == 1
+    report = tk.verify(path)
+    assert not report.ok and report.damaged == 1 and "CRC-32" in report.problems[0]
+
+
+def test_files_without_checksums_are_reported_as_checked_structurally(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(3), "b": torch.zeros(2)}, str(plain))
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    ours = tmp_path / "ours.safetensors"
+    tk.save({"w": torch.ones(3)}, ours)
+    for path, stored in ((plain, 2), (legacy, 1)):
+        report = tk.verify(path)
+        assert report.ok and report.hashed == 0 and report.structural == stored
+        assert report.files[0].check is None
+        assert report.to_dict()["structural"] == stored
+    result = CliRunner().invoke(app, ["verify", str(plain), str(legacy), str(ours), "--json"])
+    assert result.exit_code == 0
+    assert [(r["hashed"], r["structural"]) for r in json.loads(result.stdout)] == [
+        (0, 2),
+        (0, 1),
+        (1, 0),
+    ]
+    result = CliRunner().invoke(app, ["verify", str(plain), str(ours)])
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{plain}: structure OK, no stored hashes to check")
+    assert "0 against stored hashes, 2 structure only" in lines[0]
+    assert lines[1].startswith(f"{ours}: OK (file; 1 checkpoint(s), 1 tensor(s) checked: 1 against")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_single_file_verify_reports_every_damaged_tensor(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"ckpt{suffix}"
+    state = {name: torch.full((2048,), float(i)) for i, name in enumerate(["a", "b", "c"])}
+    tk.save(state, path)
+    data = bytearray(path.read_bytes())
+    for name in ("a", "c"):  # the middle of each tensor's bytes
+        pattern = torch.full((2048,), float("ac".index(name) * 2)).numpy().tobytes()
+        at = bytes(data).index(pattern) + 4000
+        data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = tk.verify(path)
+    assert not report.ok and report.damaged == 2 and report.hashed == 1
+    assert sorted(p.split("'")[1] for p in report.problems) == ["a", "c"]
+
+
+@pytest.mark.slow  # some 2,300 loads
+def test_every_flipped_byte_of_a_pt_file_is_detected_or_harmless(tmp_path: Path) -> None:
+    """Bytes torch never reads (zip padding, local headers, timestamps) may change freely;
+    any other flip must be detected, and nothing may escape as a raw exception."""
+    path = tmp_path / "ckpt.pt"
+    obj = {"w": torch.arange(6, dtype=torch.float32), "epoch": 2, "lr": 0.5}
+    tk.save(obj, path, metadata={"note": "baseline"})
+    original = path.read_bytes()
+    detected, silent = 0, []
+    for i in range(len(original)):
+        path.write_bytes(original[:i] + bytes([original[i] ^ 0x01]) + original[i + 1 :])
+        try:
+            loaded, metadata = tk.load(path), tk.inspect(path).metadata
+        except tk.TorchkeepError:
+            detected += 1
+            continue
+        same = set(loaded) == set(obj) and torch.equal(loaded["w"], obj["w"])
+        if not (same and loaded["epoch"] == 2 and loaded["lr"] == 0.5) or metadata != {
+            "note": "baseline"
+        }:
+            silent.append(i)
+    assert not silent, f"flipped bytes at {silent} loaded different values"
+    assert detected > len(original) // 2
+    for n in range(0, len(original), 9):
+        path.write_bytes(original[:n])
+        with pytest.raises(tk.TorchkeepError):
+            tk.load(path)
+
+
+def test_pt_files_from_an_older_torchkeep_still_load_and_get_the_crc_check(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    record = {"format_version": "1.0", "torchkeep_version": "0.0.9", "metadata": {"lr": 0.1}}
+    with zipfile.ZipFile(path, "a") as archive:  # the record as torchkeep wrote it before hashes
+        archive.writestr("old/torchkeep.json", json.dumps(record))
+    assert torch.equal(tk.load(path)["w"], torch.ones(3))
+    assert tk.inspect(path).metadata == {"lr": 0.1}
+    report = tk.verify(path)
+    assert report.ok and report.files[0].check == "crc32" and report.hashed == 1

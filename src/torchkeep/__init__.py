@@ -22,7 +22,7 @@ from torchkeep.errors import (
     UnsupportedValueError,
 )
 from torchkeep.export import ExportReport, OutputCheck, export, load_exported
-from torchkeep.format import CheckpointInfo, TensorInfo
+from torchkeep.format import CheckpointInfo, FileInfo, TensorInfo
 from torchkeep.io import convert, inspect, load, load_into, load_model, save, save_model
 from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo, RunLockedError
 from torchkeep.state import (
@@ -36,7 +36,7 @@ from torchkeep.state import (
     trainable_param_groups,
     unfreeze,
 )
-from torchkeep.verify import PickleScan, VerifyReport, scan, verify
+from torchkeep.verify import DirectoryScan, FileCheck, PickleScan, VerifyReport, scan, verify
 
 __all__ = [
     "CheckpointInfo",
@@ -46,9 +46,12 @@ __all__ = [
     "ConfigMixin",
     "CorruptCheckpointError",
     "DiffReport",
+    "DirectoryScan",
     "ExportError",
     "ExportReport",
     "ExportVerificationError",
+    "FileCheck",
+    "FileInfo",
     "FormatVersionError",
     "IncompatibleStateError",
     "LoadReport",

@@ -127,8 +127,10 @@ def load(
         dtype: cast floating-point tensors to this dtype (integer, bool and complex are kept).
         trust: allow a ``torch.save`` file to import the globals it names. That runs code from the
             file: only for files you trust.
-        verify: check every tensor against the hash recorded when it was saved (torchkeep files
-            and run checkpoints; the default, which reads every tensor once, at ~10 GB/s).
+        verify: check every tensor against the hash recorded when it was saved (torchkeep
+            ``.safetensors`` and ``.pt`` files and run checkpoints; the default, which reads every
+            tensor once, at ~10 GB/s), and the zip's CRC-32 of every member of a torch zip file
+            from elsewhere. Plain safetensors and legacy torch files store no checksum.
             ``False`` skips that and keeps tensors lazily mapped.
 
     Raises:
@@ -140,7 +142,13 @@ def load(
 
 
 def inspect(path: PathLike) -> CheckpointInfo:
-    """Describe a checkpoint (format, tensors, sharing, metadata) without reading tensor data."""
+    """Describe a checkpoint (format, tensors, sharing, metadata) without reading tensor data.
+
+    A checkpoint directory that is not a run, a ``save_model`` directory or a sharded checkpoint
+    (a Trainer ``checkpoint-N/``, Accelerate ``save_state`` output) is described file by file:
+    ``info.files`` lists each with its kind (checkpoint, side file...), format and size, and
+    ``info.tensors`` holds every tensor as ``<file>/<name>``.
+    """
     return inspect_file(path)
 
 
@@ -195,7 +203,7 @@ def load_into(
             ``_orig_mod.`` from ``torch.compile``, a LightningModule's ``model.``) are handled
             without rules when unambiguous. ``report.renamed`` says what was changed.
         verify: check the checkpoint's tensors against their recorded hashes before copying
-            anything (torchkeep files and run checkpoints).
+            anything (torchkeep files and run checkpoints; the zip CRC-32s of other torch files).
 
     Returns:
         A :class:`LoadReport` with the loaded, missing, unexpected and mismatched keys.

@@ -1,8 +1,20 @@
 """Checking checkpoints without trusting them: ``verify`` (integrity) and ``scan`` (pickles).
 
-``verify`` reads a file, one checkpoint of a run, or a whole run, checks its structure and every
-tensor's bytes against the hash its manifest recorded, and reports every problem it finds rather
-than stopping at the first. ``scan`` lists the globals a pickle-based file (``.pt``, ``.bin``,
+``verify`` reads a file, a checkpoint directory (a Trainer ``checkpoint-N/``), one checkpoint of
+a run, or a whole run, checks its structure and every tensor's bytes against what its format
+recorded, and reports every problem it finds rather than stopping at the first. What can be
+checked depends on the format, and the report says which it was, per file:
+
+==========================  ==============================================================
+file                        tensor bytes checked against
+==========================  ==============================================================
+run checkpoint              the xxh3-128 hash in its manifest; packs against their digests
+torchkeep ``.safetensors``  the xxh3-128 hash in its sealed header
+torchkeep ``.pt``           the xxh3-128 hash in its sealed ``torchkeep.json`` member
+other torch zip             the CRC-32 its zip records for every member
+plain safetensors           nothing: structure only (header, dtypes, sizes, bounds)
+legacy torch (pre-1.6)      nothing: structure only (it unpickles, safely)
+==========================  ============================================================== ``scan`` lists the globals a pickle-based file (``.pt``, ``.bin``,
 ``.ckpt``...) would import, statically, without executing it: a tripwire next to the real gate,
 torch's ``weights_only`` unpickler.
 """
@@ -17,10 +29,12 @@ from typing import Any
 from torchkeep.errors import TorchkeepError
 from torchkeep.format import (
     PACK_DIR,
+    WEIGHTS_FILE,
     Format,
     Manifest,
     RunReader,
     SafetensorsFile,
+    describe,
     detect,
     file_hash,
     hash_matches,
@@ -30,9 +44,80 @@ from torchkeep.format import (
     tensor_hash,
     tensors_by_path,
 )
+from torchkeep.format._directory import (
+    PICKLE_FORMATS,
+    Entry,
+    entries,
+    is_checkpoint_dir,
+    side_file_summary,
+    unsafe_summary,
+)
 from torchkeep.format._pickle_scan import PickleScan, scan_file
+from torchkeep.format._reader import _shard_files as shard_files
+from torchkeep.format._torchfile import (
+    damaged_members,
+    damaged_records,
+    damaged_tensors,
+    is_hashed,
+    load_torch,
+    read_document,
+)
 
-__all__ = ["PickleScan", "VerifyReport", "scan", "verify"]
+__all__ = ["DirectoryScan", "FileCheck", "PickleScan", "VerifyReport", "scan", "verify"]
+
+
+#: How a file's tensor bytes were checked: against xxh3-128 hashes torchkeep recorded, against
+#: the CRC-32 a zip archive records for every member, or not at all (structure only).
+CHECKS = ("xxh3_128", "crc32", None)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileCheck:
+    """What :func:`verify` checked in one file.
+
+    Attributes:
+        path: the file (its name, inside a checkpoint directory).
+        format: the format detected from its bytes; ``"json"`` for a side file.
+        status: ``"ok"``, ``"damaged"``, ``"unsafe"`` (a pickle torchkeep will not load),
+            ``"side-file"`` (JSON beside the checkpoint, parsed) or ``"skipped"`` (not a
+            checkpoint: listed, not checked).
+        check: how tensor bytes were checked: ``"xxh3_128"`` (hashes torchkeep recorded),
+            ``"crc32"`` (the zip's checksums of a torch file from elsewhere) or ``None``.
+        tensors: stored tensors read.
+        hashed: tensors whose bytes matched a stored hash (or CRC-32, see ``check``).
+        structural: tensors checked for structure only (dtype, shape, bounds): the format stores
+            no checksum for them (plain safetensors, legacy torch files).
+        damaged: tensors (or, for ``crc32``, storage members) whose bytes failed their check.
+        problems: every problem found in the file.
+    """
+
+    path: str
+    format: str | None
+    status: str
+    check: str | None = None
+    tensors: int = 0
+    hashed: int = 0
+    structural: int = 0
+    damaged: int = 0
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "side-file", "skipped")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "status": self.status,
+            "ok": self.ok,
+            "check": self.check,
+            "tensors": self.tensors,
+            "hashed": self.hashed,
+            "structural": self.structural,
+            "damaged": self.damaged,
+            "problems": list(self.problems),
+        }
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -41,11 +126,16 @@ class VerifyReport:
 
     Attributes:
         target: what was checked.
-        kind: ``"run"``, ``"checkpoint"`` (one of a run) or ``"file"``.
-        checkpoints: how many checkpoints were checked.
+        kind: ``"run"``, ``"checkpoint"`` (one of a run), ``"file"`` or ``"directory"`` (a
+            checkpoint directory such as a Trainer ``checkpoint-N/``).
+        checkpoints: how many checkpoints (checkpoint files, for a directory) were checked.
         tensors: how many tensors were read and checked.
         problems: every problem found, one line each (empty when all is well).
         notes: observations that are not problems (e.g. packs left by a crashed save).
+        hashed: tensors whose bytes matched a stored hash or checksum.
+        structural: tensors checked for structure only (their format stores no checksum).
+        damaged: tensors whose bytes failed their check.
+        files: what was checked in each file (files and directories; empty for runs).
     """
 
     target: str
@@ -54,6 +144,10 @@ class VerifyReport:
     tensors: int
     problems: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    hashed: int = 0
+    structural: int = 0
+    damaged: int = 0
+    files: tuple[FileCheck, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -66,8 +160,12 @@ class VerifyReport:
             "ok": self.ok,
             "checkpoints": self.checkpoints,
             "tensors": self.tensors,
+            "hashed": self.hashed,
+            "structural": self.structural,
+            "damaged": self.damaged,
             "problems": list(self.problems),
             "notes": list(self.notes),
+            "files": [f.to_dict() for f in self.files],
         }
 
 
@@ -140,6 +238,7 @@ def _verify_run(text: str) -> VerifyReport:
                 f"{len(stray)} pack(s) no checkpoint uses (left by an interrupted save; the next "
                 f"writer removes them): {', '.join(stray[:5])}"
             )
+    damaged = sum(", tensor " in p for p in problems)  # "step 3, tensor 'w': ..."
     return VerifyReport(
         target=text,
         kind="checkpoint" if single else "run",
@@ -147,40 +246,316 @@ def _verify_run(text: str) -> VerifyReport:
         tensors=count,
         problems=tuple(problems),
         notes=tuple(notes),
+        hashed=max(count - damaged, 0),
+        damaged=damaged,
+    )
+
+
+def _damaged(shown: str, fmt: str | None, *problems: str) -> FileCheck:
+    return FileCheck(path=shown, format=fmt, status="damaged", problems=problems)
+
+
+def _check_safetensors(p: Path, shown: str) -> FileCheck:
+    try:
+        st = SafetensorsFile(str(p))
+        hashes = st.hashes
+        bad = st.damaged()
+    except TorchkeepError as exc:
+        return _damaged(shown, Format.SAFETENSORS.value, exc.message)
+    problems = [f"tensor {k!r} does not match its hash" for k in bad]
+    unhashed = [k for k in st.header.entries if k not in hashes]
+    try:
+        for key in unhashed:  # plain safetensors: read every byte, check what the layout allows
+            t = st.tensor(key)
+            tensor_hash(t)
+            st.mapped.release(t)
+        st.load(verify=False)  # the structure must rebuild (skeleton, views)
+    except TorchkeepError as exc:
+        problems.append(exc.message)
+    stored = len(st.header.entries)
+    return FileCheck(
+        path=shown,
+        format=st.format,
+        status="damaged" if problems else "ok",
+        check="xxh3_128" if hashes else None,
+        tensors=stored,
+        hashed=len(hashes) - len(bad),
+        structural=len(unhashed),
+        damaged=len(bad),
+        problems=tuple(problems),
+    )
+
+
+def _stored_tensors(obj: Any) -> int:
+    return sum(t.shared_with is None for t in describe(obj))
+
+
+def _check_torch(p: Path, shown: str, fmt: Format) -> FileCheck:
+    path, is_zip = str(p), fmt is Format.TORCH_ZIP
+    try:
+        found = scan_file(p)
+        doc = read_document(path) if is_zip else None
+    except TorchkeepError as exc:
+        return _damaged(shown, fmt.value, exc.message)
+    hashed_file = is_hashed(doc)
+    problems: list[str] = []
+    if is_zip:  # bytes first: a damaged pickle is damage, not danger
+        problems = damaged_records(path, doc) if doc is not None and hashed_file else []
+        problems += damaged_members(path, skip_storages=hashed_file)
+        problems = list(dict.fromkeys(problems))  # a bad CRC is found by both
+    if not found.is_safe:
+        return FileCheck(
+            path=shown,
+            format=fmt.value,
+            status="damaged" if problems else "unsafe",
+            check="crc32" if is_zip else None,
+            problems=(*problems, unsafe_summary(found.unsafe)),
+        )
+    try:
+        obj = load_torch(path, map_location="cpu", trust=False, zip_format=is_zip)
+    except TorchkeepError as exc:
+        return _damaged(shown, fmt.value, *problems, exc.message)
+    check: str | None
+    if doc is not None and hashed_file:
+        good, bad = damaged_tensors(obj, doc, path=path)
+        problems += bad
+        stored, hashed, damaged, check = good + len(bad), good, len(bad), "xxh3_128"
+    else:
+        stored = _stored_tensors(obj)
+        damaged = sum("/data/" in x for x in problems)  # storage members failing their CRC
+        hashed = max(stored - damaged, 0) if is_zip else 0
+        check = "crc32" if is_zip else None
+        if not is_zip:  # legacy: no checksum; torch.load read every byte, touch them anyway
+            for t in tensors_by_path(obj).values():
+                tensor_hash(t)
+    return FileCheck(
+        path=shown,
+        format=fmt.value,
+        status="damaged" if problems else "ok",
+        check=check,
+        tensors=stored,
+        hashed=hashed,
+        structural=0 if is_zip else stored,
+        damaged=damaged,
+        problems=tuple(problems),
+    )
+
+
+def _check_archive(p: Path, shown: str, fmt: Format) -> FileCheck:
+    """A TorchScript or torch.export archive: a program; its zip checksums are what we check."""
+    problems = damaged_members(str(p))
+    return FileCheck(
+        path=shown,
+        format=fmt.value,
+        status="damaged" if problems else "ok",
+        check="crc32",
+        problems=tuple(problems),
+    )
+
+
+def _check_sharded(index: Path, shown: str) -> FileCheck:
+    """A Hugging Face sharded checkpoint: every shard, then the index against the shards."""
+    try:
+        weight_map, _ = shard_files(index)
+    except TorchkeepError as exc:
+        return _damaged(shown, Format.HF_SHARDED.value, exc.message)
+    parts: list[FileCheck] = []
+    problems: list[str] = []
+    for name in dict.fromkeys(weight_map.values()):
+        if (index.parent / name).is_file():
+            parts.append(_check_file(index.parent / name, name))
+        else:
+            problems.append(f"shard {name} listed in the index is missing")
+    problems += [f"{c.path}: {x}" for c in parts for x in c.problems]
+    if not problems:
+        try:
+            load_file(index, verify=False)  # every indexed tensor is in its shard
+        except TorchkeepError as exc:
+            problems.append(exc.message)
+    checks = {c.check for c in parts}
+    return FileCheck(
+        path=shown,
+        format=Format.HF_SHARDED.value,
+        status="damaged" if problems else "ok",
+        check=checks.pop() if len(checks) == 1 else None,
+        tensors=sum(c.tensors for c in parts),
+        hashed=sum(c.hashed for c in parts),
+        structural=sum(c.structural for c in parts),
+        damaged=sum(c.damaged for c in parts),
+        problems=tuple(problems),
+    )
+
+
+def _check_file(p: Path, shown: str) -> FileCheck:
+    """Verify one checkpoint file of any format (or a save_model directory), every problem."""
+    try:
+        fmt = detect(p)
+    except TorchkeepError as exc:
+        return _damaged(shown, None, exc.message)
+    except OSError as exc:
+        return _damaged(shown, None, f"cannot read the file: {exc}")
+    if fmt is Format.MODEL_DIR:
+        return _check_safetensors(p / WEIGHTS_FILE, shown)
+    if fmt is Format.SAFETENSORS:
+        return _check_safetensors(p, shown)
+    if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
+        return _check_torch(p, shown, fmt)
+    if fmt is Format.HF_SHARDED:
+        return _check_sharded(p, shown)
+    return _check_archive(p, shown, fmt)  # TorchScript, torch.export: programs in a zip
+
+
+def _check_entry(e: Entry) -> FileCheck:
+    if e.kind == "side-file":
+        _, problem = side_file_summary(e.path)
+        if problem:
+            return _damaged(e.name, "json", problem)
+        return FileCheck(path=e.name, format="json", status="side-file")
+    if e.kind != "checkpoint":
+        return FileCheck(path=e.name, format=None, status="skipped")
+    if e.error is not None:
+        return _damaged(e.name, None, e.error.message)
+    return _check_file(e.path, e.name)
+
+
+def _report(text: str, kind: str, files: list[FileCheck], notes: list[str]) -> VerifyReport:
+    prefix = kind == "directory"
+    return VerifyReport(
+        target=text,
+        kind=kind,
+        checkpoints=sum(f.status not in ("side-file", "skipped") for f in files),
+        tensors=sum(f.tensors for f in files),
+        problems=tuple(f"{f.path}: {x}" if prefix else x for f in files for x in f.problems),
+        notes=tuple(notes),
+        hashed=sum(f.hashed for f in files),
+        structural=sum(f.structural for f in files),
+        damaged=sum(f.damaged for f in files),
+        files=tuple(files),
     )
 
 
 def verify(target: str | os.PathLike[str]) -> VerifyReport:
-    """Check a file, a run checkpoint (``RUN@<step>``) or a whole run, reading every tensor.
+    """Check a file, a checkpoint directory, a run checkpoint (``RUN@<step>``) or a whole run.
 
-    Run checkpoints are checked against the hashes in their manifests; single files are checked
-    for structure (header bounds, dtypes and sizes, the skeleton) with every tensor read.
+    Every tensor is read. Run checkpoints and files written by torchkeep (``.safetensors`` and
+    ``.pt``) are checked against the xxh3-128 hash recorded for each tensor; torch zip files
+    from elsewhere against the CRC-32 their zip records for every member; plain safetensors and
+    legacy torch files for structure only (header bounds, dtypes and sizes), which the report's
+    ``structural`` count says. A checkpoint directory (a Trainer ``checkpoint-N/``, Accelerate
+    state) has every file checked; pickle files that need unsafe globals are reported, not
+    loaded. Every damaged tensor is reported, not only the first.
 
     Returns:
-        A :class:`VerifyReport`; ``report.ok`` is False when anything is wrong.
+        A :class:`VerifyReport`; ``report.ok`` is False when anything is damaged or unsafe.
     """
     text = os.fspath(target)
-    is_reference = parse_reference(text) is not None
-    try:
-        if is_reference:
+    if parse_reference(text) is not None:
+        try:
             return _verify_run(text)
-        tensors = tensors_by_path(load_file(text))
-        for t in tensors.values():
-            tensor_hash(t)  # reads every byte
+        except TorchkeepError as exc:
+            return VerifyReport(
+                target=text, kind="run", checkpoints=0, tensors=0, problems=(str(exc),)
+            )
+    if is_checkpoint_dir(text):
+        found = entries(Path(text))
+        notes = [f"{e.name}/: a directory, not checked" for e in found if e.kind == "directory"]
+        return _report(text, "directory", [_check_entry(e) for e in found], notes)
+    try:
+        p = resolve_path(text)
     except TorchkeepError as exc:
-        kind = "run" if is_reference else "file"
-        return VerifyReport(target=text, kind=kind, checkpoints=0, tensors=0, problems=(str(exc),))
-    return VerifyReport(target=text, kind="file", checkpoints=1, tensors=len(tensors), problems=())
+        return VerifyReport(
+            target=text, kind="file", checkpoints=0, tensors=0, problems=(str(exc),)
+        )
+    return _report(text, "file", [_check_file(p, text)], [])
 
 
-def scan(path: str | os.PathLike[str]) -> PickleScan:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DirectoryScan:
+    """What :func:`scan` found in a checkpoint directory: one :class:`PickleScan` per file.
+
+    It answers like a :class:`PickleScan` (``globals``, ``unsafe``, ``is_safe``) for the
+    directory as a whole, and names the files at fault.
+
+    Attributes:
+        path: the directory.
+        files: the scan of every checkpoint file (safetensors files have no pickle records).
+        damaged: ``(file, problem)`` for each checkpoint file that could not be parsed.
+        skipped: files that are not checkpoints (JSON side files...), not scanned.
+    """
+
+    path: str
+    files: tuple[PickleScan, ...]
+    damaged: tuple[tuple[str, str], ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def records(self) -> tuple[str, ...]:
+        return tuple(f"{Path(s.path).name}:{r}" for s in self.files for r in s.records)
+
+    @property
+    def globals(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(g for s in self.files for g in s.globals))
+
+    @property
+    def unsafe(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(g for s in self.files for g in s.unsafe))
+
+    @property
+    def unsafe_files(self) -> tuple[str, ...]:
+        """The names of the files that would import a refused global."""
+        return tuple(Path(s.path).name for s in self.files if not s.is_safe)
+
+    @property
+    def is_safe(self) -> bool:
+        """No file imports a refused global, and every checkpoint file could be parsed."""
+        return not self.unsafe and not self.damaged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "is_safe": self.is_safe,
+            "unsafe_files": list(self.unsafe_files),
+            "damaged": [{"file": f, "problem": p} for f, p in self.damaged],
+            "skipped": list(self.skipped),
+            "globals": list(self.globals),
+            "unsafe": list(self.unsafe),
+            "files": [s.to_dict() for s in self.files],
+        }
+
+
+def _scan_directory(directory: Path) -> DirectoryScan:
+    scans: list[PickleScan] = []
+    damaged: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for e in entries(directory):
+        if e.kind != "checkpoint":
+            skipped.append(e.name)
+        elif e.error is not None:
+            damaged.append((e.name, e.error.message))
+        elif e.format not in PICKLE_FORMATS:
+            scans.append(PickleScan(path=str(e.path), records=(), globals=(), unsafe=()))
+        else:
+            try:
+                scans.append(scan_file(e.path))
+            except TorchkeepError as exc:
+                damaged.append((e.name, exc.message))
+    return DirectoryScan(
+        path=str(directory), files=tuple(scans), damaged=tuple(damaged), skipped=tuple(skipped)
+    )
+
+
+def scan(path: str | os.PathLike[str]) -> PickleScan | DirectoryScan:
     """List the globals a pickle-based checkpoint would import, without executing anything.
 
-    Safetensors files hold no pickle: their scan is empty and safe.
+    Safetensors files hold no pickle: their scan is empty and safe. A checkpoint directory (a
+    Trainer ``checkpoint-N/``, Accelerate state) has every checkpoint file scanned: its
+    :class:`DirectoryScan` is unsafe when any file is, and names them (``unsafe_files``).
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: nothing, or no checkpoint, at ``path``.
     """
+    if is_checkpoint_dir(path):
+        return _scan_directory(Path(path))
     p = resolve_path(path)
     if not p.is_dir() and detect(Path(p)) in (Format.SAFETENSORS, Format.HF_SHARDED):
         return PickleScan(path=str(p), records=(), globals=(), unsafe=())

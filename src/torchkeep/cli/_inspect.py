@@ -56,6 +56,9 @@ def render_info(info: tk.CheckpointInfo, *, limit: int | None = None) -> None:
         ]
     )
 
+    if info.files:  # a checkpoint directory: one row per file, tensors only counted
+        _render_files(info)
+        return
     tensors = info.tensors
     shown = tensors[:limit] if limit else tensors
     print_line()
@@ -120,6 +123,47 @@ def render_info(info: tk.CheckpointInfo, *, limit: int | None = None) -> None:
         print_line("metadata: none")
 
 
+def _render_files(info: tk.CheckpointInfo) -> None:
+    """The files of a checkpoint directory: kind, format, size, and what each holds."""
+    print_line()
+    print_table(
+        [
+            Column("file"),
+            Column("kind"),
+            Column("format"),
+            Column("size", justify="right"),
+            Column("tensors", justify="right"),
+            Column("holds"),
+        ],
+        [
+            (
+                f.name,
+                f.kind,
+                f.format,
+                human_bytes(f.file_bytes),
+                f"{f.tensors:,}" if f.kind == "checkpoint" and f.problem is None else None,
+                f.problem or f.summary,
+            )
+            for f in info.files
+        ],
+        title="files",
+    )
+    print_line()
+    print_kv(
+        [
+            ("files", f"{len(info.files):,}"),
+            ("tensors", f"{len(info.tensors):,}"),
+            ("parameters", f"{info.num_params:,}"),
+            ("tensor data", _size(info.total_bytes)),
+        ],
+        title="totals",
+    )
+    print_line()
+    print_line(
+        "tensors of one file: torchkeep inspect DIR/FILE; --json lists every tensor as FILE/NAME"
+    )
+
+
 @handle_errors
 def inspect_command(
     path: Annotated[
@@ -155,7 +199,9 @@ def inspect_command(
     """Show a checkpoint's format, tensors, shared storage and metadata.
 
     Reads only the file's header and index, never its tensor data, so it is fast on large
-    files and never runs code from a pickle. Exits with 1 when the file is missing, corrupt
+    files and never runs code from a pickle. A checkpoint directory (a Trainer checkpoint-N/,
+    Accelerate state) is shown file by file: format, size, what each holds; side files such
+    as trainer_state.json as side files, pickles that need unsafe globals as unsafe. Exits with 1 when the file is missing, corrupt
     or not a checkpoint.
     """
     info = tk.inspect(path)

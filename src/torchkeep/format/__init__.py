@@ -19,7 +19,7 @@ from torchkeep.format._hash import (
     seal_ok,
     tensor_hash,
 )
-from torchkeep.format._info import CheckpointInfo, TensorInfo
+from torchkeep.format._info import CheckpointInfo, FileInfo, TensorInfo
 from torchkeep.format._location import MapLocation, map_tensors, relocate
 from torchkeep.format._reader import (
     WEIGHTS_FILE,
@@ -79,6 +79,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "model_description",
     "CheckpointInfo",
+    "FileInfo",
     "Flattened",
     "Format",
     "MapLocation",

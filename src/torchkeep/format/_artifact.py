@@ -249,20 +249,34 @@ class SafetensorsFile:
         Raises:
             CorruptCheckpointError: naming the first tensor whose bytes changed.
         """
+        for key in self.damaged(first_only=True):
+            raise CorruptCheckpointError(
+                f"tensor {key!r} does not match its hash: the file was altered or damaged",
+                path=self.path,
+                key=key,
+                hint="restore the file from a copy; verify=False loads it anyway",
+            )
+
+    @property
+    def hashes(self) -> dict[str, Any]:
+        """The recorded hash of each stored tensor (empty for a plain safetensors file)."""
         hashes = (self.document or {}).get("hashes", {})
         if not isinstance(hashes, dict):
             raise CorruptCheckpointError("the recorded hashes are malformed", path=self.path)
-        for key, expected in hashes.items():
+        return hashes
+
+    def damaged(self, *, first_only: bool = False) -> list[str]:
+        """The keys of every stored tensor whose bytes do not match its recorded hash."""
+        bad: list[str] = []
+        for key, expected in self.hashes.items():
             t = self.tensor(key)
             ok = isinstance(expected, str) and hash_matches(t, expected)
             self.mapped.release(t)  # keep memory near zero while reading a whole file
             if not ok:
-                raise CorruptCheckpointError(
-                    f"tensor {key!r} does not match its hash: the file was altered or damaged",
-                    path=self.path,
-                    key=key,
-                    hint="restore the file from a copy; verify=False loads it anyway",
-                )
+                bad.append(key)
+                if first_only:
+                    break
+        return bad
 
 
 def rebuild(

@@ -48,6 +48,8 @@ class CheckpointInfo:
         format_version: torchkeep format version, when the file is a torchkeep file.
         values: the plain values saved in the checkpoint beside its tensors, by dotted path,
             down to two keys deep (``epoch``, ``loss``, ``hyper_parameters.lr``).
+        files: for a checkpoint directory (format ``"checkpoint-dir"``), every file in it; its
+            ``tensors`` are then those of all its files, named ``<file>/<tensor>``.
     """
 
     path: str
@@ -57,6 +59,7 @@ class CheckpointInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: str | None = None
     values: dict[str, Any] = field(default_factory=dict)
+    files: tuple[FileInfo, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -102,4 +105,36 @@ class CheckpointInfo:
             "shared": self.shared,
             "metadata": self.metadata,
             "values": self.values,
+            **({"files": [f.to_dict() for f in self.files]} if self.files else {}),
         }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileInfo:
+    """One file of a checkpoint directory (a Trainer ``checkpoint-N/``, Accelerate state...).
+
+    Attributes:
+        name: the file's name inside the directory.
+        kind: ``"checkpoint"`` (a tensor or pickle file), ``"side-file"`` (JSON beside the
+            checkpoint files, e.g. ``trainer_state.json``), ``"other"`` (not a checkpoint) or
+            ``"directory"`` (a subdirectory, not looked into).
+        format: the format detected from the bytes (as in :class:`CheckpointInfo`), ``"json"``
+            for side files, ``None`` when unknown.
+        file_bytes: size on disk.
+        tensors: how many tensors the file holds (0 when it was not read).
+        tensor_bytes: bytes of tensor data, shared storage counted once.
+        summary: one line on what the file holds.
+        problem: why the file could not be described (damaged, or unsafe to load), else ``None``.
+    """
+
+    name: str
+    kind: str
+    format: str | None
+    file_bytes: int
+    tensors: int = 0
+    tensor_bytes: int = 0
+    summary: str = ""
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

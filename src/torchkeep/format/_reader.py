@@ -19,6 +19,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format._artifact import SafetensorsFile, check_format_version
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
+from torchkeep.format._directory import inspect_directory, is_checkpoint_dir
 from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, cast, map_tensors
@@ -74,11 +75,15 @@ def load_file(
         return SafetensorsFile(str(p)).load(map_location=map_location, dtype=dtype, verify=verify)
     if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
         obj = load_torch(
-            str(p), map_location=map_location, trust=trust, zip_format=fmt is Format.TORCH_ZIP
+            str(p),
+            map_location=map_location,
+            trust=trust,
+            zip_format=fmt is Format.TORCH_ZIP,
+            verify=verify,
         )
         return obj if dtype is None else map_tensors(obj, lambda t: cast(t, dtype))
     if fmt is Format.HF_SHARDED:
-        return _load_sharded(p, map_location=map_location, dtype=dtype, trust=trust)
+        return _load_sharded(p, map_location=map_location, dtype=dtype, trust=trust, verify=verify)
     raise _refuse_code_archive(p, fmt)
 
 
@@ -103,7 +108,12 @@ def _shard_files(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
 
 
 def _load_sharded(
-    index: Path, *, map_location: MapLocation, dtype: torch.dtype | None, trust: bool
+    index: Path,
+    *,
+    map_location: MapLocation,
+    dtype: torch.dtype | None,
+    trust: bool,
+    verify: bool = True,
 ) -> dict[str, torch.Tensor]:
     weight_map, _ = _shard_files(index)
     merged: dict[str, torch.Tensor] = OrderedDict()
@@ -117,7 +127,7 @@ def _load_sharded(
             )
         if detect(shard) not in (Format.SAFETENSORS, Format.TORCH_ZIP, Format.TORCH_LEGACY):
             raise CorruptCheckpointError(f"shard {name} is not a tensor file", path=str(shard))
-        part = load_file(shard, map_location=map_location, dtype=dtype, trust=trust)
+        part = load_file(shard, map_location=map_location, dtype=dtype, trust=trust, verify=verify)
         if not isinstance(part, dict) or not all(
             isinstance(v, torch.Tensor) for v in part.values()
         ):
@@ -226,10 +236,16 @@ def describe(obj: Any) -> list[TensorInfo]:
 
 
 def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """Describe a checkpoint without reading its tensor data (tensors are only mapped)."""
+    """Describe a checkpoint without reading its tensor data (tensors are only mapped).
+
+    A directory that is not a run, a ``save_model`` directory or a sharded checkpoint (a
+    Trainer ``checkpoint-N/``) is described file by file (``info.files``).
+    """
     if parse_reference(path) is not None:
         info: CheckpointInfo = load_reference(path, _run_info)
         return info
+    if is_checkpoint_dir(path):  # a Trainer checkpoint-N/, Accelerate state: every file
+        return inspect_directory(Path(path), inspect_file)
     p = resolve_path(path)
     fmt = detect(p)
     version: str | None = None
@@ -266,7 +282,7 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
             metadata, version = dict(doc.get("metadata") or {}), str(doc["format_version"])
     elif fmt is Format.HF_SHARDED:
         weight_map, metadata = _shard_files(p)
-        obj = _load_sharded(p, map_location="cpu", dtype=None, trust=False)
+        obj = _load_sharded(p, map_location="cpu", dtype=None, trust=False, verify=False)
         size += sum((p.parent / n).stat().st_size for n in set(weight_map.values()))
     else:
         raise _refuse_code_archive(p, fmt)
