@@ -120,6 +120,10 @@ def test_save_pretrained_loads_strictly_into_the_same_architecture(
         assert set(json.loads(index.read_text())["weight_map"]) == kept
 
     info = tk.inspect(tmp_path / "hf")
+    if shard is None:  # one weights file beside config.json: shown as a checkpoint directory
+        assert info.format == "checkpoint-dir"
+        assert {t.name for t in info.tensors} == {f"model.safetensors/{k}" for k in kept}
+        info = tk.inspect(tmp_path / "hf" / "model.safetensors")
     assert info.format == ("hf-sharded" if shard else "safetensors")
     assert {t.name for t in info.tensors} == kept
     loaded = tk.load(tmp_path / "hf")
