@@ -6,12 +6,15 @@ attacker triggers. Before torch's ``weights_only`` unpickler (the real gate) see
 scan of its pickles lists the globals it would import, so a refusal can name them.
 
 Writing validates the object with the same rules as safetensors (no arbitrary objects), so what we
-write always loads with ``torch.load(weights_only=True)``. User metadata goes in an extra
+write always loads with ``torch.load(weights_only=True)``; numpy values, ``pathlib`` paths and
+``torch.__version__`` are pickled as torch pickles them, which torchkeep reads back through its
+allow-list (:mod:`._safe_values`) and plain torch only inside ``torch.serialization.safe_globals``. User metadata goes in an extra
 ``torchkeep.json`` record of the zip archive, which ``torch.load`` ignores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import warnings
@@ -31,6 +34,12 @@ from torchkeep.errors import (
 from torchkeep.format._artifact import FORMAT_VERSION, check_format_version, metadata_json
 from torchkeep.format._location import MapLocation
 from torchkeep.format._pickle_scan import is_allowed_global, scan_file, scan_pickle_bytes
+from torchkeep.format._safe_values import (
+    SAFE_VALUE_GLOBALS,
+    check_codecs,
+    rebuilding_safe_values,
+    resolve,
+)
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 
@@ -62,7 +71,8 @@ def write_torch(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> None:
     with zipfile.ZipFile(f, "a") as archive:
         data_pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
         found, _ = scan_pickle_bytes(archive.read(data_pkl), name=data_pkl)
-        unsafe = [g for g in found if not is_allowed_global(g)]
+        # torchkeep's allow-list (._safe_values) reads numpy values, paths and torch versions back
+        unsafe = [g for g in found if not is_allowed_global(g) and g not in SAFE_VALUE_GLOBALS]
         if unsafe:
             raise UnsupportedValueError(
                 f"the object needs {', '.join(unsafe)}, which torch.load(weights_only=True) refuses",
@@ -95,27 +105,36 @@ def load_torch(path: str, *, map_location: MapLocation, trust: bool, zip_format:
         UnsafeCheckpointError: the file needs globals the safe unpickler refuses.
         CorruptCheckpointError: the file is damaged.
     """
+    values = False  # the file needs our allow-list of harmless values (._safe_values)
     if not trust:
         scan = scan_file(path)
-        if not scan.is_safe:
+        refused = [g for g in scan.unsafe if g not in SAFE_VALUE_GLOBALS]
+        if refused:
             raise UnsafeCheckpointError(
-                f"refusing to load: the file imports {', '.join(scan.unsafe)}, which could run code",
+                f"refusing to load: the file imports {', '.join(refused)}, which could run code",
                 path=path,
-                globals=list(scan.unsafe),
+                globals=refused,
                 hint=_TRUST_HINT,
             )
+        values = not scan.is_safe
+        if values:
+            check_codecs(path, zip_format=zip_format)
     if isinstance(map_location, Mapping):
         map_location = dict(map_location)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            if path.endswith(".safetensors"):
-                # torch.load picks its safetensors reader by this suffix; the bytes say otherwise.
-                with open(path, "rb") as f:
-                    return torch.load(f, map_location=map_location, weights_only=not trust)
-            return torch.load(  # type: ignore[no-any-return]
-                path, map_location=map_location, weights_only=not trust, mmap=zip_format
-            )
+            rebuilding = rebuilding_safe_values(path) if values else contextlib.nullcontext()
+            with rebuilding:
+                if path.endswith(".safetensors"):
+                    # torch.load picks its safetensors reader by this suffix; the bytes say otherwise.
+                    with open(path, "rb") as f:
+                        obj = torch.load(f, map_location=map_location, weights_only=not trust)
+                else:
+                    obj = torch.load(
+                        path, map_location=map_location, weights_only=not trust, mmap=zip_format
+                    )
+        return resolve(obj, path) if values else obj
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text or "weights_only" in text.lower():

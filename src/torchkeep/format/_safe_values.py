@@ -1,0 +1,463 @@
+"""Harmless values that real checkpoints carry, rebuilt by torchkeep's own code from an allow-list.
+
+Files people already have hold more than tensors: the tutorials' ``torch.__version__`` (a
+``TorchVersion``), Lightning's hyperparameters (``pathlib`` paths), the RNG states that the Hugging
+Face Trainer (``rng_state.pth``) and Accelerate (``random_states_*.pkl``) save (numpy ``uint32``
+arrays inside ``np.random.get_state()`` tuples), numpy scalars and dtypes, and ``b""`` (which
+protocol 2 pickles as ``bytes()``). torch's ``weights_only`` unpickler refuses all of them, so those
+files could only be opened with ``trust=True``.
+
+This module lets them load without trust, and without ever calling numpy's or pathlib's own
+unpickling functions with arguments chosen by the file. Every global name below is mapped, through
+``torch.serialization.safe_globals``' ``(callable, "module.qualname")`` form, to a function or stub
+class of ours that checks its arguments (types, sizes, dtype codes from a fixed list, byte lengths
+that match the shape) and only then builds the value with plain constructors
+(``np.frombuffer``, ``PurePosixPath(*parts)``...). numpy arrays and dtypes are built in two pickle
+steps (REDUCE, then BUILD with a state), so they first come out of torch's unpickler as stubs;
+:func:`resolve` swaps the finished values in. Anything else the file names stays refused.
+
+The allow-list is used only after the static scan of :mod:`._pickle_scan` found no other refused
+global, and :func:`check_codecs` then also requires every ``_codecs.encode`` call to have the one
+form pickle itself writes for bytes (``encode(text, "latin1")``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pathlib
+import pickletools
+import re
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torch.serialization
+from torch.torch_version import TorchVersion
+
+from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
+from torchkeep.format._pickle_scan import LEGACY_PICKLES, read_member
+
+__all__ = [
+    "SAFE_VALUE_GLOBALS",
+    "check_codecs",
+    "numpy_dtype",
+    "rebuilding_safe_values",
+    "resolve",
+]
+
+MAX_TEXT = 1 << 20  # characters in one version string or path
+MAX_PARTS = 4096  # components of one path
+MAX_STRING_ITEMSIZE = 1 << 20  # bytes per element of an S/U array
+_HINT = "the file is damaged or was altered; restore it from a copy"
+_TRUST_HINT = (
+    "if you trust where this file comes from, pass trust=True (it runs code from the file); "
+    "better, convert it once to safetensors in a sandbox"
+)
+
+# numpy dtype codes torchkeep rebuilds: bool, integers, floats (incl. long double), complex, and
+# fixed-width byte and unicode strings. Never objects, structured or void dtypes.
+_LONG = {np.dtype(np.longdouble).itemsize, np.dtype(np.clongdouble).itemsize // 2}
+_FLOAT_SIZES = "|".join(str(n) for n in sorted({2, 4, 8, *_LONG}))
+_COMPLEX_SIZES = "|".join(str(2 * n) for n in sorted({4, 8, *_LONG}))
+_CODE = re.compile(
+    rf"(b1|[iu][1248]|f(?:{_FLOAT_SIZES})|c(?:{_COMPLEX_SIZES})|[SU][1-9][0-9]{{0,7}})"
+)
+_DTYPE_TEXT = re.compile(rf"([<>|=]?){_CODE.pattern}")
+
+
+class _BadValue(Exception):
+    """A rebuild function refused its arguments (becomes a torchkeep error with the path)."""
+
+    def __init__(self, message: str, *, unsafe: bool = False) -> None:
+        super().__init__(message)
+        self.unsafe = unsafe
+
+
+def numpy_dtype(text: object) -> np.dtype[Any]:
+    """The numpy dtype written as ``text`` (``dtype.str``: ``"<u4"``, ``"|b1"``, ``"<U5"``), if it
+    is one torchkeep rebuilds.
+
+    Raises:
+        ValueError: any other text (objects, structured dtypes, a typo).
+    """
+    match = _DTYPE_TEXT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"numpy dtype {str(text)[:40]!r} is not one torchkeep rebuilds")
+    code = match.group(2)
+    if code[0] in "SU" and int(code[1:]) * (4 if code[0] == "U" else 1) > MAX_STRING_ITEMSIZE:
+        raise ValueError(f"numpy dtype {text!r} has elements over {MAX_STRING_ITEMSIZE} bytes")
+    try:
+        dtype = np.dtype(code)
+    except TypeError as exc:  # a long double size this platform does not have
+        raise ValueError(f"numpy dtype {text!r} does not exist on this platform") from exc
+    order = match.group(1)
+    if order == "<" and dtype.itemsize > 1:
+        return dtype.newbyteorder("<")
+    return dtype.newbyteorder(">") if order == ">" and dtype.itemsize > 1 else dtype
+
+
+def _text(value: object, what: str) -> str:
+    if type(value) is not str or len(value) > MAX_TEXT:
+        raise _BadValue(f"{what} is not a string of at most {MAX_TEXT} characters")
+    return value
+
+
+class _TorchVersion:
+    """Stands for ``torch.torch_version.TorchVersion`` (pickled with NEWOBJ, ``cls.__new__``)."""
+
+    def __new__(cls, version: object = None) -> Any:  # noqa: PYI034 - returns the real class
+        return TorchVersion(_text(version, "a TorchVersion"))
+
+
+def _path_parts(kind: str, parts: tuple[object, ...]) -> list[str]:
+    if len(parts) > MAX_PARTS:
+        raise _BadValue(f"a {kind} with {len(parts)} parts (over {MAX_PARTS})")
+    texts = [_text(p, f"a part of a {kind}") for p in parts]
+    if sum(map(len, texts)) > MAX_TEXT:
+        raise _BadValue(f"a {kind} longer than {MAX_TEXT} characters")
+    return texts
+
+
+def _posix_path(*parts: object) -> pathlib.PurePath:
+    texts = _path_parts("PosixPath", parts)
+    # a concrete path cannot be made for the other OS: give the pure path of the same flavour
+    return pathlib.PosixPath(*texts) if os.name == "posix" else pathlib.PurePosixPath(*texts)
+
+
+def _windows_path(*parts: object) -> pathlib.PurePath:
+    texts = _path_parts("WindowsPath", parts)
+    return pathlib.WindowsPath(*texts) if os.name == "nt" else pathlib.PureWindowsPath(*texts)
+
+
+def _pure_posix_path(*parts: object) -> pathlib.PurePosixPath:
+    return pathlib.PurePosixPath(*_path_parts("PurePosixPath", parts))
+
+
+def _pure_windows_path(*parts: object) -> pathlib.PureWindowsPath:
+    return pathlib.PureWindowsPath(*_path_parts("PureWindowsPath", parts))
+
+
+class _Stub:
+    """A numpy value under construction by the unpickler (REDUCE made it, BUILD completes it)."""
+
+    __slots__ = ("value",)
+
+    def finished(self) -> Any:
+        value = getattr(self, "value", None)
+        if value is None:
+            raise _BadValue(f"a numpy {self._what} that was never given its state")
+        return value
+
+    _what = "value"
+
+    def _set_once(self, value: Any) -> None:
+        if getattr(self, "value", None) is not None:
+            raise _BadValue(f"a numpy {self._what} given its state twice")
+        self.value = value
+
+
+class _DType(_Stub):
+    """Stands for ``numpy.dtype``: ``dtype(code, False, True)``, then the state tuple numpy writes
+    (version 3: byte order, no subarray, names or fields, element size and alignment for
+    strings, flags 0)."""
+
+    __slots__ = ("code",)
+    _what = "dtype"
+
+    def __init__(self, code: object = None, align: object = False, copy: object = True) -> None:
+        if type(code) is not str or _CODE.fullmatch(code) is None or align is not False:
+            raise _BadValue(
+                f"numpy dtype {str(code)[:40]!r} is not one torchkeep rebuilds "
+                "(bool, integer, float, complex and fixed-width string dtypes only)",
+                unsafe=True,
+            )
+        self.code = code
+
+    def __setstate__(self, state: object) -> None:
+        code = getattr(self, "code", None)
+        if code is None or type(state) is not tuple or len(state) != 8 or state[0] != 3:
+            raise _BadValue("a numpy dtype state that numpy does not write")
+        order = state[1]
+        if order not in ("<", ">", "|", "=") or state[2:5] != (None, None, None):
+            raise _BadValue(f"a numpy dtype state that numpy does not write ({state[1:5]!r})")
+        try:
+            dtype = numpy_dtype(("" if order == "=" else order) + code)
+        except ValueError as exc:
+            raise _BadValue(str(exc)) from exc
+        expected = (-1, -1, 0)
+        if dtype.kind in "SU":
+            expected = (dtype.itemsize, dtype.alignment, 8 if dtype.kind == "U" else 0)
+        if state[5:] != expected or (order == "|") != (dtype.itemsize == 1 or dtype.kind == "S"):
+            raise _BadValue(f"a numpy dtype state that does not fit {dtype.str} ({state!r})")
+        self._set_once(dtype)
+
+
+def _dtype_of(value: object) -> np.dtype[Any]:
+    if type(value) is not _DType:
+        raise _BadValue(f"a numpy dtype expected, not {type(value).__name__}")
+    dtype: np.dtype[Any] = value.finished()
+    return dtype
+
+
+class _Array(_Stub):
+    """Stands for ``numpy.ndarray``: made empty by ``_reconstruct``, filled by its state
+    ``(1, shape, dtype, is_fortran, raw bytes)``."""
+
+    __slots__ = ()
+    _what = "array"
+
+    def __setstate__(self, state: object) -> None:
+        if type(state) is not tuple or len(state) != 5 or state[0] != 1:
+            raise _BadValue("a numpy array state that numpy does not write")
+        _, shape, dtype_stub, fortran, raw = state
+        if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape):
+            raise _BadValue(f"a numpy array shape that is not a tuple of sizes ({shape!r})")
+        if len(shape) > 64 or type(fortran) is not bool or type(raw) is not bytes:
+            raise _BadValue("a numpy array state that numpy does not write")
+        dtype = _dtype_of(dtype_stub)
+        count = 1
+        for n in shape:
+            count *= n
+        if count * dtype.itemsize != len(raw):
+            raise _BadValue(
+                f"a numpy array of shape {shape} and dtype {dtype.str} needs "
+                f"{count * dtype.itemsize} bytes, the file holds {len(raw)}"
+            )
+        flat = np.frombuffer(raw, dtype=dtype)
+        self._set_once(flat.reshape(shape, order="F" if fortran else "C").copy(order="K"))
+
+
+def _reconstruct(subtype: object, shape: object, typecode: object) -> _Array:
+    """Stands for ``numpy.core.multiarray._reconstruct``: only for plain ``ndarray``."""
+    if subtype is not _Array or shape != (0,) or typecode != b"b":
+        raise _BadValue(
+            "numpy's _reconstruct asked for something else than a plain array", unsafe=True
+        )
+    return _Array()
+
+
+def _scalar(dtype_stub: object, data: object = None) -> Any:
+    """Stands for ``numpy.core.multiarray.scalar``: one element of a dtype, from its bytes."""
+    dtype = _dtype_of(dtype_stub)
+    if type(data) is not bytes or len(data) != dtype.itemsize:
+        raise _BadValue(f"a numpy {dtype.str} scalar without its {dtype.itemsize} bytes")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _bytes(*args: object) -> bytes:
+    """Stands for ``bytes``: pickle's protocol 2 writes ``b""`` as ``bytes()`` (torch refuses it,
+    so an empty numpy array would not load); nothing else."""
+    if args:
+        raise _BadValue("bytes() called with arguments, which pickle never writes", unsafe=True)
+    return b""
+
+
+_PATHS = {
+    "PosixPath": _posix_path,
+    "WindowsPath": _windows_path,
+    "PurePosixPath": _pure_posix_path,
+    "PureWindowsPath": _pure_windows_path,
+}
+_REBUILDS: dict[str, Any] = {
+    "builtins.bytes": _bytes,
+    "torch.torch_version.TorchVersion": _TorchVersion,
+    **{f"pathlib.{name}": fn for name, fn in _PATHS.items()},
+    **{f"pathlib._local.{name}": fn for name, fn in _PATHS.items()},  # Python >= 3.13
+    "numpy.ndarray": _Array,
+    "numpy.dtype": _DType,
+    **{
+        f"{m}._reconstruct": _reconstruct
+        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+    },
+    **{f"{m}.scalar": _scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+}
+SAFE_VALUE_GLOBALS: frozenset[str] = frozenset(_REBUILDS)
+"""The globals a file may name beyond torch's own allowlist and still load without trust."""
+
+
+@contextlib.contextmanager
+def rebuilding_safe_values(path: str) -> Iterator[None]:
+    """Inside this block torch's ``weights_only`` unpickler rebuilds the allow-listed values with
+    torchkeep's functions; a value they refuse raises a torchkeep error naming ``path``.
+
+    Raises:
+        UnsafeCheckpointError: a value no real numpy or pathlib writes (an object dtype array...).
+        CorruptCheckpointError: a value whose parts do not fit together.
+    """
+    entries: list[Callable[..., Any] | tuple[Callable[..., Any], str]]
+    entries = [(fn, name) for name, fn in _REBUILDS.items()]
+    try:
+        with torch.serialization.safe_globals(entries):
+            yield
+    except _BadValue as exc:
+        if exc.unsafe:
+            raise UnsafeCheckpointError(
+                f"refusing to load: {exc}", path=path, hint=_TRUST_HINT
+            ) from exc
+        raise CorruptCheckpointError(f"cannot rebuild {exc}", path=path, hint=_HINT) from exc
+
+
+def resolve(obj: Any, path: str) -> Any:
+    """``obj`` as loaded inside :func:`rebuilding_safe_values`, with every stub replaced by its
+    finished numpy value (containers are updated in place, tuples rebuilt)."""
+    done: dict[int, Any] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, _Stub):
+            return x.finished()
+        kind = type(x)
+        if kind not in (dict, OrderedDict, list, tuple, set, frozenset):
+            return x
+        if id(x) in done:
+            return done[id(x)]
+        done[id(x)] = x
+        if kind is list:
+            x[:] = [walk(v) for v in x]
+        elif kind is dict or kind is OrderedDict:
+            items = [(walk(k), walk(v)) for k, v in x.items()]
+            x.clear()
+            x.update(items)
+            if kind is OrderedDict and hasattr(x, "_metadata"):
+                x._metadata = walk(x._metadata)
+        else:
+            items = [walk(v) for v in x]
+            if any(a is not b for a, b in zip(items, x, strict=True)):
+                done[id(x)] = kind(items)
+        return done[id(x)]
+
+    try:
+        return walk(obj)
+    except _BadValue as exc:
+        raise CorruptCheckpointError(f"cannot rebuild {exc}", path=path, hint=_HINT) from exc
+    except (RecursionError, TypeError) as exc:  # TypeError: an array used as a dict key
+        raise CorruptCheckpointError(
+            f"cannot rebuild the numpy values ({type(exc).__name__}: {exc})", path=path, hint=_HINT
+        ) from exc
+
+
+_MARK = object()
+_UNKNOWN = object()
+_LATIN1 = ("latin1", "latin-1")
+
+
+def _codecs_calls(stream: IO[bytes], size: int, max_pickles: int) -> list[str]:
+    """Every ``_codecs.encode`` call in up to ``max_pickles`` pickles whose arguments are not
+    ``(text, "latin1")``, described; walks opcodes only, never unpickles."""
+    bad: list[str] = []
+    for index in range(max_pickles):
+        if index and stream.tell() >= size:
+            break
+        stack: list[Any] = []
+        memo: dict[Any, Any] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickletools warns on bad string escapes
+            for op, arg, pos in pickletools.genops(stream):
+                name = op.name
+                top = stack[-1] if stack else _UNKNOWN
+                if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                    stack.append(arg)
+                elif name in ("GLOBAL", "INST"):
+                    module, _, qualname = str(arg).partition(" ")
+                    stack.append(("global", f"{module}.{qualname}"))
+                elif name == "STACK_GLOBAL":
+                    attr = stack.pop() if stack else _UNKNOWN
+                    owner = stack.pop() if stack else _UNKNOWN
+                    known = isinstance(owner, str) and isinstance(attr, str)
+                    stack.append(("global", f"{owner}.{attr}" if known else "?"))
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = top
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = top
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    stack.append(memo.get(arg, _UNKNOWN))
+                elif name == "MARK":
+                    stack.append(_MARK)
+                elif name == "TUPLE":
+                    items: list[Any] = []
+                    while stack and (item := stack.pop()) is not _MARK:
+                        items.insert(0, item)
+                    stack.append(tuple(items))
+                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                    n = int(name[-1])
+                    items = stack[-n:] if len(stack) >= n else [_UNKNOWN] * n
+                    del stack[-n:]
+                    stack.append(tuple(items))
+                elif name == "EMPTY_TUPLE":
+                    stack.append(())
+                elif name == "REDUCE":
+                    args = stack.pop() if stack else _UNKNOWN
+                    func = stack.pop() if stack else _UNKNOWN
+                    if not (isinstance(func, tuple) and len(func) == 2 and func[0] == "global"):
+                        bad.append(f"a call of a computed value at byte {pos}")
+                    elif func[1] in ("_codecs.encode", "?") and not (
+                        isinstance(args, tuple)
+                        and len(args) == 2
+                        and isinstance(args[0], str)
+                        and args[1] in _LATIN1
+                    ):
+                        bad.append(f"{func[1]}{_short(args)} at byte {pos}")
+                    stack.append(_UNKNOWN)
+                elif name == "DUP":
+                    stack.append(top)
+                else:
+                    _stack_effect(op, stack)
+    return bad
+
+
+def _short(args: Any) -> str:
+    if not isinstance(args, tuple):
+        return "(...)"
+    return "(" + ", ".join(repr(a)[:20] if isinstance(a, str) else "..." for a in args) + ")"
+
+
+def _stack_effect(op: pickletools.OpcodeInfo, stack: list[Any]) -> None:
+    before = op.stack_before
+    if pickletools.markobject in before:
+        while stack and stack.pop() is not _MARK:
+            pass
+        below = before.index(pickletools.markobject)
+    else:
+        below = len(before)
+    del stack[max(len(stack) - below, 0) :]
+    stack.extend([_UNKNOWN] * len(op.stack_after))
+
+
+def check_codecs(path: str, *, zip_format: bool) -> None:
+    """Refuse a file whose pickles call ``_codecs.encode`` other than as pickle writes bytes.
+
+    torch's unpickler allows ``_codecs.encode`` with any arguments; a file that also needs the
+    allow-list is held to the one form numpy's pickles (and pickle's own bytes) use.
+
+    Raises:
+        UnsafeCheckpointError: another use, named with its arguments.
+        CorruptCheckpointError: a pickle that does not parse.
+    """
+    bad: list[str] = []
+    try:
+        if zip_format:
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if name.endswith(".pkl"):
+                        data = read_member(archive, name, path)
+                        bad += _codecs_calls(io.BytesIO(data), len(data), 1)
+        else:
+            with open(path, "rb") as f:
+                bad += _codecs_calls(f, os.fstat(f.fileno()).st_size, LEGACY_PICKLES)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise CorruptCheckpointError(
+            f"cannot parse the pickle ({exc})", path=path, hint=_HINT
+        ) from exc
+    if bad:
+        raise UnsafeCheckpointError(
+            "refusing to load: the file calls " + "; ".join(bad[:5]) + ", which pickle never "
+            "writes for numpy values or bytes",
+            path=path,
+            globals=["_codecs.encode"],
+            hint=_TRUST_HINT,
+        )
