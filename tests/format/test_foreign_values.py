@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import os
 import pathlib
+import pickle
 import random
 import subprocess
 import sys
@@ -250,6 +251,22 @@ def test_our_pt_files_load_in_plain_torch_with_numpy_allowlisted(tmp_path: Path)
         [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
     ):
         assert_same(obj, torch.load(tmp_path / "rng.pt", weights_only=True))
+
+
+def test_the_allowlist_is_ours_only_while_loading(tmp_path: Path) -> None:
+    """torch's allowlist is process-wide: a load leaves the user's entries as they were, and a
+    user entry under one of our names (numpy's real class) does not mix with our stubs."""
+    obj = HAND_MADE["rng_states"]()
+    torch.save(obj, tmp_path / "rng.pt")
+    outside = set(torch.serialization.get_safe_globals())
+    assert_same(obj, tk.load(tmp_path / "rng.pt"))
+    assert set(torch.serialization.get_safe_globals()) == outside
+    with torch.serialization.safe_globals([np.ndarray, os.path.join]):
+        inside = set(torch.serialization.get_safe_globals())
+        assert_same(obj, tk.load(tmp_path / "rng.pt"))
+        assert set(torch.serialization.get_safe_globals()) == inside
+    with pytest.raises(pickle.UnpicklingError):  # plain torch is not given our allow-list
+        torch.load(tmp_path / "rng.pt", weights_only=True)
 
 
 def test_restored_numpy_state_gives_the_same_draws(tmp_path: Path) -> None:

@@ -29,11 +29,12 @@ import os
 import pathlib
 import pickletools
 import re
+import threading
 import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 import torch
@@ -279,6 +280,7 @@ _REBUILDS: dict[str, Any] = {
 }
 SAFE_VALUE_GLOBALS: frozenset[str] = frozenset(_REBUILDS)
 """The globals a file may name beyond torch's own allowlist and still load without trust."""
+_ALLOWLIST_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -290,17 +292,37 @@ def rebuilding_safe_values(path: str) -> Iterator[None]:
         UnsafeCheckpointError: a value no real numpy or pathlib writes (an object dtype array...).
         CorruptCheckpointError: a value whose parts do not fit together.
     """
-    entries: list[Callable[..., Any] | tuple[Callable[..., Any], str]]
-    entries = [(fn, name) for name, fn in _REBUILDS.items()]
-    try:
-        with torch.serialization.safe_globals(entries):
+    ours: list[Callable[..., Any] | tuple[Callable[..., Any], str]]
+    ours = [(fn, name) for name, fn in _REBUILDS.items()]
+    # torch keeps its allowlist in one process-wide set: one load at a time changes it, and
+    # entries the user added under the same names (numpy's own functions) step aside meanwhile,
+    # or torch would pick between theirs and ours at random.
+    with _ALLOWLIST_LOCK:
+        before = torch.serialization.get_safe_globals()
+        others = [e for e in before if _entry_name(e) not in SAFE_VALUE_GLOBALS]
+        torch.serialization.clear_safe_globals()
+        try:
+            torch.serialization.add_safe_globals(others + ours)
             yield
-    except _BadValue as exc:
-        if exc.unsafe:
-            raise UnsafeCheckpointError(
-                f"refusing to load: {exc}", path=path, hint=_TRUST_HINT
-            ) from exc
-        raise CorruptCheckpointError(f"cannot rebuild {exc}", path=path, hint=_HINT) from exc
+        except _BadValue as exc:
+            _raise_for(exc, path)
+        finally:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(before)
+
+
+def _entry_name(entry: Any) -> str:
+    if isinstance(entry, tuple):
+        return str(entry[1]) if len(entry) == 2 else ""
+    return f"{getattr(entry, '__module__', '?')}.{getattr(entry, '__qualname__', '?')}"
+
+
+def _raise_for(exc: _BadValue, path: str) -> NoReturn:
+    if exc.unsafe:
+        raise UnsafeCheckpointError(
+            f"refusing to load: {exc}", path=path, hint=_TRUST_HINT
+        ) from exc
+    raise CorruptCheckpointError(f"cannot rebuild {exc}", path=path, hint=_HINT) from exc
 
 
 def resolve(obj: Any, path: str) -> Any:
