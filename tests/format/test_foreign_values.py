@@ -24,12 +24,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.torch_version import TorchVersion
 
 import torchkeep as tk
 from torchkeep import CorruptCheckpointError, UnsafeCheckpointError
 
 from ..models import assert_same
+from .test_skeleton import VALUES, same_value
 
 MAKE_CORPUS = textwrap.dedent(
     """
@@ -223,6 +226,8 @@ HAND_MADE: dict[str, Any] = {
         "c8": np.complex64(1 - 1j),
         "nan": np.float64("nan"),
         "str": np.str_("abc"),
+        "empty-str": np.str_(""),  # dtype <U0, found by hypothesis
+        "empty-bytes": np.bytes_(b""),
         "longdouble": np.longdouble(1) / 3,
     },
     "dtypes": lambda: {"u4": np.dtype("uint32"), "be": np.dtype(">f8"), "s": np.dtype("S3")},
@@ -355,3 +360,24 @@ def test_values_that_numpy_never_writes_are_corrupt(kind: str, tmp_path: Path) -
     with pytest.raises(CorruptCheckpointError) as info:
         tk.load(path)
     assert str(path) in str(info.value)
+
+
+@given(st.lists(VALUES, max_size=4))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_harmless_value_loads_from_torch_save_and_round_trips(
+    tmp_path: Path, values: list[Any]
+) -> None:
+    obj = {"values": values, "nested": [tuple(values)]}
+    for path, write in (
+        (tmp_path / "torch.pt", lambda p: torch.save(obj, p)),
+        (tmp_path / "ours.pt", lambda p: tk.save(obj, p)),
+        (tmp_path / "ours.safetensors", lambda p: tk.save(obj, p)),
+    ):
+        write(path)
+        out = tk.load(path)
+        for expected, actual in zip(values, out["values"], strict=True):
+            same_value(expected, actual)
+        for expected, actual in zip(values, out["nested"][0], strict=True):
+            same_value(expected, actual)

@@ -67,7 +67,7 @@ _LONG = {np.dtype(np.longdouble).itemsize, np.dtype(np.clongdouble).itemsize // 
 _FLOAT_SIZES = "|".join(str(n) for n in sorted({2, 4, 8, *_LONG}))
 _COMPLEX_SIZES = "|".join(str(2 * n) for n in sorted({4, 8, *_LONG}))
 _CODE = re.compile(
-    rf"(b1|[iu][1248]|f(?:{_FLOAT_SIZES})|c(?:{_COMPLEX_SIZES})|[SU][1-9][0-9]{{0,7}})"
+    rf"(b1|[iu][1248]|f(?:{_FLOAT_SIZES})|c(?:{_COMPLEX_SIZES})|[SU](?:0|[1-9][0-9]{{0,7}}))"
 )
 _DTYPE_TEXT = re.compile(rf"([<>|=]?){_CODE.pattern}")
 
@@ -248,6 +248,8 @@ def _scalar(dtype_stub: object, data: object = None) -> Any:
     dtype = _dtype_of(dtype_stub)
     if type(data) is not bytes or len(data) != dtype.itemsize:
         raise _BadValue(f"a numpy {dtype.str} scalar without its {dtype.itemsize} bytes")
+    if not dtype.itemsize:  # np.str_(""), np.bytes_(b"")
+        return dtype.type()
     return np.frombuffer(data, dtype=dtype)[0]
 
 
