@@ -370,14 +370,17 @@ def test_any_harmless_value_loads_from_torch_save_and_round_trips(
     tmp_path: Path, values: list[Any]
 ) -> None:
     obj = {"values": values, "nested": [tuple(values)]}
-    for path, write in (
-        (tmp_path / "torch.pt", lambda p: torch.save(obj, p)),
-        (tmp_path / "ours.pt", lambda p: tk.save(obj, p)),
-        (tmp_path / "ours.safetensors", lambda p: tk.save(obj, p)),
+    # A pickled path is cls(*parts), which CPython does not always round-trip
+    # (PureWindowsPath("/a:") comes back as "a:"): a pickle-based file must give what pickle gives.
+    pickled = pickle.loads(pickle.dumps(values, protocol=2))
+    for path, write, want in (
+        (tmp_path / "torch.pt", lambda p: torch.save(obj, p), pickled),
+        (tmp_path / "ours.pt", lambda p: tk.save(obj, p), pickled),
+        (tmp_path / "ours.safetensors", lambda p: tk.save(obj, p), values),
     ):
         write(path)
         out = tk.load(path)
-        for expected, actual in zip(values, out["values"], strict=True):
+        for expected, actual in zip(want, out["values"], strict=True):
             same_value(expected, actual)
-        for expected, actual in zip(values, out["nested"][0], strict=True):
+        for expected, actual in zip(want, out["nested"][0], strict=True):
             same_value(expected, actual)

@@ -17,24 +17,20 @@ steps (REDUCE, then BUILD with a state), so they first come out of torch's unpic
 :func:`resolve` swaps the finished values in. Anything else the file names stays refused.
 
 The allow-list is used only after the static scan of :mod:`._pickle_scan` found no other refused
-global, and :func:`check_codecs` then also requires every ``_codecs.encode`` call to have the one
+global, and :mod:`._pickle_codecs` then also requires every ``_codecs.encode`` call to have the one
 form pickle itself writes for bytes (``encode(text, "latin1")``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import pathlib
-import pickletools
 import re
 import threading
-import warnings
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -42,11 +38,9 @@ import torch.serialization
 from torch.torch_version import TorchVersion
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
-from torchkeep.format._pickle_scan import LEGACY_PICKLES, read_member
 
 __all__ = [
     "SAFE_VALUE_GLOBALS",
-    "check_codecs",
     "numpy_dtype",
     "rebuilding_safe_values",
     "resolve",
@@ -363,125 +357,3 @@ def resolve(obj: Any, path: str) -> Any:
         raise CorruptCheckpointError(
             f"cannot rebuild the numpy values ({type(exc).__name__}: {exc})", path=path, hint=_HINT
         ) from exc
-
-
-_MARK = object()
-_UNKNOWN = object()
-_LATIN1 = ("latin1", "latin-1")
-
-
-def _codecs_calls(stream: IO[bytes], size: int, max_pickles: int) -> list[str]:
-    """Every ``_codecs.encode`` call in up to ``max_pickles`` pickles whose arguments are not
-    ``(text, "latin1")``, described; walks opcodes only, never unpickles."""
-    bad: list[str] = []
-    for index in range(max_pickles):
-        if index and stream.tell() >= size:
-            break
-        stack: list[Any] = []
-        memo: dict[Any, Any] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pickletools warns on bad string escapes
-            for op, arg, pos in pickletools.genops(stream):
-                name = op.name
-                top = stack[-1] if stack else _UNKNOWN
-                if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
-                    stack.append(arg)
-                elif name in ("GLOBAL", "INST"):
-                    module, _, qualname = str(arg).partition(" ")
-                    stack.append(("global", f"{module}.{qualname}"))
-                elif name == "STACK_GLOBAL":
-                    attr = stack.pop() if stack else _UNKNOWN
-                    owner = stack.pop() if stack else _UNKNOWN
-                    known = isinstance(owner, str) and isinstance(attr, str)
-                    stack.append(("global", f"{owner}.{attr}" if known else "?"))
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = top
-                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = top
-                elif name in ("GET", "BINGET", "LONG_BINGET"):
-                    stack.append(memo.get(arg, _UNKNOWN))
-                elif name == "MARK":
-                    stack.append(_MARK)
-                elif name == "TUPLE":
-                    items: list[Any] = []
-                    while stack and (item := stack.pop()) is not _MARK:
-                        items.insert(0, item)
-                    stack.append(tuple(items))
-                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                    n = int(name[-1])
-                    items = stack[-n:] if len(stack) >= n else [_UNKNOWN] * n
-                    del stack[-n:]
-                    stack.append(tuple(items))
-                elif name == "EMPTY_TUPLE":
-                    stack.append(())
-                elif name == "REDUCE":
-                    args = stack.pop() if stack else _UNKNOWN
-                    func = stack.pop() if stack else _UNKNOWN
-                    if not (isinstance(func, tuple) and len(func) == 2 and func[0] == "global"):
-                        bad.append(f"a call of a computed value at byte {pos}")
-                    elif func[1] in ("_codecs.encode", "?") and not (
-                        isinstance(args, tuple)
-                        and len(args) == 2
-                        and isinstance(args[0], str)
-                        and args[1] in _LATIN1
-                    ):
-                        bad.append(f"{func[1]}{_short(args)} at byte {pos}")
-                    stack.append(_UNKNOWN)
-                elif name == "DUP":
-                    stack.append(top)
-                else:
-                    _stack_effect(op, stack)
-    return bad
-
-
-def _short(args: Any) -> str:
-    if not isinstance(args, tuple):
-        return "(...)"
-    return "(" + ", ".join(repr(a)[:20] if isinstance(a, str) else "..." for a in args) + ")"
-
-
-def _stack_effect(op: pickletools.OpcodeInfo, stack: list[Any]) -> None:
-    before = op.stack_before
-    if pickletools.markobject in before:
-        while stack and stack.pop() is not _MARK:
-            pass
-        below = before.index(pickletools.markobject)
-    else:
-        below = len(before)
-    del stack[max(len(stack) - below, 0) :]
-    stack.extend([_UNKNOWN] * len(op.stack_after))
-
-
-def check_codecs(path: str, *, zip_format: bool) -> None:
-    """Refuse a file whose pickles call ``_codecs.encode`` other than as pickle writes bytes.
-
-    torch's unpickler allows ``_codecs.encode`` with any arguments; a file that also needs the
-    allow-list is held to the one form numpy's pickles (and pickle's own bytes) use.
-
-    Raises:
-        UnsafeCheckpointError: another use, named with its arguments.
-        CorruptCheckpointError: a pickle that does not parse.
-    """
-    bad: list[str] = []
-    try:
-        if zip_format:
-            with zipfile.ZipFile(path) as archive:
-                for name in archive.namelist():
-                    if name.endswith(".pkl"):
-                        data = read_member(archive, name, path)
-                        bad += _codecs_calls(io.BytesIO(data), len(data), 1)
-        else:
-            with open(path, "rb") as f:
-                bad += _codecs_calls(f, os.fstat(f.fileno()).st_size, LEGACY_PICKLES)
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise CorruptCheckpointError(
-            f"cannot parse the pickle ({exc})", path=path, hint=_HINT
-        ) from exc
-    if bad:
-        raise UnsafeCheckpointError(
-            "refusing to load: the file calls " + "; ".join(bad[:5]) + ", which pickle never "
-            "writes for numpy values or bytes",
-            path=path,
-            globals=["_codecs.encode"],
-            hint=_TRUST_HINT,
-        )

@@ -3,13 +3,16 @@
 Reading never calls ``torch.load(weights_only=False)`` unless the caller passed ``trust=True``, and
 never falls back to it when the safe unpickler refuses a file: that fallback is exactly what an
 attacker triggers. Before torch's ``weights_only`` unpickler (the real gate) sees the file, a static
-scan of its pickles lists the globals it would import, so a refusal can name them.
+scan of its pickles lists the globals it would import, so a refusal can name them. A file whose
+only refused globals are the harmless values of :mod:`._safe_values` (numpy arrays, scalars and
+dtypes, ``pathlib`` paths, ``torch.__version__``) loads through the same unpickler, with those
+names mapped to torchkeep's own checked rebuild functions.
 
 Writing validates the object with the same rules as safetensors (no arbitrary objects), so what we
-write always loads with ``torch.load(weights_only=True)``; numpy values, ``pathlib`` paths and
-``torch.__version__`` are pickled as torch pickles them, which torchkeep reads back through its
-allow-list (:mod:`._safe_values`) and plain torch only inside ``torch.serialization.safe_globals``. User metadata goes in an extra
-``torchkeep.json`` record of the zip archive, which ``torch.load`` ignores.
+write loads with ``torch.load(weights_only=True)``; numpy values, paths and the torch version are
+pickled as ``torch.save`` pickles them, so plain torch reads those only inside
+``torch.serialization.safe_globals`` (torchkeep reads them through its allow-list). User metadata
+goes in an extra ``torchkeep.json`` record of the zip archive, which ``torch.load`` ignores.
 """
 
 from __future__ import annotations
@@ -33,13 +36,9 @@ from torchkeep.errors import (
 )
 from torchkeep.format._artifact import FORMAT_VERSION, check_format_version, metadata_json
 from torchkeep.format._location import MapLocation
+from torchkeep.format._pickle_codecs import check_codecs
 from torchkeep.format._pickle_scan import is_allowed_global, scan_file, scan_pickle_bytes
-from torchkeep.format._safe_values import (
-    SAFE_VALUE_GLOBALS,
-    check_codecs,
-    rebuilding_safe_values,
-    resolve,
-)
+from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS, rebuilding_safe_values, resolve
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 
