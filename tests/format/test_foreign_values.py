@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,7 @@ HAND_MADE: dict[str, Any] = {
     },
     "dtypes": lambda: {"u4": np.dtype("uint32"), "be": np.dtype(">f8"), "s": np.dtype("S3")},
     "mixed": lambda: {"w": torch.ones(2), "b": b"\x00\xff", "a": [np.int64(1), np.zeros(2)]},
+    "empty-bytes": lambda: {"b": b"", "a": np.zeros(0)},  # protocol 2 pickles b"" as bytes()
 }
 
 
@@ -278,6 +280,21 @@ def test_the_allowlist_is_ours_only_while_loading(tmp_path: Path) -> None:
         assert set(torch.serialization.get_safe_globals()) == inside
     with pytest.raises(pickle.UnpicklingError):  # plain torch is not given our allow-list
         torch.load(tmp_path / "rng.pt", weights_only=True)
+
+
+def test_values_in_attributes_are_rebuilt_too(tmp_path: Path) -> None:
+    """BUILD gives a state dict (OrderedDict) and a tensor python attributes: numpy values there
+    come back as values, not as torchkeep's stubs."""
+    sd: OrderedDict[str, Any] = OrderedDict(w=torch.ones(1))
+    sd._metadata = {"": {"version": 2, "seed": np.uint32(7), "key": np.arange(2)}}  # type: ignore[attr-defined]
+    param = torch.nn.Parameter(torch.ones(2))
+    sd.extra = np.arange(3)  # type: ignore[attr-defined]
+    param.stats = np.arange(2.0)  # type: ignore[attr-defined]
+    torch.save({"sd": sd, "p": param}, tmp_path / "x.pt")
+    out = tk.load(tmp_path / "x.pt")
+    assert_same(sd._metadata, out["sd"]._metadata)  # type: ignore[attr-defined]
+    assert_same(sd.extra, out["sd"].extra)  # type: ignore[attr-defined]
+    assert_same(param.stats, out["p"].stats)  # type: ignore[attr-defined]
 
 
 def test_restored_numpy_state_gives_the_same_draws(tmp_path: Path) -> None:

@@ -321,6 +321,9 @@ def _raise_for(exc: _BadValue, path: str) -> NoReturn:
     raise CorruptCheckpointError(f"cannot rebuild {exc}", path=path, hint=_HINT) from exc
 
 
+_CONTAINERS = (dict, OrderedDict, list, tuple, set, frozenset)
+
+
 def resolve(obj: Any, path: str) -> Any:
     """``obj`` as loaded inside :func:`rebuilding_safe_values`, with every stub replaced by its
     finished numpy value (containers are updated in place, tuples rebuilt)."""
@@ -330,19 +333,23 @@ def resolve(obj: Any, path: str) -> Any:
         if isinstance(x, _Stub):
             return x.finished()
         kind = type(x)
-        if kind not in (dict, OrderedDict, list, tuple, set, frozenset):
+        if kind not in _CONTAINERS and not isinstance(x, torch.Tensor):
             return x
         if id(x) in done:
             return done[id(x)]
         done[id(x)] = x
+        if kind is OrderedDict or isinstance(x, torch.Tensor):
+            # attributes set by BUILD (a state dict's _metadata, a tensor's python attributes)
+            for name, value in list(vars(x).items()):
+                setattr(x, name, walk(value))
+            if isinstance(x, torch.Tensor):
+                return x
         if kind is list:
             x[:] = [walk(v) for v in x]
         elif kind is dict or kind is OrderedDict:
             items = [(walk(k), walk(v)) for k, v in x.items()]
             x.clear()
             x.update(items)
-            if kind is OrderedDict and hasattr(x, "_metadata"):
-                x._metadata = walk(x._metadata)
         else:
             items = [walk(v) for v in x]
             if any(a is not b for a, b in zip(items, x, strict=True)):
