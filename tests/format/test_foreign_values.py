@@ -176,6 +176,20 @@ def test_rng_states_restore_the_same_draws(corpus: Path) -> None:
 
 
 @pytest.mark.slow
+def test_load_into_reads_a_lightning_checkpoint_with_path_hyperparameters(corpus: Path) -> None:
+    class Module(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+    module = Module()
+    report = tk.load_into(module, corpus / PEER_FILES["lightning"])
+    assert sorted(report.loaded) == ["layer.bias", "layer.weight"]
+    expected = trusted(corpus / PEER_FILES["lightning"])["state_dict"]
+    assert torch.equal(module.layer.weight, expected["layer.weight"])
+
+
+@pytest.mark.slow
 def test_training_args_stay_refused_with_their_names(corpus: Path) -> None:
     with pytest.raises(UnsafeCheckpointError) as info:
         tk.load(corpus / "hf/checkpoint-1/training_args.bin")
