@@ -80,7 +80,11 @@ def save(obj: Any, path: PathLike, *, metadata: dict[str, Any] | None = None) ->
 
     Args:
         obj: dicts, lists, tuples and sets of tensors, numbers, strings, bools, None, bytes,
-            numpy arrays, ``torch.Size``, ``torch.dtype`` and ``torch.device``.
+            numpy arrays, scalars and dtypes, ``pathlib`` paths, ``torch.__version__``,
+            ``torch.Size``, ``torch.dtype`` and ``torch.device``. In a ``.pt`` file, numpy
+            values, paths and the torch version are pickled as ``torch.save`` pickles them:
+            ``torchkeep.load`` reads them back, plain ``torch.load(weights_only=True)`` only
+            with those globals allow-listed.
         path: the destination file.
         metadata: JSON-able information kept beside the tensors (hyperparameters, metrics...).
 
@@ -126,7 +130,9 @@ def load(
             saved.
         dtype: cast floating-point tensors to this dtype (integer, bool and complex are kept).
         trust: allow a ``torch.save`` file to import the globals it names. That runs code from the
-            file: only for files you trust.
+            file: only for files you trust. Not needed for the harmless values real checkpoints
+            carry (numpy arrays, scalars and dtypes, ``pathlib`` paths, ``torch.__version__``):
+            torchkeep rebuilds those itself.
         verify: check every tensor against the hash recorded when it was saved (torchkeep
             ``.safetensors`` and ``.pt`` files and run checkpoints; the default, which reads every
             tensor once, at ~10 GB/s), and the zip's CRC-32 of every member of a torch zip file

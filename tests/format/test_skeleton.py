@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import pathlib
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from torchkeep import CorruptCheckpointError, UnsupportedValueError
 from torchkeep.format import flatten, unflatten
@@ -234,6 +239,18 @@ def _decode(skeleton: Any) -> Any:
         {"$": "size", "v": [[1]]},
         {"$": "np", "dtype": "not a dtype", "v": 1},
         {"$": "np"},
+        {"$": "np", "dtype": "|O", "v": 1},
+        {"$": "np", "dtype": "<f8", "raw": "AAAA"},
+        {"$": "np_dtype", "v": "|O"},
+        {"$": "np_dtype", "v": [("a", "<i4")]},
+        {"$": "np_dtype", "v": "<M8[ns]"},
+        {"$": "torch_version", "v": 5},
+        {"$": "path", "v": 1, "flavour": "posix", "pure": True},
+        {"$": "path", "v": "/x", "flavour": "mac", "pure": True},
+        {"$": "path", "v": "/x", "flavour": "posix"},
+        {"$": "ndarray", "k": "x", "dtype": "|O"},
+        {"$": "ndarray", "k": "x", "dtype": "<U2", "raw": True, "shape": [5]},
+        {"$": "ndarray", "k": "x", "dtype": "<U2", "raw": True, "shape": "5"},
     ],
     ids=lambda s: json.dumps(s),
 )
@@ -260,3 +277,79 @@ def test_tensor_nodes_walks_every_container() -> None:
     obj = {"a": [torch.ones(1), {"b": torch.ones(1)}], 3: (torch.ones(1),)}
     paths = sorted(n["path"] for n in tensor_nodes(flatten(obj).skeleton))
     assert paths == ["3.0", "a.0", "a.1.b"]
+
+
+# ---- the harmless values of real checkpoints (tests/format/test_foreign_values.py) -----------
+
+LONG_DOUBLE = np.dtype(np.longdouble).str
+NP_DTYPES = ["|b1", "|i1", "<i2", ">i4", "<i8", "|u1", "<u2", "<u4", ">u8"]
+NP_DTYPES += ["<f2", "<f4", ">f8", "<c8", "<c16", LONG_DOUBLE, "<U3", "|S4"]
+
+
+def _np_scalar(dtype: str) -> st.SearchStrategy[Any]:
+    return hnp.from_dtype(np.dtype(dtype)).map(lambda v: np.array(v, dtype=dtype)[()])
+
+
+_path_text = st.text(alphabet="ab/._\\: ", max_size=12)
+VALUES = st.one_of(
+    st.sampled_from(NP_DTYPES).flatmap(
+        lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+    ),
+    st.sampled_from(NP_DTYPES).flatmap(_np_scalar),
+    st.sampled_from(NP_DTYPES).map(np.dtype),
+    st.text(max_size=20).map(TorchVersion),
+    st.builds(pathlib.PurePosixPath, _path_text),
+    st.builds(pathlib.PureWindowsPath, _path_text),
+    st.builds(pathlib.Path, _path_text),
+)
+
+
+def same_value(expected: Any, actual: Any) -> None:
+    assert type(actual) is type(expected)
+    if isinstance(expected, np.ndarray):
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        assert actual.tobytes() == expected.tobytes()
+    elif isinstance(expected, np.generic):
+        assert actual.dtype == expected.dtype
+        assert np.array_equal(actual, expected, equal_nan=expected.dtype.kind in "fc")
+    else:
+        assert actual == expected and str(actual) == str(expected)
+
+
+@given(st.lists(VALUES, max_size=4))
+@settings(max_examples=150, deadline=None)
+def test_harmless_values_round_trip_exactly(values: list[Any]) -> None:
+    out = rebuild({"values": values, "nested": [tuple(values)]})
+    for expected, actual in zip(values, out["values"], strict=True):
+        same_value(expected, actual)
+    for expected, actual in zip(values, out["nested"][0], strict=True):
+        same_value(expected, actual)
+
+
+def test_arrays_torch_has_are_stored_as_tensors_others_as_their_bytes() -> None:
+    obj = {
+        "u4": np.arange(3, dtype=np.uint32),
+        "be": np.arange(3, dtype=">i4"),
+        "ld": np.ones(2, dtype=np.longdouble),
+        "text": np.array(["ab"]),
+    }
+    flat = flatten(obj)
+    assert flat.tensors["u4"].dtype == torch.uint32
+    assert flat.tensors["be"].dtype == torch.int32  # native order on disk, ">i4" noted
+    assert flat.tensors["ld"].dtype == torch.uint8 and flat.tensors["ld"].numel() == 2 * (
+        np.dtype(np.longdouble).itemsize
+    )
+    assert flat.tensors["text"].dtype == torch.uint8 and flat.tensors["text"].numel() == 8
+    assert_same(obj, rebuild(obj))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.zeros(2, dtype=object), np.zeros(2, dtype=[("a", "<i4")]), np.dtype(object)]
+    + [np.datetime64("2024-01-01"), np.zeros(1).view(np.recarray)],
+    ids=["object-array", "structured", "object-dtype", "datetime", "recarray"],
+)
+def test_other_numpy_values_are_refused_with_their_place(value: Any) -> None:
+    with pytest.raises(UnsupportedValueError) as info:
+        flatten({"x": value})
+    assert "obj['x']" in str(info.value)

@@ -197,7 +197,10 @@ def tensors_by_path(obj: Any) -> dict[str, torch.Tensor]:
 
     def walk(x: Any, path: tuple[str, ...]) -> None:
         if isinstance(x, np.ndarray) and x.dtype.kind in "biufc":
-            x = torch.from_numpy(x)
+            try:
+                x = torch.from_numpy(x)
+            except (TypeError, ValueError):  # long double, big-endian: no torch view of them
+                return
         if isinstance(x, torch.Tensor):
             out[".".join(path) or "tensor"] = x
         elif isinstance(x, Mapping):

@@ -2,7 +2,8 @@
 
 A checkpoint as users write it is a tree: dicts (with string or integer keys, as in an optimizer's
 ``state``), lists, tuples, tensors, numbers, strings, ``None`` and the odd values real state dicts
-hold (``torch.Size``, ``torch.dtype``, ``torch.device``). :func:`flatten` splits it into
+hold (``torch.Size``, ``torch.dtype``, ``torch.device``, ``torch.__version__``, ``pathlib`` paths, numpy
+arrays, scalars and dtypes). :func:`flatten` splits it into
 
 * a table of tensors, each under a readable key (the path joined by dots, so a plain state dict
   keeps its own keys and any safetensors reader sees ``fc.weight``), and
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import math
+import os
+import pathlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +31,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.torch_version import TorchVersion
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
 from torchkeep.format._dtypes import dtype_from_name, dtype_name
+from torchkeep.format._safe_values import numpy_dtype
 
 MAX_DEPTH = 200
 _RESERVED_KEYS = frozenset({"__metadata__"})
 _SCALAR_KEY_TYPES = (str, int, float, bool, type(None))
+_PATH_TYPES = {
+    pathlib.PurePosixPath: ("posix", True),
+    pathlib.PureWindowsPath: ("windows", True),
+    pathlib.PosixPath: ("posix", False),
+    pathlib.WindowsPath: ("windows", False),
+}
+# numpy dtypes torch has, stored as tensors (native byte order); others are stored as their bytes
+_TORCH_HAS = frozenset(
+    {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
+)
+_NP_HINT = "convert it with .tolist() (object, structured and datetime dtypes are not stored)"
 
 
 @dataclass(slots=True)
@@ -77,9 +93,14 @@ class _Flattener:
         if isinstance(value, np.ndarray):
             return self._ndarray(value, path)
         if isinstance(value, np.generic):
-            if value.dtype.kind not in "biufc":
-                raise _unsupported(path, f"a numpy {value.dtype} scalar", "convert it to str")
-            return {"$": "np", "dtype": value.dtype.str, "v": self.encode(value.item(), path)}
+            return self._np_scalar(value, path)
+        if isinstance(value, np.dtype):
+            return {"$": "np_dtype", "v": _np_dtype_text(value, path, "a numpy dtype")}
+        if kind is TorchVersion:
+            return {"$": "torch_version", "v": str(value)}
+        if kind in _PATH_TYPES:
+            flavour, pure = _PATH_TYPES[kind]
+            return {"$": "path", "v": str(value), "flavour": flavour, "pure": pure}
         if kind is complex:
             return {
                 "$": "complex",
@@ -120,7 +141,8 @@ class _Flattener:
             path,
             f"a value of type {kind.__module__}.{kind.__qualname__}",
             "torchkeep stores tensors, numbers, strings, bools, None, bytes, numpy arrays, "
-            "torch.Size/dtype/device and dicts, lists, tuples and sets of them, never pickled "
+            "scalars and dtypes, torch.Size/dtype/device, torch.__version__, pathlib paths "
+            "and dicts, lists, tuples and sets of them, never pickled "
             "objects: convert it (vars(args), dataclasses.asdict(cfg), str(path), .tolist()) "
             "or keep it in the metadata as JSON",
         )
@@ -186,15 +208,31 @@ class _Flattener:
         self.leaves.append((node, t, ".".join(str(p) for p in path) or "tensor"))
         return node
 
-    def _ndarray(self, a: np.ndarray, path: tuple[Any, ...]) -> dict[str, Any]:
-        if a.dtype.kind not in "biufc" or a.dtype.byteorder == ">":
-            raise _unsupported(
-                path, f"a numpy array of dtype {a.dtype}", "convert it with .tolist()"
-            )
-        t = torch.from_numpy(np.array(a, copy=True, order="C"))
+    def _ndarray(self, a: np.ndarray[Any, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+        if type(a) is not np.ndarray:
+            raise _unsupported(path, f"a numpy array subclass {type(a).__qualname__}", _NP_HINT)
+        text = _np_dtype_text(a.dtype, path, "a numpy array of dtype")
+        native = a.dtype.newbyteorder("=")
+        extra: dict[str, Any] = {}
+        if native.str[1:] in _TORCH_HAS:
+            t = torch.from_numpy(np.array(a, dtype=native, copy=True, order="C"))
+            if native != a.dtype:  # big-endian on a little-endian machine: values kept, order noted
+                extra["dtype"] = text
+        else:  # long double, byte and unicode strings: torch has no such dtype; keep the bytes
+            raw = np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=np.uint8)
+            t = torch.from_numpy(raw.copy())
+            extra = {"dtype": text, "shape": list(a.shape), "raw": True}
         node = self._tensor(t, path)
         node["$"] = "ndarray"
+        node.update(extra)
         return node
+
+    def _np_scalar(self, value: np.generic[Any], path: tuple[Any, ...]) -> dict[str, Any]:
+        text = _np_dtype_text(value.dtype, path, "a numpy scalar of dtype")
+        if value.dtype.kind in "fc" and value.dtype.str[1:] not in _TORCH_HAS:
+            # long double: .item() would round it to a float
+            return {"$": "np", "dtype": text, "raw": base64.b64encode(value.tobytes()).decode()}
+        return {"$": "np", "dtype": text, "v": self.encode(value.item(), path)}
 
     def assign_keys(self) -> dict[str, torch.Tensor]:
         """Give every stored tensor a unique key and record sharing in the skeleton nodes."""
@@ -258,6 +296,13 @@ class _Flattener:
                         "dtype": dtype_name(spec[3]),
                     }
         return table
+
+
+def _np_dtype_text(dtype: np.dtype[Any], path: tuple[Any, ...], what: str) -> str:
+    try:
+        return numpy_dtype(dtype.str).str
+    except ValueError:
+        raise _unsupported(path, f"{what} {dtype}", _NP_HINT) from None
 
 
 def _view_spec(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
@@ -342,9 +387,10 @@ class _Decoder:
                 return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](
                     items
                 )
-            if tag in ("tensor", "ndarray"):
-                t = self.tensor(node)
-                return t.numpy() if tag == "ndarray" else t
+            if tag == "tensor":
+                return self.tensor(node)
+            if tag == "ndarray":
+                return self._ndarray(node)
             if tag == "float":
                 return float(v)  # type: ignore[arg-type]
             if tag == "complex":
@@ -359,12 +405,40 @@ class _Decoder:
             if tag == "device":
                 return torch.device(v)  # type: ignore[arg-type]
             if tag == "np":
-                return np.dtype(node["dtype"]).type(self.decode(v, depth + 1))
+                dtype = numpy_dtype(node["dtype"])
+                if "raw" in node:
+                    data = base64.b64decode(node["raw"], validate=True)
+                    if len(data) != dtype.itemsize:
+                        raise self.fail(f"a numpy {dtype} scalar of {len(data)} bytes")
+                    return np.frombuffer(data, dtype=dtype)[0]
+                return dtype.type(self.decode(v, depth + 1))
+            if tag == "np_dtype":
+                return numpy_dtype(v)
+            if tag == "torch_version":
+                if type(v) is not str:
+                    raise self.fail("a torch version that is not a string")
+                return TorchVersion(v)
+            if tag == "path":
+                return _path(node)
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             if isinstance(exc, CorruptCheckpointError):
                 raise
             raise self.fail(f"bad {tag!r} node ({exc})") from exc
         raise self.fail(f"unknown node kind {tag!r} (written by a newer torchkeep?)")
+
+    def _ndarray(self, node: dict[str, Any]) -> np.ndarray[Any, Any]:
+        array = self.tensor(node).detach().cpu().numpy()
+        if "dtype" not in node:
+            return array
+        dtype = numpy_dtype(node["dtype"])
+        if not node.get("raw"):
+            return array.astype(dtype)
+        shape = node.get("shape")
+        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+            raise self.fail(f"a numpy array with shape {str(shape)[:40]!r}")
+        if array.dtype != np.uint8 or array.size != math.prod(shape) * dtype.itemsize:
+            raise self.fail(f"a numpy {dtype} array of shape {shape} with {array.nbytes} bytes")
+        return np.frombuffer(array.tobytes(), dtype=dtype).reshape(shape).copy()
 
     def _dict(self, node: dict[str, Any], depth: int) -> dict[Any, Any]:
         out: dict[Any, Any] = OrderedDict() if node.get("ordered") else {}
@@ -381,6 +455,17 @@ class _Decoder:
         if "meta" in node and isinstance(out, OrderedDict):
             out._metadata = self.decode(node["meta"], depth + 1)  # type: ignore[attr-defined]
         return out
+
+
+def _path(node: dict[str, Any]) -> pathlib.PurePath:
+    text, flavour, pure = node.get("v"), node.get("flavour"), node.get("pure")
+    if type(text) is not str or flavour not in ("posix", "windows") or type(pure) is not bool:
+        raise ValueError("a path node without its text, flavour or kind")
+    if flavour == "posix":
+        concrete = not pure and os.name == "posix"  # a PosixPath cannot be made on Windows
+        return pathlib.PosixPath(text) if concrete else pathlib.PurePosixPath(text)
+    concrete = not pure and os.name == "nt"
+    return pathlib.WindowsPath(text) if concrete else pathlib.PureWindowsPath(text)
 
 
 def unflatten(

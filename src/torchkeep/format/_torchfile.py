@@ -3,14 +3,20 @@
 Reading never calls ``torch.load(weights_only=False)`` unless the caller passed ``trust=True``, and
 never falls back to it when the safe unpickler refuses a file: that fallback is exactly what an
 attacker triggers. Before torch's ``weights_only`` unpickler (the real gate) sees the file, a static
-scan of its pickles lists the globals it would import, so a refusal can name them.
+scan of its pickles lists the globals it would import, so a refusal can name them. A file whose
+only refused globals are the harmless values of :mod:`._safe_values` (numpy arrays, scalars and
+dtypes, ``pathlib`` paths, ``torch.__version__``) loads through the same unpickler, with those
+names mapped to torchkeep's own checked rebuild functions.
 
 Writing validates the object with the same rules as safetensors (no arbitrary objects), so what we
-write always loads with ``torch.load(weights_only=True)``. User metadata goes in an extra
-``torchkeep.json`` record of the zip archive, which ``torch.load`` ignores. That record also holds
-the xxh3-128 hash of every tensor (keyed as :func:`flatten` keys them) and of every zip member
-that is not tensor storage (``data.pkl``, ``version``...), and ends with a digest of itself
-(:func:`seal_json`), so that a changed byte anywhere in the structure or in a tensor is found.
+write always loads with ``torch.load(weights_only=True)``, except that numpy values, paths and the
+torch version are pickled as ``torch.save`` pickles them, so plain torch reads those only inside
+``torch.serialization.safe_globals`` (torchkeep reads them through its allow-list). User metadata
+goes in an extra ``torchkeep.json`` record of the zip archive, which ``torch.load`` ignores. That
+record also holds the xxh3-128 hash of every tensor (keyed as :func:`flatten` keys them) and of
+every zip member that is not tensor storage (``data.pkl``, ``version``...), and ends with a digest
+of itself (:func:`seal_json`), so that a changed byte anywhere in the structure or in a tensor is
+found.
 
 What a verified read checks, by kind of file:
 
@@ -24,6 +30,7 @@ What a verified read checks, by kind of file:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import warnings
@@ -45,12 +52,14 @@ from torchkeep.errors import (
 from torchkeep.format._artifact import FORMAT_VERSION, check_format_version, metadata_json
 from torchkeep.format._hash import hash_matches, seal_json, seal_ok, tensor_hash
 from torchkeep.format._location import MapLocation
+from torchkeep.format._pickle_codecs import check_codecs
 from torchkeep.format._pickle_scan import (
     is_allowed_global,
     read_member,
     scan_file,
     scan_pickle_bytes,
 )
+from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS, rebuilding_safe_values, resolve
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 
@@ -95,7 +104,8 @@ def write_torch(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> None:
     with zipfile.ZipFile(f, "a") as archive:
         data_pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
         found, _ = scan_pickle_bytes(archive.read(data_pkl), name=data_pkl)
-        unsafe = [g for g in found if not is_allowed_global(g)]
+        # torchkeep's allow-list (._safe_values) reads numpy values, paths and torch versions back
+        unsafe = [g for g in found if not is_allowed_global(g) and g not in SAFE_VALUE_GLOBALS]
         if unsafe:
             raise UnsupportedValueError(
                 f"the object needs {', '.join(unsafe)}, which torch.load(weights_only=True) refuses",
@@ -272,39 +282,53 @@ def load_torch(
         UnsafeCheckpointError: the file needs globals the safe unpickler refuses.
         CorruptCheckpointError: the file is damaged.
     """
+    values = False  # the file needs our allow-list of harmless values (._safe_values)
     if not trust:
         scan = scan_file(path)
-        if not scan.is_safe:
+        refused = [g for g in scan.unsafe if g not in SAFE_VALUE_GLOBALS]
+        if refused:
             raise UnsafeCheckpointError(
-                f"refusing to load: the file imports {', '.join(scan.unsafe)}, which could run code",
+                f"refusing to load: the file imports {', '.join(refused)}, which could run code",
                 path=path,
-                globals=list(scan.unsafe),
+                globals=refused,
                 hint=_TRUST_HINT,
             )
+        values = not scan.is_safe
+        if values:
+            check_codecs(path, zip_format=zip_format)
     doc = read_document(path) if verify and zip_format else None
     if doc is not None and is_hashed(doc):
         raise_first(path, damaged_records(path, doc))  # the structure, before unpickling it
     elif verify and zip_format:
         raise_first(path, damaged_members(path))
-    obj = _torch_load(path, map_location=map_location, trust=trust, zip_format=zip_format)
+    obj = _torch_load(
+        path, map_location=map_location, trust=trust, zip_format=zip_format, values=values
+    )
     if doc is not None and is_hashed(doc):
         raise_first(path, damaged_tensors(obj, doc, path=path)[1])
     return obj
 
 
-def _torch_load(path: str, *, map_location: MapLocation, trust: bool, zip_format: bool) -> Any:
+def _torch_load(
+    path: str, *, map_location: MapLocation, trust: bool, zip_format: bool, values: bool
+) -> Any:
+    """``torch.load`` with torch's safe unpickler, ``values`` mapping our harmless-value globals."""
     if isinstance(map_location, Mapping):
         map_location = dict(map_location)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            if path.endswith(".safetensors"):
-                # torch.load picks its safetensors reader by this suffix; the bytes say otherwise.
-                with open(path, "rb") as f:
-                    return torch.load(f, map_location=map_location, weights_only=not trust)
-            return torch.load(  # type: ignore[no-any-return]
-                path, map_location=map_location, weights_only=not trust, mmap=zip_format
-            )
+            rebuilding = rebuilding_safe_values(path) if values else contextlib.nullcontext()
+            with rebuilding:
+                if path.endswith(".safetensors"):
+                    # torch.load picks its safetensors reader by this suffix; the bytes say otherwise.
+                    with open(path, "rb") as f:
+                        obj = torch.load(f, map_location=map_location, weights_only=not trust)
+                else:
+                    obj = torch.load(
+                        path, map_location=map_location, weights_only=not trust, mmap=zip_format
+                    )
+        return resolve(obj, path) if values else obj
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text or "weights_only" in text.lower():
