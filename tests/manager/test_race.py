@@ -143,7 +143,7 @@ def race(run: Path, *, rounds: int, budget: float) -> dict[str, object]:
 @pytest.mark.slow
 def test_a_reader_beside_a_pruning_writer_never_sees_false_damage(tmp_path: Path) -> None:
     rounds = int(os.environ.get("TORCHKEEP_RACE_ROUNDS", "150"))
-    budget = float(os.environ.get("TORCHKEEP_RACE_SECONDS", "20"))
+    budget = float(os.environ.get("TORCHKEEP_RACE_SECONDS", "15"))
     result = race(tmp_path / "run", rounds=rounds, budget=budget)
     print(json.dumps(result, indent=1))
     counts = result["counts"]

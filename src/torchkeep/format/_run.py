@@ -282,10 +282,11 @@ class RunReader:
         found = (_MANIFEST_NAME.match(name) for name in names)
         return sorted(int(m[1]) for m in found if m)
 
-    def manifests(self) -> list[Manifest]:
-        """Every committed manifest; one deleted meanwhile by a writer's retention is skipped."""
+    def manifests(self, steps: list[int] | None = None) -> list[Manifest]:
+        """Every committed manifest (of ``steps``, by default all); one deleted meanwhile by a
+        writer's retention is skipped."""
         found = []
-        for step in self.steps():
+        for step in self.steps() if steps is None else steps:
             try:
                 found.append(self.manifest(step))
             except CheckpointNotFoundError:
@@ -429,7 +430,14 @@ class RunReader:
                     return self.manifest(steps[-1])
                 steps = self.steps() or steps
             return self.manifest(steps[-1])
-        best = self.best()
+        for _ in range(READ_ATTEMPTS - 1):
+            # A checkpoint pruned while the run is listed leaves the others, but the best of
+            # those may be no checkpoint's "best" at any moment: list again until none vanish.
+            manifests = self.manifests(steps)
+            if len(manifests) == len(steps):
+                break
+            steps = self.steps()
+        best = self.best(manifests)
         if best is None:
             raise CheckpointNotFoundError(
                 "no best checkpoint: the run monitors no metric, or no checkpoint has it",
