@@ -4,6 +4,7 @@ deletes only files the run wrote."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -130,6 +131,24 @@ def test_the_sweep_deletes_only_packs_the_run_wrote(tmp_path: Path) -> None:
     assert snapshot(packs) == kept
     assert outside.read_bytes() == real
     assert tk.verify(run).ok  # the strangers are noted, not damage
+
+
+def test_packs_written_before_the_pack_marker_are_still_swept(tmp_path: Path) -> None:
+    from torchkeep.format._artifact import _write_sealed, write_pack
+
+    run = make_run(tmp_path)
+    tensors = {"t": torch.arange(4.0)}
+    with open(run / "packs" / "0000000003-0ddba11a.safetensors", "wb") as f:
+        write_pack(f, tensors)
+    marked = (run / "packs" / "0000000003-0ddba11a.safetensors").read_bytes()
+    header = json.loads(marked[8 : 8 + int.from_bytes(marked[:8], "little")])
+    document = json.loads(header["__metadata__"]["torchkeep"])
+    assert document.pop("kind") == "torchkeep-pack"
+    with open(run / "packs" / "0000000004-0ddba11b.safetensors", "wb") as f:
+        _write_sealed(f, tensors, document)  # a pack as torchkeep 0.1.0 wrote it
+    with tk.CheckpointManager(run):
+        pass
+    assert sorted(p.name[:10] for p in (run / "packs").iterdir()) == ["0000000000", "0000000001"]
 
 
 def test_a_folder_swapped_for_a_link_after_opening_stops_the_writer(tmp_path: Path) -> None:

@@ -56,6 +56,14 @@ from torchkeep.storage._local import storage_error, sweep_temporaries
 # A small tensor equal to one in an older pack is written again rather than referenced: it
 # costs next to nothing, and a reference would keep the whole older pack alive on disk.
 MIN_SHARED_BYTES = 64 * 1024
+_LEGACY_PACK_FIELDS = {
+    "format_version",
+    "torchkeep_version",
+    "torch_version",
+    "skeleton",
+    "raw",
+    "metadata",
+}
 _PACK_NAME = re.compile(r"^\d{10,}-[0-9a-f]{8}\.safetensors$")  # as write_checkpoint names them
 
 
@@ -277,7 +285,11 @@ def _is_pack(folder: int, name: str) -> bool:
             document = json.loads(header["__metadata__"][METADATA_KEY])
         except (ValueError, KeyError, TypeError):
             return False
-    return isinstance(document, dict) and document.get("kind") == PACK_KIND
+    if not isinstance(document, dict):
+        return False
+    # Packs written before the marker: exactly write_pack's fields (tk.save adds "hashes").
+    legacy = set(document) == _LEGACY_PACK_FIELDS and document.get("metadata") == {}
+    return document.get("kind") == PACK_KIND or legacy
 
 
 def delete_manifests(root: Path, manifests: Iterable[Manifest]) -> None:
