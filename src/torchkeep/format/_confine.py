@@ -59,7 +59,7 @@ def lstat_inside(root: Path, *parts: str, kind: Kind) -> os.stat_result | None:
         if stat.S_ISLNK(st.st_mode):
             noun = "folder" if what == "dir" else "file"
             raise CorruptCheckpointError(
-                f"{'/'.join(parts[: i + 1])} is a symbolic link; a run's {noun}s must be inside it",
+                f"{path} is a symbolic link; a run's {noun}s must be inside it",
                 path=str(root),
                 key="/".join(parts[: i + 1]),
                 hint=_HINT.format(what=noun),
@@ -67,8 +67,7 @@ def lstat_inside(root: Path, *parts: str, kind: Kind) -> os.stat_result | None:
         expected = stat.S_ISDIR if what == "dir" else stat.S_ISREG
         if not expected(st.st_mode):
             raise CorruptCheckpointError(
-                f"{'/'.join(parts[: i + 1])} is not a "
-                f"{'directory' if what == 'dir' else 'regular file'}",
+                f"{path} is not a {'directory' if what == 'dir' else 'regular file'}",
                 path=str(root),
                 key="/".join(parts[: i + 1]),
                 hint="the run was altered by hand; restore it from a copy",
@@ -93,7 +92,7 @@ def open_folder(root: Path, name: str) -> int:
         if isinstance(exc, FileNotFoundError):
             raise
         raise CorruptCheckpointError(
-            f"{name} is not a real folder of the run ({exc.strerror})",
+            f"{root / name} is not a real folder of the run ({exc.strerror})",
             path=str(root),
             key=name,
             hint=_HINT.format(what="folder"),

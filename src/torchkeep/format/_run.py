@@ -15,9 +15,10 @@ rebuild each model of the app whose constructor arguments are known: ``{app_key:
 "pkg.mod:Name", "config": <skeleton of the keyword arguments>}}`` (absent when there is none).
 A checkpoint is committed when its manifest is renamed into ``checkpoints/``, after its packs were
 fsynced: that rename is the single commit point. Readers trust only committed manifests; a pack
-that no manifest names is garbage left by a crash, and the next writer sweeps it. A tensor whose
-bytes are already stored in the run is referenced again, not rewritten, so several manifests may
-share a pack.
+that no manifest names is garbage left by a crash, and the next writer sweeps it (only a file
+with a pack's name whose header says ``"kind": "torchkeep-pack"``: a name is no proof). A tensor
+whose bytes are already stored in the run is referenced again, not rewritten, so several
+manifests may share a pack.
 
 Nothing below the run's root may be a symbolic link (``_confine.py``): a run never reads, writes
 or deletes outside itself.
