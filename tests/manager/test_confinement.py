@@ -188,7 +188,7 @@ def prune_under(run: Path, loader: Callable[[RunReader, Any], Any]) -> Callable[
                 for step in (10, 11):
                     state = {"w": torch.full((4,), float(step)), "step": step}
                     mgr.save(step, state, metrics={"loss": -float(step)})
-            assert not reader.is_current(manifest)
+            assert not manifest.path.exists()  # pruned, its packs with it
         calls.append(manifest.step)
         return loader(reader, manifest)
 
@@ -209,6 +209,6 @@ def test_a_reference_pruned_while_read_is_resolved_again(tmp_path: Path, which: 
 def test_a_step_pruned_while_read_is_reported_as_pruned(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     loader = prune_under(run, lambda reader, m: reader.load(m))
-    with pytest.raises(tk.CheckpointPrunedError, match="step 1 was pruned") as info:
-        load_reference(f"{run}@1", loader)
-    assert isinstance(info.value, FileNotFoundError)  # a CheckpointNotFoundError
+    with pytest.raises(tk.CheckpointNotFoundError, match="step 1 was pruned") as info:
+        load_reference(f"{run}@1", loader)  # not CorruptCheckpointError: "the run was damaged"
+    assert isinstance(info.value, tk.CheckpointPrunedError)
