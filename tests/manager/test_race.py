@@ -4,7 +4,8 @@ The writer and the reader are separate processes on the same run. The writer sav
 can with ``keep_last=2, keep_best=1`` and a random metric, so ``RUN@best`` moves and checkpoints
 are pruned under the reader's feet all the time. The reader loops over ``tk.verify(run)``,
 ``tk.verify(RUN@latest)``, ``tk.load(RUN@latest)``, ``tk.load(RUN@best)``, a read-only manager's
-``restore`` and the ``torchkeep verify`` command, and sorts every outcome: ``ok``, ``pruned`` (a
+``restore`` and the ``torchkeep verify`` command (in process, then as a process of its own),
+and sorts every outcome: ``ok``, ``pruned`` (a
 :class:`CheckpointPrunedError`, or a verify report that names pruned checkpoints only in its
 notes), ``damage`` (a report with problems, a ``CorruptCheckpointError`` or a failed command: the
 run is never damaged here, so each one is false) and ``raw`` (any exception that is not a
@@ -104,6 +105,23 @@ for i in range(rounds):
         by_read[name][outcome] += 1
         if outcome in samples and len(samples[outcome]) < 5:
             samples[outcome].append(f"{name}: {detail}"[:300])
+# The command itself, in processes of its own, while the writer still saves and prunes.
+import subprocess
+for _ in range(1):
+    counts["reads"] += 1
+    done = subprocess.run([sys.executable, "-m", "torchkeep", "verify", run],
+                          capture_output=True, text=True, timeout=120)
+    if "Traceback" in done.stderr:
+        outcome = "raw"
+    elif done.returncode == 0:
+        outcome = "pruned" if "pruned" in done.stdout else "ok"
+    else:
+        outcome = "damage"
+    counts[outcome] += 1
+    by_read.setdefault("torchkeep verify", {}).setdefault(outcome, 0)
+    by_read["torchkeep verify"][outcome] += 1
+    if outcome in samples and len(samples[outcome]) < 5:
+        samples[outcome].append(f"torchkeep verify: {done.stdout}{done.stderr}"[:300])
 print(json.dumps({"counts": counts, "by_read": by_read, "samples": samples}), flush=True)
 """
 
@@ -142,8 +160,8 @@ def race(run: Path, *, rounds: int, budget: float) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_a_reader_beside_a_pruning_writer_never_sees_false_damage(tmp_path: Path) -> None:
-    rounds = int(os.environ.get("TORCHKEEP_RACE_ROUNDS", "150"))
-    budget = float(os.environ.get("TORCHKEEP_RACE_SECONDS", "15"))
+    rounds = int(os.environ.get("TORCHKEEP_RACE_ROUNDS", "80"))
+    budget = float(os.environ.get("TORCHKEEP_RACE_SECONDS", "12"))
     result = race(tmp_path / "run", rounds=rounds, budget=budget)
     print(json.dumps(result, indent=1))
     counts = result["counts"]
