@@ -14,6 +14,7 @@ EXPECTED_ALL = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointPrunedError",
     "CheckpointRecord",
     "ConfigMixin",
     "CorruptCheckpointError",
@@ -154,6 +155,7 @@ def test_load_report_fields() -> None:
     ("error", "builtin"),
     [
         (torchkeep.CheckpointNotFoundError, FileNotFoundError),
+        (torchkeep.CheckpointPrunedError, torchkeep.CheckpointNotFoundError),
         (torchkeep.CorruptCheckpointError, ValueError),
         (torchkeep.FormatVersionError, torchkeep.CorruptCheckpointError),
         (torchkeep.IncompatibleStateError, ValueError),

@@ -10,6 +10,7 @@ from torchkeep._version import __version__
 from torchkeep.diff import DiffReport, TensorDiff, diff
 from torchkeep.errors import (
     CheckpointNotFoundError,
+    CheckpointPrunedError,
     CorruptCheckpointError,
     ExportError,
     ExportVerificationError,
@@ -42,6 +43,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointPrunedError",
     "CheckpointRecord",
     "ConfigMixin",
     "CorruptCheckpointError",

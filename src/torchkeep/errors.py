@@ -5,6 +5,7 @@ exception a caller would naturally catch, so ``except FileNotFoundError`` keeps 
 
     TorchkeepError
     ├── CheckpointNotFoundError     (also FileNotFoundError)  nothing at that path or reference
+    │   └── CheckpointPrunedError                              deleted by retention while being read
     ├── CorruptCheckpointError      (also ValueError)         bytes that are not what they claim
     │   └── FormatVersionError                                 written by a newer torchkeep
     ├── UnsafeCheckpointError                                  loading would run code from the file
@@ -26,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "CheckpointNotFoundError",
+    "CheckpointPrunedError",
     "CorruptCheckpointError",
     "ExportError",
     "ExportVerificationError",
@@ -91,6 +93,16 @@ class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
     """Nothing readable exists at the given path or reference."""
 
     default_hint = "check the path"
+
+
+class CheckpointPrunedError(CheckpointNotFoundError):
+    """The checkpoint was deleted by the run's retention (a writer at work) while being read.
+
+    Not damage: the writer deletes a checkpoint's manifest before the packs only it used, and a
+    reader that finds a pack gone checks that its manifest is gone too before saying this.
+    """
+
+    default_hint = "read the run again (RUN@latest), or keep more checkpoints (keep_last)"
 
 
 class CorruptCheckpointError(TorchkeepError, ValueError):

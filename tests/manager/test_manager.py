@@ -132,8 +132,11 @@ def test_crash_before_commit_leaves_no_checkpoint_and_is_swept(
         mgr.save(1, app)
     mgr.close()
     monkeypatch.setattr(manager_module, "atomic_write", real)
-    # simulate a pack orphaned by a kill between the pack's rename and the manifest's
-    (run / "packs" / "0000000009-deadbeef.safetensors").write_bytes(b"orphan")
+    # simulate a pack orphaned by a kill between the pack's rename and the manifest's (a real
+    # pack: the sweep deletes only files whose header says they are torchkeep packs)
+    (run / "packs" / "0000000009-deadbeef.safetensors").write_bytes(
+        (run / "packs" / files(run, "packs")[0]).read_bytes()
+    )
     with tk.CheckpointManager(run) as mgr:
         assert [c.step for c in mgr.checkpoints] == [0]
     assert len(files(run, "packs")) == 1

@@ -37,6 +37,7 @@ from torchkeep.format._skeleton import flatten, unflatten
 
 FORMAT_VERSION = "1.0"
 METADATA_KEY = "torchkeep"
+PACK_KIND = "torchkeep-pack"  # in the header of every pack a run writes (see write_pack)
 DIGEST_KEY = "torchkeep_digest"
 
 
@@ -115,8 +116,12 @@ def _write_sealed(f: BinaryIO, tensors: dict[str, torch.Tensor], document: dict[
 
 
 def write_pack(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a flat table of distinct tensors as a torchkeep file whose keys are the table's."""
+    """Write a flat table of distinct tensors as a torchkeep file whose keys are the table's.
+
+    Its header says ``"kind": "torchkeep-pack"``: the writer's sweep deletes only files that do.
+    """
     document = {
+        "kind": PACK_KIND,
         "format_version": FORMAT_VERSION,
         "torchkeep_version": __version__,
         "torch_version": str(torch.__version__),

@@ -23,7 +23,7 @@ from torchkeep.format._directory import inspect_directory, is_checkpoint_dir
 from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, cast, map_tensors
-from torchkeep.format._run import PACK_DIR, Manifest, RunReader, load_reference, parse_reference
+from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import unflatten
 from torchkeep.format._torchfile import load_torch, read_document
@@ -144,7 +144,7 @@ def _load_sharded(
 
 
 def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
-    sizes = {p: (run.root / PACK_DIR / p).stat().st_size for p in manifest.packs}
+    sizes = {p: run.pack_path(p, manifest).stat().st_size for p in manifest.packs}
     classes = {key: m["class"] for key, m in manifest.models.items()}
     models = {"models": classes} if classes else {}  # what load_model can rebuild
     obj = run.load(manifest, verify=False)

@@ -15,27 +15,47 @@ rebuild each model of the app whose constructor arguments are known: ``{app_key:
 "pkg.mod:Name", "config": <skeleton of the keyword arguments>}}`` (absent when there is none).
 A checkpoint is committed when its manifest is renamed into ``checkpoints/``, after its packs were
 fsynced: that rename is the single commit point. Readers trust only committed manifests; a pack
-that no manifest names is garbage left by a crash, and the next writer sweeps it. A tensor whose
-bytes are already stored in the run is referenced again, not rewritten, so several manifests may
-share a pack.
+that no manifest names is garbage left by a crash, and the next writer sweeps it (only a file
+with a pack's name whose header says ``"kind": "torchkeep-pack"``: a name is no proof). A tensor
+whose bytes are already stored in the run is referenced again, not rewritten, so several
+manifests may share a pack.
+
+Nothing below the run's root may be a symbolic link (``_confine.py``): a run never reads, writes
+or deletes outside itself.
+
+Readers beside a writer: retention deletes a manifest first, then the packs no remaining manifest
+uses, and packs are never rewritten. So a reader that finds a pack (or a manifest) gone checks
+whether the manifest it read is still in place, the same file: if it is, the run is damaged; if
+not, the checkpoint was pruned while being read. :meth:`RunReader.read` then resolves ``latest``
+or ``best`` again (a few times) and otherwise raises :class:`CheckpointPrunedError`, never a
+false "damaged". A pack already opened is mapped, and stays readable after it is deleted.
 
 References: ``RUN@latest``, ``RUN@best``, ``RUN@<step>``, or ``RUN`` alone (the latest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CheckpointPrunedError,
+    CorruptCheckpointError,
+    StorageError,
+    TorchkeepError,
+)
 from torchkeep.format._artifact import SafetensorsFile, check_format_version, rebuild
+from torchkeep.format._confine import lstat_inside
 from torchkeep.format._dtypes import dtype_from_name
 from torchkeep.format._hash import hash_matches, seal_ok
 from torchkeep.format._location import MapLocation
@@ -50,6 +70,9 @@ LOCK_FILE = ".lock"
 _MANIFEST_NAME = re.compile(r"^(\d{10,})\.json$")
 _REFERENCE = re.compile(r"^(?P<run>.+)@(?P<which>latest|best|\d+)$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# How many times a reader resolves ``latest``/``best`` again after a prune took its checkpoint.
+READ_ATTEMPTS = 4
+T = TypeVar("T")
 
 
 def manifest_name(step: int) -> str:
@@ -59,6 +82,18 @@ def manifest_name(step: int) -> str:
 def is_run(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a run directory."""
     return (Path(path) / RUN_FILE).is_file()
+
+
+def check_layout(root: Path) -> None:
+    """Refuse a run whose own files or folders are symbolic links (or of the wrong kind).
+
+    Raises:
+        CorruptCheckpointError: naming the entry, e.g. ``packs is a symbolic link``.
+    """
+    for name in (MANIFEST_DIR, PACK_DIR):
+        lstat_inside(root, name, kind="dir")
+    for name in (RUN_FILE, METRICS_FILE, LOCK_FILE):
+        lstat_inside(root, name, kind="file")
 
 
 def parse_reference(text: str | os.PathLike[str]) -> tuple[Path, str] | None:
@@ -113,6 +148,8 @@ class Manifest:
     pack_digests: dict[str, tuple[int, str]] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     """``{app_key: {"class": "pkg.mod:Name", "config": skeleton}}`` for each rebuildable model."""
+    identity: tuple[int, int] | None = None
+    """``(st_dev, st_ino)`` of the manifest file read, to tell later whether it is still there."""
 
     @property
     def packs(self) -> set[str]:
@@ -228,7 +265,7 @@ class RunReader:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = local_path(root)
-        if not is_run(self.root):
+        if lstat_inside(self.root, RUN_FILE, kind="file") is None:
             raise CheckpointNotFoundError(
                 "not a torchkeep run (no torchkeep_run.json)",
                 path=str(self.root),
@@ -240,6 +277,7 @@ class RunReader:
         if not isinstance(doc, dict):
             raise CorruptCheckpointError(f"{RUN_FILE} is not a JSON object", path=str(self.root))
         check_format_version(doc.get("format_version"), path=str(self.root / RUN_FILE))
+        check_layout(self.root)
         self.description: dict[str, Any] = doc
 
     @property
@@ -249,36 +287,138 @@ class RunReader:
 
     def steps(self) -> list[int]:
         """Steps of the committed checkpoints, ascending."""
-        folder = self.root / MANIFEST_DIR
-        if not folder.is_dir():
+        if lstat_inside(self.root, MANIFEST_DIR, kind="dir") is None:
             return []
-        found = (_MANIFEST_NAME.match(name) for name in os.listdir(folder))
+        try:
+            names = os.listdir(self.root / MANIFEST_DIR)
+        except FileNotFoundError:
+            return []
+        found = (_MANIFEST_NAME.match(name) for name in names)
         return sorted(int(m[1]) for m in found if m)
 
-    def manifests(self) -> list[Manifest]:
-        """Every committed manifest; one deleted meanwhile by a writer's retention is skipped."""
+    def manifests(self, steps: list[int] | None = None) -> list[Manifest]:
+        """Every committed manifest (of ``steps``, by default all); one deleted meanwhile by a
+        writer's retention is skipped."""
         found = []
-        for step in self.steps():
+        for step in self.steps() if steps is None else steps:
             try:
                 found.append(self.manifest(step))
-            except (CheckpointNotFoundError, FileNotFoundError):
+            except CheckpointNotFoundError:
                 continue
         return found
 
     def manifest(self, step: int) -> Manifest:
         path = self.root / MANIFEST_DIR / manifest_name(step)
-        if path.is_symlink():
-            raise _bad(path, "it is a symbolic link; a run's manifests are plain files")
-        if not path.is_file():
-            raise CheckpointNotFoundError(
-                f"the run has no checkpoint at step {step}",
-                path=str(self.root),
-                hint=f"steps available: {_steps_text(self.steps())}",
+        for _ in range(READ_ATTEMPTS):
+            try:
+                before = self._manifest_stat(step)
+            except CorruptCheckpointError as exc:
+                if "symbolic link" in exc.message and exc.key == f"{MANIFEST_DIR}/{path.name}":
+                    raise _bad(
+                        path, "it is a symbolic link; a run's manifests are plain files"
+                    ) from exc
+                raise
+            if before is None:
+                raise CheckpointNotFoundError(
+                    f"the run has no checkpoint at step {step}",
+                    path=str(self.root),
+                    hint=f"steps available: {_steps_text(self.steps())}",
+                )
+            try:
+                manifest = read_manifest(path)
+            except FileNotFoundError:
+                continue  # deleted between the two calls: look again
+            after = self._manifest_stat(step)
+            if after is None or _identity(after) != _identity(before):
+                continue  # replaced (the step saved again) while read: read the new one
+            if manifest.step != step:
+                raise _bad(path, f"it says step {manifest.step} but is named for step {step}")
+            return dataclasses.replace(manifest, identity=_identity(before))
+        raise CheckpointPrunedError(
+            f"the checkpoint at step {step} kept changing while being read",
+            path=str(path),
+            hint="a writer is saving this step again and again; read it once it has finished",
+        )
+
+    def _manifest_stat(self, step: int) -> os.stat_result | None:
+        return lstat_inside(self.root, MANIFEST_DIR, manifest_name(step), kind="file")
+
+    def is_current(self, manifest: Manifest) -> bool:
+        """Whether the manifest read is still committed in the run, as that same file."""
+        try:
+            st = self._manifest_stat(manifest.step)
+        except CorruptCheckpointError:
+            return True  # something is there, and it is damage to report, not a prune
+        if st is None:
+            return False
+        return manifest.identity is None or _identity(st) == manifest.identity
+
+    def pack_path(self, name: str, manifest: Manifest, key: str | None = None) -> Path:
+        """The path of pack ``name`` of ``manifest``, checked to be a plain file inside the run.
+
+        Raises:
+            CorruptCheckpointError: the pack is missing, or a link, or not a file.
+        """
+        try:
+            st = lstat_inside(self.root, PACK_DIR, name, kind="file")
+        except CorruptCheckpointError as exc:
+            if "symbolic link" in exc.message and exc.key == f"{PACK_DIR}/{name}":
+                raise CorruptCheckpointError(
+                    f"pack {name} is a symbolic link; a run's packs are plain files",
+                    path=str(manifest.path),
+                    key=key,
+                    hint="a link could point anywhere on the machine: replace it by the file",
+                ) from exc
+            raise
+        if st is None:
+            what = f"pack {name}" + (f" of tensor {key!r}" if key is not None else "")
+            raise CorruptCheckpointError(
+                f"{what} is missing",
+                path=str(manifest.path),
+                key=key,
+                hint="the run was damaged (a pack deleted by hand?); load another step",
             )
-        manifest = read_manifest(path)
-        if manifest.step != step:
-            raise _bad(path, f"it says step {manifest.step} but is named for step {step}")
-        return manifest
+        return self.root / PACK_DIR / name
+
+    def read(self, which: str, use: Callable[[Manifest], T]) -> T:
+        """``use(manifest)`` for ``"latest"``, ``"best"`` or a step, settling races with a writer.
+
+        When ``use`` fails and the manifest it was given is no longer in the run, the checkpoint
+        was pruned meanwhile, not damaged: ``latest``/``best`` are resolved again, a step is
+        answered with :class:`CheckpointPrunedError` (unless it was saved again meanwhile).
+
+        Raises:
+            CheckpointPrunedError: the checkpoint was deleted by the writer's retention.
+            CorruptCheckpointError: the checkpoint is damaged (its manifest is still there).
+        """
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                manifest = self.resolve(which)
+            except CheckpointPrunedError:
+                raise
+            except CheckpointNotFoundError as exc:
+                if attempt == 0:
+                    raise
+                raise self._pruned(which) from exc
+            try:
+                return use(manifest)
+            except (TorchkeepError, OSError) as exc:
+                if self.is_current(manifest):
+                    if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
+                        raise _storage_error(exc, manifest) from exc
+                    raise
+                last = exc  # pruned, or that step saved again: resolve once more
+        raise self._pruned(which) from last
+
+    def _pruned(self, which: str) -> CheckpointPrunedError:
+        what = f"step {which}" if which.isdigit() else f"the {which} checkpoint"
+        return CheckpointPrunedError(
+            f"{what} was pruned by the run's writer (retention) while being read",
+            path=f"{self.root}@{which}",
+            hint="read RUN@latest again, or keep more checkpoints (keep_last) while reading"
+            if which.isdigit()
+            else "the writer prunes faster than this read; retry, or keep more checkpoints",
+        )
 
     def best(self, manifests: list[Manifest] | None = None) -> Manifest | None:
         """The checkpoint with the best value of the run's monitored metric, if any."""
@@ -297,8 +437,21 @@ class RunReader:
                 "the run has no committed checkpoint yet", path=str(self.root)
             )
         if which == "latest":
+            for _ in range(READ_ATTEMPTS - 1):
+                # Listed, then deleted before it was read (by hand, or a step saved again):
+                # list again rather than call the run damaged.
+                with contextlib.suppress(CheckpointNotFoundError):
+                    return self.manifest(steps[-1])
+                steps = self.steps() or steps
             return self.manifest(steps[-1])
-        best = self.best()
+        for _ in range(READ_ATTEMPTS - 1):
+            # A checkpoint pruned while the run is listed leaves the others, but the best of
+            # those may be no checkpoint's "best" at any moment: list again until none vanish.
+            manifests = self.manifests(steps)
+            if len(manifests) == len(steps):
+                break
+            steps = self.steps()
+        best = self.best(manifests)
         if best is None:
             raise CheckpointNotFoundError(
                 "no best checkpoint: the run monitors no metric, or no checkpoint has it",
@@ -320,6 +473,23 @@ class RunReader:
         With ``verify`` (the default), every tensor's bytes are checked against the hash in the
         manifest (xxh3-128, ~10 GB/s), which reads them; ``verify=False`` keeps them lazy.
         """
+        try:
+            return self._load(manifest, map_location=map_location, dtype=dtype, verify=verify)
+        except (TorchkeepError, OSError) as exc:
+            if self.is_current(manifest):
+                if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
+                    raise _storage_error(exc, manifest) from exc
+                raise
+            raise self._pruned(str(manifest.step)) from exc
+
+    def _load(
+        self,
+        manifest: Manifest,
+        *,
+        map_location: MapLocation,
+        dtype: torch.dtype | None,
+        verify: bool,
+    ) -> Any:
         packs: dict[str, SafetensorsFile] = {}
         fetched: set[tuple[str, str]] = set()
         source = str(manifest.path)
@@ -333,21 +503,7 @@ class RunReader:
                     key=key,
                 )
             if ref.pack not in packs:
-                pack_path = self.root / PACK_DIR / ref.pack
-                if pack_path.is_symlink():
-                    raise CorruptCheckpointError(
-                        f"pack {ref.pack} is a symbolic link; a run's packs are plain files",
-                        path=source,
-                        key=key,
-                        hint="a link could point anywhere on the machine: replace it by the file",
-                    )
-                if not pack_path.is_file():
-                    raise CorruptCheckpointError(
-                        f"pack {ref.pack} of tensor {key!r} is missing",
-                        path=source,
-                        key=key,
-                        hint="the run was damaged (a pack deleted by hand?); load another step",
-                    )
+                pack_path = self.pack_path(ref.pack, manifest, key)
                 packs[ref.pack] = SafetensorsFile(str(pack_path))  # verified per tensor below
             t = packs[ref.pack].tensor(ref.key)
             if tuple(t.shape) != ref.shape or str(t.dtype).removeprefix("torch.") != ref.dtype:
@@ -401,6 +557,20 @@ def best_of(manifests: list[Manifest], monitor: str, mode: str) -> Manifest | No
     return next((m for m in manifests if m.step == ranked[0]), None) if ranked else None
 
 
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _storage_error(exc: OSError, manifest: Manifest) -> StorageError:
+    err = StorageError(
+        f"could not read checkpoint {manifest.step}: {exc.strerror or exc}",
+        path=str(manifest.path),
+        hint="check that the run's files are readable and the disk healthy",
+    )
+    err.errno = exc.errno
+    return err
+
+
 def _steps_text(steps: list[int]) -> str:
     if not steps:
         return "none"
@@ -417,4 +587,4 @@ def load_reference(
     if parsed is None:
         raise CheckpointNotFoundError("not a run reference", path=os.fspath(text))
     reader = RunReader(parsed[0])
-    return loader(reader, reader.resolve(parsed[1]))
+    return reader.read(parsed[1], lambda manifest: loader(reader, manifest))

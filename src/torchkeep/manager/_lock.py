@@ -8,6 +8,7 @@ only records who holds the lock (pid, host, start time) so that the error can na
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -36,7 +37,19 @@ class RunLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        f = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        # O_NOFOLLOW: a link at .lock must not make the truncate below clobber another file.
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise TorchkeepError(
+                "the run's lock file is a symbolic link",
+                path=str(self.path),
+                hint="remove the link; a run's files must be inside it",
+            ) from exc
+        f = open(fd, "a+")  # noqa: SIM115 - kept open while the lock is held
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -44,6 +44,7 @@ from torchkeep.format import (
     Flattened,
     Manifest,
     RunReader,
+    check_layout,
     flatten,
     metadata_json,
 )
@@ -55,13 +56,14 @@ from torchkeep.manager._writer import (
     Stager,
     clean_metrics,
     collect_packs,
+    delete_manifests,
     sweep,
     system_info,
     write_bytes,
     write_checkpoint,
 )
 from torchkeep.state import capture_app, describe_models, restore_app
-from torchkeep.storage import atomic_write, fsync_dir, local_path
+from torchkeep.storage import atomic_write, local_path
 
 
 class CheckpointManager:
@@ -129,6 +131,8 @@ class CheckpointManager:
             self.policy = RetentionPolicy.from_dict({**self._reader.policy, **_given(given)})
             self._manifests = {m.step: m for m in self._reader.manifests()}
             return
+        if self.root.is_dir():
+            check_layout(self.root)  # before anything is written, locked or swept
         try:
             (self.root / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
             (self.root / PACK_DIR).mkdir(exist_ok=True)
@@ -136,6 +140,7 @@ class CheckpointManager:
             raise StorageError(
                 f"cannot create the run directory: {exc}", path=str(self.root)
             ) from exc
+        check_layout(self.root)
         self._lock.acquire()
         try:
             existing = RunReader(self.root) if (self.root / RUN_FILE).is_file() else None
@@ -252,8 +257,10 @@ class CheckpointManager:
                     f"the run has no checkpoint yet, so no {which!r}", path=str(self.root)
                 )
             return None
-        manifest = self._reader.resolve(str(which))
-        state = self._reader.load(manifest, verify=verify)
+        # Resolved and read in one go: a writer beside this read-only manager may prune.
+        manifest, state = self._reader.read(
+            str(which), lambda m: (m, self._reader.load(m, verify=verify))
+        )
         values = restore_app(app, state, strict=strict, source=str(manifest.path))
         return RestoreInfo(
             step=manifest.step,
@@ -388,13 +395,9 @@ class CheckpointManager:
     ) -> dict[int, tuple[str, ...]]:
         kept = select([(s, m.metrics) for s, m in self._manifests.items()], policy)
         doomed = sorted(set(self._manifests) - set(kept))
-        for step in doomed:
-            # The manifest goes first: from then on nothing refers to its packs.
-            with contextlib.suppress(FileNotFoundError):
-                self._manifests[step].path.unlink()
-            del self._manifests[step]
         if doomed:
-            fsync_dir(self.root / MANIFEST_DIR)
+            # The manifests go first: from then on nothing refers to their packs.
+            delete_manifests(self.root, [self._manifests.pop(step) for step in doomed])
         if doomed or replaced is not None:
             collect_packs(self.root, self._manifests.values())
         return kept

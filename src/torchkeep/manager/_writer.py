@@ -4,19 +4,24 @@ The commit protocol (see ``format/_run.py``): the new tensors go into a pack (te
 rename, fsync of the directory), then the manifest is renamed into ``checkpoints/``, the single
 commit point. A tensor whose bytes the run already holds (same xxh3-128 hash, dtype and shape) is
 referenced, not written again. Packs
-are deleted only when no committed manifest refers to them, and always after the manifests.
+are deleted only when no committed manifest refers to them, and always after the manifests; only
+files the run wrote (a pack's name and a pack's header) are ever deleted, never through a link.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
 import platform
+import re
 import secrets
 import socket
+import stat
+import struct
 import subprocess
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -40,13 +45,26 @@ from torchkeep.format import (
     tensor_hash,
     write_pack,
 )
+from torchkeep.format._artifact import METADATA_KEY, PACK_KIND
+from torchkeep.format._confine import open_folder
 from torchkeep.format._dtypes import dtype_name
-from torchkeep.storage import atomic_write, fsync_dir
-from torchkeep.storage._local import sweep_temporaries
+from torchkeep.format._run import check_layout
+from torchkeep.format._safetensors import HEADER_LIMIT
+from torchkeep.storage import atomic_write
+from torchkeep.storage._local import storage_error, sweep_temporaries
 
 # A small tensor equal to one in an older pack is written again rather than referenced: it
 # costs next to nothing, and a reference would keep the whole older pack alive on disk.
 MIN_SHARED_BYTES = 64 * 1024
+_LEGACY_PACK_FIELDS = {
+    "format_version",
+    "torchkeep_version",
+    "torch_version",
+    "skeleton",
+    "raw",
+    "metadata",
+}
+_PACK_NAME = re.compile(r"^\d{10,}-[0-9a-f]{8}\.safetensors$")  # as write_checkpoint names them
 
 
 def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -156,6 +174,7 @@ def write_checkpoint(
     Returns:
         The committed manifest.
     """
+    check_layout(root)  # never write through a link swapped in since the run was opened
     known = list(known)
     index = {(r.hash, r.dtype, r.shape): r for r in known}
     pack = f"{step:010d}-{secrets.token_hex(4)}.safetensors"
@@ -222,18 +241,85 @@ def write_checkpoint(
 
 
 def collect_packs(root: Path, manifests: Iterable[Manifest]) -> None:
-    """Delete packs that no committed manifest refers to."""
+    """Delete packs that no committed manifest refers to, and only packs this run wrote.
+
+    A file is deleted only when its name is a pack's name, it is a regular file (a link is never
+    followed, nor removed), and its header says it is a torchkeep pack: a name alone is no proof.
+    Deletes go through a descriptor of the real ``packs/`` folder, so a link swapped in for the
+    folder cannot send them elsewhere.
+    """
     used = {ref.pack for m in manifests for ref in m.tensors.values()}
-    folder = root / PACK_DIR
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors") and name not in used:
+    try:
+        folder = open_folder(root, PACK_DIR)
+    except FileNotFoundError:
+        return
+    try:
+        for name in os.listdir(folder):
+            if name in used or not _PACK_NAME.match(name):
+                continue
+            try:
+                st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and _is_pack(folder, name):
+                    os.unlink(name, dir_fd=folder)
+            except FileNotFoundError:
+                continue
+        _fsync_folder(folder)
+    except OSError as exc:
+        raise storage_error(exc, root / PACK_DIR, "delete unused packs") from exc
+    finally:
+        os.close(folder)
+
+
+def _is_pack(folder: int, name: str) -> bool:
+    """Whether ``folder/name`` is a pack written by torchkeep: its header says so."""
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=folder)
+    with os.fdopen(fd, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        (n,) = struct.unpack("<Q", head)
+        if n > HEADER_LIMIT:
+            return False
+        try:
+            header = json.loads(f.read(n))
+            document = json.loads(header["__metadata__"][METADATA_KEY])
+        except (ValueError, KeyError, TypeError):
+            return False
+    if not isinstance(document, dict):
+        return False
+    # Packs written before the marker: exactly write_pack's fields (tk.save adds "hashes").
+    legacy = set(document) == _LEGACY_PACK_FIELDS and document.get("metadata") == {}
+    return document.get("kind") == PACK_KIND or legacy
+
+
+def delete_manifests(root: Path, manifests: Iterable[Manifest]) -> None:
+    """Delete committed manifests (retention), through the real ``checkpoints/`` folder."""
+    folder = open_folder(root, MANIFEST_DIR)
+    try:
+        for manifest in manifests:
             with contextlib.suppress(FileNotFoundError):
-                (folder / name).unlink()
-    fsync_dir(folder)
+                os.unlink(manifest_name(manifest.step), dir_fd=folder)
+        _fsync_folder(folder)
+    except OSError as exc:
+        raise storage_error(exc, root / MANIFEST_DIR, "delete pruned checkpoints") from exc
+    finally:
+        os.close(folder)
+
+
+def _fsync_folder(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # as storage.fsync_dir: some filesystems cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
 
 
 def sweep(root: Path, manifests: Iterable[Manifest]) -> None:
-    """Remove what crashed writers left: temporary files and unreferenced packs."""
+    """Remove what crashed writers left: temporary files and unreferenced packs.
+
+    Refuses a run whose folders are links first: the sweep must never reach outside the run.
+    """
+    check_layout(root)
     for folder in (root, root / MANIFEST_DIR, root / PACK_DIR):
         for entry in os.listdir(folder):
             if ".tkp-" in entry and entry.startswith("."):
