@@ -154,7 +154,7 @@ def test_packs_written_before_the_pack_marker_are_still_swept(tmp_path: Path) ->
 def test_a_folder_swapped_for_a_link_after_opening_stops_the_writer(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     folder = users_folder(tmp_path, run)
-    with tk.CheckpointManager(run, keep_last=1) as mgr:
+    with tk.CheckpointManager(run) as mgr:
         link_folder(run, "packs", folder)
         before = snapshot(folder)
         with pytest.raises(tk.CorruptCheckpointError, match="packs is a symbolic link"):
@@ -184,7 +184,10 @@ def prune_under(run: Path, loader: Callable[[RunReader, Any], Any]) -> Callable[
 
     def load(reader: RunReader, manifest: Any) -> Any:
         if not calls:
-            with tk.CheckpointManager(run, keep_last=1, keep_best=1, monitor="loss") as mgr:
+            with (
+                pytest.warns(UserWarning, match="retention policy changes"),
+                tk.CheckpointManager(run, keep_last=1, keep_best=1, monitor="loss") as mgr,
+            ):
                 for step in (10, 11):
                     state = {"w": torch.full((4,), float(step)), "step": step}
                     mgr.save(step, state, metrics={"loss": -float(step)})
