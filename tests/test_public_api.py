@@ -23,6 +23,7 @@ EXPECTED_ALL = [
     "ExportVerificationError",
     "FormatVersionError",
     "IncompatibleStateError",
+    "InvalidArgumentError",
     "LoadReport",
     "Mismatch",
     "ModelClassError",
@@ -154,6 +155,8 @@ def test_load_report_fields() -> None:
         (torchkeep.CorruptCheckpointError, ValueError),
         (torchkeep.FormatVersionError, torchkeep.CorruptCheckpointError),
         (torchkeep.IncompatibleStateError, ValueError),
+        (torchkeep.InvalidArgumentError, ValueError),
+        (torchkeep.RunLockedError, torchkeep.TorchkeepError),
         (torchkeep.UnsupportedValueError, TypeError),
         (torchkeep.ModelClassError, ImportError),
         (torchkeep.StorageError, OSError),
@@ -181,3 +184,11 @@ def test_error_message_names_path_and_hint() -> None:
     assert unsafe.globals == ["posix.system"]
     incompatible = torchkeep.IncompatibleStateError("no", report=torchkeep.LoadReport())
     assert incompatible.report == torchkeep.LoadReport()
+
+
+def test_run_locked_error_lives_in_errors() -> None:
+    from torchkeep.errors import RunLockedError
+    from torchkeep.manager import RunLockedError as from_manager
+
+    assert torchkeep.RunLockedError is RunLockedError is from_manager
+    assert RunLockedError.__module__ == "torchkeep.errors"

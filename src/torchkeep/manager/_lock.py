@@ -16,16 +16,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from torchkeep.errors import TorchkeepError
-
-
-class RunLockedError(TorchkeepError):
-    """Another process is writing to this run."""
-
-    default_hint = (
-        "stop the other writer first, or open the run read-only "
-        "(CheckpointManager(path, read_only=True)) to list and load checkpoints"
-    )
+from torchkeep.errors import RunLockedError
 
 
 class RunLock:
