@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 import torch
 
-from torchkeep.errors import TorchkeepError
+from torchkeep.errors import InvalidArgumentError
 
 MapLocation: TypeAlias = str | torch.device | Mapping[str, str] | Callable[[Any, str], Any] | None
 
@@ -45,7 +45,7 @@ def relocate(
             return t
         return t.to(target)
     except (RuntimeError, AssertionError, ValueError) as exc:
-        raise TorchkeepError(
+        raise InvalidArgumentError(
             f"cannot place tensor {key!r} (saved on {location}): {exc}",
             path=path,
             key=key,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
+from torchkeep.errors import CorruptCheckpointError, InvalidArgumentError, UnsupportedValueError
 from torchkeep.format._dtypes import dtype_from_name, dtype_name
 
 MAX_DEPTH = 200
@@ -346,7 +346,7 @@ class _Decoder:
             if tag == "np":
                 return np.dtype(node["dtype"]).type(self.decode(v, depth + 1))
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
-            if isinstance(exc, CorruptCheckpointError):
+            if isinstance(exc, CorruptCheckpointError | InvalidArgumentError):  # a bad map_location
                 raise
             raise self.fail(f"bad {tag!r} node ({exc})") from exc
         raise self.fail(f"unknown node kind {tag!r} (written by a newer torchkeep?)")

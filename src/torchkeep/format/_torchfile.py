@@ -24,6 +24,7 @@ import torch
 from torchkeep._version import __version__
 from torchkeep.errors import (
     CorruptCheckpointError,
+    InvalidArgumentError,
     TorchkeepError,
     UnsafeCheckpointError,
     UnsupportedValueError,
@@ -131,7 +132,7 @@ def load_torch(path: str, *, map_location: MapLocation, trust: bool, zip_format:
     except Exception as exc:  # torch raises many types for damaged files; none must escape raw
         text = str(exc)
         if "deserialize object on" in text or "CUDA" in text:
-            raise TorchkeepError(
+            raise InvalidArgumentError(
                 f"cannot place the tensors: {text.splitlines()[0]}",
                 path=path,
                 hint="pass map_location='cpu', or a device this machine has",
