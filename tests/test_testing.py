@@ -18,14 +18,10 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep.testing import (
-    ResumeReport,
-    TrainProcessError,
-    _resolve,
-    _stop_points,
-    assert_resumes_exactly,
-)
+from torchkeep.testing import ResumeReport, TrainProcessError, assert_resumes_exactly
+from torchkeep.testing._child import _resolve
 from torchkeep.testing._exact import _loss_divergence, _StateComparison, _tensor_difference
+from torchkeep.testing._resume import _stop_points
 
 ROOT = Path(__file__).resolve().parent.parent
 
