@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchkeep.errors import InvalidArgumentError
+
 TrainFn = Callable[[str, int | None], Sequence[float]]
 
 _CHILD = "from torchkeep.testing._child import _child_main; _child_main()"
@@ -141,7 +143,9 @@ def _resolve(train_fn: TrainFn | str) -> tuple[str, Path | None]:
     if isinstance(train_fn, str):
         module_name, sep, qualname = train_fn.partition(":")
         if not sep or not module_name or not qualname:
-            raise ValueError(f"train_fn {train_fn!r} must be written 'package.module:function'")
+            raise InvalidArgumentError(
+                f"train_fn {train_fn!r} must be written 'package.module:function'"
+            )
         _import_target(module_name, qualname)
     else:
         if not callable(train_fn):
@@ -149,17 +153,17 @@ def _resolve(train_fn: TrainFn | str) -> tuple[str, Path | None]:
         module_name = getattr(train_fn, "__module__", None) or ""
         qualname = getattr(train_fn, "__qualname__", None) or ""
         if not module_name or not qualname or "<" in qualname:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"train_fn {train_fn!r} is not a module-level function: a fresh process cannot "
                 "import it (define it at the top level of a module)"
             )
         if module_name == "__main__":
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"train_fn {qualname} is defined in __main__, which a fresh process cannot "
                 "import: move it into a module, or pass 'package.module:function'"
             )
         if _import_target(module_name, qualname) is not train_fn:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{module_name}:{qualname} does not name the train_fn given (redefined or "
                 "decorated without functools.wraps?)"
             )
@@ -170,14 +174,16 @@ def _import_target(module_name: str, qualname: str) -> Any:
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import train_fn's module {module_name!r}: {exc}") from exc
+        raise InvalidArgumentError(
+            f"cannot import train_fn's module {module_name!r}: {exc}"
+        ) from exc
     for part in qualname.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ValueError(f"module {module_name!r} has no {qualname!r}") from None
+            raise InvalidArgumentError(f"module {module_name!r} has no {qualname!r}") from None
     if not callable(target):
-        raise ValueError(f"{module_name}:{qualname} is not callable")
+        raise InvalidArgumentError(f"{module_name}:{qualname} is not callable")
     return target
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from torchkeep.errors import InvalidArgumentError
 from torchkeep.format import RunReader, is_run
 from torchkeep.io import load
 from torchkeep.testing._child import TrainFn, _child_env, _Invocation, _invoke, _resolve
@@ -106,8 +107,8 @@ def assert_resumes_exactly(
             differing checkpoint entry by dotted path (shapes, max abs diff, first differing
             index). Also when an interrupted invocation did not stop at its checkpoint.
         TrainProcessError: (an ``AssertionError``) a process failed; holds its stderr's end.
-        ValueError: ``train_fn`` is not importable by name, a bad ``stop_at``, or a ``workdir``
-            already in use.
+        InvalidArgumentError: (a ``ValueError``) ``train_fn`` is not importable by name, a bad
+            ``stop_at``, or a ``workdir`` already in use.
 
     Example:
         A ``train_fn`` that resumes exactly (in ``mypkg/train.py``, a module a fresh process can
@@ -161,13 +162,15 @@ def assert_resumes_exactly(
     spec, root = _resolve(train_fn)
     stops = _stop_points(stop_at)
     if timeout <= 0:
-        raise ValueError(f"timeout must be positive, not {timeout!r}")
+        raise InvalidArgumentError(f"timeout must be positive, not {timeout!r}")
     owned = workdir is None
     base = Path(tempfile.mkdtemp(prefix="torchkeep-resume-") if workdir is None else workdir)
     straight_dir, resumed_dir = base / "straight", base / "resumed"
     for folder in (straight_dir, resumed_dir):
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise ValueError(f"{folder} already exists and is not empty: give a fresh workdir")
+            raise InvalidArgumentError(
+                f"{folder} already exists and is not empty: give a fresh workdir"
+            )
         folder.mkdir(parents=True, exist_ok=True)
     env = _child_env(root)
     kept = f"run directories: {straight_dir} (straight), {resumed_dir} (resumed)"
@@ -247,9 +250,11 @@ def _check_stopped(run_dir: Path, stop: int, label: str) -> None:
 def _stop_points(stop_at: int | Sequence[int]) -> tuple[int, ...]:
     stops = (stop_at,) if isinstance(stop_at, int) else tuple(stop_at)
     if not stops or not all(type(s) is int and s >= 0 for s in stops):
-        raise ValueError(f"stop_at must be a step (an int >= 0) or a list of them, not {stop_at!r}")
+        raise InvalidArgumentError(
+            f"stop_at must be a step (an int >= 0) or a list of them, not {stop_at!r}"
+        )
     if any(b <= a for a, b in zip(stops, stops[1:], strict=False)):
-        raise ValueError(f"the stop points must increase, not {list(stops)}")
+        raise InvalidArgumentError(f"the stop points must increase, not {list(stops)}")
     return stops
 
 
@@ -271,7 +276,7 @@ def _compare(
     if not steps_a:
         raise AssertionError("the straight run committed no checkpoint: nothing was resumed")
     if steps_a[-1] <= stops[-1]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the straight run ends at step {steps_a[-1]}, not after the last stop point "
             f"{stops[-1]}: nothing would be resumed"
         )
