@@ -89,11 +89,11 @@ def input_names(model: nn.Module, inputs: Inputs) -> list[str]:
         if not isinstance(leaf, torch.Tensor):
             continue
         kind, first, *rest = path
-        if kind.idx == 0:  # type: ignore[attr-defined]
-            i = first.idx  # type: ignore[attr-defined]
+        if kind.idx == 0:  # type: ignore[attr-defined]  # pytree typing: a SequenceKey into (args, kwargs)
+            i = first.idx  # type: ignore[attr-defined]  # pytree typing: a SequenceKey into args
             base = params[i] if i < len(params) else f"input_{i}"
         else:
-            base = str(first.key)  # type: ignore[attr-defined]
+            base = str(first.key)  # type: ignore[attr-defined]  # pytree typing: a MappingKey into kwargs
         parts = [str(getattr(k, "idx", getattr(k, "key", k))) for k in rest]
         names.append("_".join([base, *parts]))
     return names

@@ -77,7 +77,7 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
             for k, v in x.items():
                 out[k] = walk(v)
             if hasattr(x, "_metadata"):
-                out._metadata = x._metadata  # type: ignore[attr-defined]
+                out._metadata = x._metadata  # type: ignore[attr-defined]  # torch's state-dict _metadata
             return out
         if isinstance(x, list | tuple) and type(x) in (list, tuple):
             return type(x)(walk(v) for v in x)

@@ -331,18 +331,18 @@ class _Decoder:
                 t = self.tensor(node)
                 return t.numpy() if tag == "ndarray" else t
             if tag == "float":
-                return float(v)  # type: ignore[arg-type]
+                return float(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "complex":
-                re, im = (self.decode(x, depth + 1) for x in v)  # type: ignore[union-attr]
+                re, im = (self.decode(x, depth + 1) for x in v)  # type: ignore[union-attr]  # JSON; a bad v raises, caught below
                 return complex(re, im)
             if tag == "bytes":
-                return base64.b64decode(v, validate=True)  # type: ignore[arg-type]
+                return base64.b64decode(v, validate=True)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "size":
-                return torch.Size(v)  # type: ignore[arg-type]
+                return torch.Size(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "dtype":
-                return dtype_from_name(v, path=self.source)  # type: ignore[arg-type]
+                return dtype_from_name(v, path=self.source)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "device":
-                return torch.device(v)  # type: ignore[arg-type]
+                return torch.device(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "np":
                 return np.dtype(node["dtype"]).type(self.decode(v, depth + 1))
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
@@ -364,7 +364,7 @@ class _Decoder:
         else:
             raise self.fail("a dict without items")
         if "meta" in node and isinstance(out, OrderedDict):
-            out._metadata = self.decode(node["meta"], depth + 1)  # type: ignore[attr-defined]
+            out._metadata = self.decode(node["meta"], depth + 1)  # type: ignore[attr-defined]  # torch's state-dict _metadata
         return out
 
 

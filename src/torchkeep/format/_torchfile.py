@@ -114,7 +114,7 @@ def load_torch(path: str, *, map_location: MapLocation, trust: bool, zip_format:
                 # torch.load picks its safetensors reader by this suffix; the bytes say otherwise.
                 with open(path, "rb") as f:
                     return torch.load(f, map_location=map_location, weights_only=not trust)
-            return torch.load(  # type: ignore[no-any-return]
+            return torch.load(
                 path, map_location=map_location, weights_only=not trust, mmap=zip_format
             )
     except pickle.UnpicklingError as exc:
