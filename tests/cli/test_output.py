@@ -204,7 +204,7 @@ def test_json_failures_of_real_commands(runner: CliRunner, tmp_path: Path) -> No
         ("inspect", str(tmp_path / "nope.pt")): ("CheckpointNotFoundError", 1),
         ("ls", str(tmp_path)): ("CheckpointNotFoundError", 1),
         ("convert", str(tmp_path / "in.safetensors"), str(tmp_path / "o.onnx")): (
-            "TorchkeepError",
+            "InvalidArgumentError",
             1,
         ),
         ("convert", str(tmp_path / "in.safetensors"), "o.pt", "--dtype", "zz"): ("UsageError", 2),
