@@ -42,6 +42,7 @@ def test_metadata_with_non_string_keys_is_refused_or_kept(tmp_path: Path) -> Non
     try:
         torchkeep.save({"w": torch.ones(1)}, path, metadata=meta)
     except UnsupportedValueError:
+        assert not path.exists()  # refused before anything was written
         return
     assert torchkeep.inspect(path).metadata == meta
 
