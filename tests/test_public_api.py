@@ -27,6 +27,7 @@ EXPECTED_ALL = [
     "FileInfo",
     "FormatVersionError",
     "IncompatibleStateError",
+    "InvalidArgumentError",
     "LoadReport",
     "Mismatch",
     "ModelClassError",
@@ -159,6 +160,8 @@ def test_load_report_fields() -> None:
         (torchkeep.CorruptCheckpointError, ValueError),
         (torchkeep.FormatVersionError, torchkeep.CorruptCheckpointError),
         (torchkeep.IncompatibleStateError, ValueError),
+        (torchkeep.InvalidArgumentError, ValueError),
+        (torchkeep.RunLockedError, torchkeep.TorchkeepError),
         (torchkeep.UnsupportedValueError, TypeError),
         (torchkeep.ModelClassError, ImportError),
         (torchkeep.StorageError, OSError),
@@ -186,3 +189,11 @@ def test_error_message_names_path_and_hint() -> None:
     assert unsafe.globals == ["posix.system"]
     incompatible = torchkeep.IncompatibleStateError("no", report=torchkeep.LoadReport())
     assert incompatible.report == torchkeep.LoadReport()
+
+
+def test_run_locked_error_lives_in_errors() -> None:
+    from torchkeep.errors import RunLockedError
+    from torchkeep.manager import RunLockedError as from_manager
+
+    assert torchkeep.RunLockedError is RunLockedError is from_manager
+    assert RunLockedError.__module__ == "torchkeep.errors"

@@ -18,14 +18,10 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep.testing import (
-    ResumeReport,
-    TrainProcessError,
-    _resolve,
-    _stop_points,
-    assert_resumes_exactly,
-)
+from torchkeep.testing import ResumeReport, TrainProcessError, assert_resumes_exactly
+from torchkeep.testing._child import _resolve
 from torchkeep.testing._exact import _loss_divergence, _StateComparison, _tensor_difference
+from torchkeep.testing._resume import _stop_points
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -267,25 +263,27 @@ def test_functions_a_fresh_process_cannot_import_are_refused() -> None:
     def local(run_dir: str, stop_at: int | None) -> list[float]:
         return []
 
-    with pytest.raises(ValueError, match="not a module-level function"):
+    with pytest.raises(tk.InvalidArgumentError, match="not a module-level function"):
         _resolve(local)
-    with pytest.raises(ValueError, match="not a module-level function"):
+    with pytest.raises(tk.InvalidArgumentError, match="not a module-level function"):
         _resolve(lambda run_dir, stop_at: [])
     in_main = types.FunctionType(tiny_train.__code__, {}, "tiny_train")
     in_main.__module__ = "__main__"
-    with pytest.raises(ValueError, match="defined in __main__"):
+    with pytest.raises(tk.InvalidArgumentError, match="defined in __main__"):
         _resolve(in_main)
     copy = types.FunctionType(tiny_train.__code__, globals(), "tiny_train")
     copy.__module__, copy.__qualname__ = __name__, "tiny_train"
-    with pytest.raises(ValueError, match="does not name the train_fn given"):
+    with pytest.raises(tk.InvalidArgumentError, match="does not name the train_fn given"):
         _resolve(copy)
-    with pytest.raises(ValueError, match="must be written 'package.module:function'"):
+    with pytest.raises(tk.InvalidArgumentError, match="must be written 'package.module:function'"):
         _resolve("tests.test_testing.tiny_train")
-    with pytest.raises(ValueError, match="cannot import train_fn's module 'tests.nowhere'"):
+    with pytest.raises(
+        tk.InvalidArgumentError, match="cannot import train_fn's module 'tests.nowhere'"
+    ):
         _resolve("tests.nowhere:train")
-    with pytest.raises(ValueError, match="has no 'missing'"):
+    with pytest.raises(tk.InvalidArgumentError, match="has no 'missing'"):
         _resolve("tests.test_testing:missing")
-    with pytest.raises(ValueError, match="is not callable"):
+    with pytest.raises(tk.InvalidArgumentError, match="is not callable"):
         _resolve("tests.test_testing:ROOT")
 
 
@@ -293,15 +291,16 @@ def test_stop_points_are_checked() -> None:
     assert _stop_points(3) == (3,)
     assert _stop_points([1, 4, 9]) == (1, 4, 9)
     for bad in ([], -1, [2, 2], [3, 1], True, [1.5]):
-        with pytest.raises(ValueError):
+        with pytest.raises(tk.InvalidArgumentError):
             _stop_points(bad)  # type: ignore[arg-type]
 
 
 def test_a_used_workdir_is_refused(tmp_path: Path) -> None:
     (tmp_path / "straight").mkdir()
     (tmp_path / "straight" / "old.txt").write_text("x")
-    with pytest.raises(ValueError, match="already exists and is not empty"):
+    with pytest.raises(tk.InvalidArgumentError, match="already exists and is not empty") as info:
         assert_resumes_exactly(tiny_train, stop_at=1, workdir=tmp_path)
+    assert isinstance(info.value, ValueError)  # what it raised before
 
 
 # -- whole runs in child processes ------------------------------------------------------------

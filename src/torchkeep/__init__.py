@@ -16,7 +16,9 @@ from torchkeep.errors import (
     ExportVerificationError,
     FormatVersionError,
     IncompatibleStateError,
+    InvalidArgumentError,
     ModelClassError,
+    RunLockedError,
     StorageError,
     TorchkeepError,
     UnsafeCheckpointError,
@@ -25,7 +27,7 @@ from torchkeep.errors import (
 from torchkeep.export import ExportReport, OutputCheck, export, load_exported
 from torchkeep.format import CheckpointInfo, FileInfo, TensorInfo
 from torchkeep.io import convert, inspect, load, load_into, load_model, save, save_model
-from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo, RunLockedError
+from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo
 from torchkeep.state import (
     ConfigMixin,
     LoadReport,
@@ -56,6 +58,7 @@ __all__ = [
     "FileInfo",
     "FormatVersionError",
     "IncompatibleStateError",
+    "InvalidArgumentError",
     "LoadReport",
     "Mismatch",
     "ModelClassError",

@@ -10,9 +10,11 @@ exception a caller would naturally catch, so ``except FileNotFoundError`` keeps 
     │   └── FormatVersionError                                 written by a newer torchkeep
     ├── UnsafeCheckpointError                                  loading would run code from the file
     ├── IncompatibleStateError      (also ValueError)         a state that does not fit its target
+    ├── InvalidArgumentError        (also ValueError)         an argument torchkeep cannot act on
     ├── UnsupportedValueError       (also TypeError)          a value torchkeep cannot store safely
     ├── ModelClassError             (also ImportError)        a saved model's class cannot be rebuilt
     ├── StorageError                (also OSError)            the disk or filesystem failed
+    ├── RunLockedError                                         another process writes to the run
     └── ExportError                                            an exporter could not convert the model
         └── ExportVerificationError (also ValueError)         the export computes something else
 
@@ -33,7 +35,9 @@ __all__ = [
     "ExportVerificationError",
     "FormatVersionError",
     "IncompatibleStateError",
+    "InvalidArgumentError",
     "ModelClassError",
+    "RunLockedError",
     "StorageError",
     "TorchkeepError",
     "UnsafeCheckpointError",
@@ -137,6 +141,14 @@ class IncompatibleStateError(TorchkeepError, ValueError):
         self.report = report
 
 
+class InvalidArgumentError(TorchkeepError, ValueError):
+    """An argument has a value torchkeep cannot act on (``keep_last=0``, ``mode="avg"``...).
+
+    Raised before anything is read or written; the message names the argument and the values
+    it accepts.
+    """
+
+
 class UnsupportedValueError(TorchkeepError, TypeError):
     """A value cannot be stored without pickling code (an arbitrary object, a sparse tensor...)."""
 
@@ -147,6 +159,15 @@ class ModelClassError(TorchkeepError, ImportError):
 
 class StorageError(TorchkeepError, OSError):
     """Reading or writing bytes failed (disk full, permission denied, I/O error)."""
+
+
+class RunLockedError(TorchkeepError):
+    """Another process is writing to this run."""
+
+    default_hint = (
+        "stop the other writer first, or open the run read-only "
+        "(CheckpointManager(path, read_only=True)) to list and load checkpoints"
+    )
 
 
 class ExportError(TorchkeepError):

@@ -25,8 +25,8 @@ from torchkeep._version import __version__
 from torchkeep.errors import (
     CorruptCheckpointError,
     IncompatibleStateError,
+    InvalidArgumentError,
     ModelClassError,
-    TorchkeepError,
     UnsupportedValueError,
 )
 from torchkeep.format import (
@@ -470,7 +470,7 @@ def _check_convert_suffix(target: Path) -> None:
     hint = f"name the output with one of {known}"
     if suffix in (".onnx", ".pt2"):
         hint += f"; to export a model to {suffix}, use torchkeep.export (torchkeep export)"
-    raise TorchkeepError(
+    raise InvalidArgumentError(
         f"convert cannot write {f'a {suffix} file' if suffix else 'a path without a suffix'}: "
         "it writes "
         f"safetensors (.safetensors) and torch files ({', '.join(sorted(TORCH_SUFFIXES))})",

@@ -13,17 +13,17 @@ from typer.testing import CliRunner
 
 import torchkeep as tk
 from torchkeep.cli import _demo_resume, app
-from torchkeep.cli._demo import CHECKPOINT_NAME, EXPORT_ONNX, EXPORT_PT2, MODEL_DIR_NAME
-from torchkeep.cli._demo_model import DemoMLP, make_data
-from torchkeep.cli._demo_resume import (
-    IDENTITY_LINE,
+from torchkeep.cli._demo_common import (
+    CHECKPOINT_NAME,
+    EXPORT_ONNX,
+    EXPORT_PT2,
+    MODEL_DIR_NAME,
     PLOT_NAME,
     RUN_DIR_NAME,
     STRAIGHT_DIR_NAME,
-    TrainSpec,
-    stop_epoch,
-    train,
 )
+from torchkeep.cli._demo_model import DemoMLP, make_data
+from torchkeep.cli._demo_resume import IDENTITY_LINE, TrainSpec, stop_epoch, train
 
 from ._helpers import ANSI, BOX, run_torchkeep
 

@@ -216,7 +216,7 @@ def test_prune_keep_best_without_a_monitor(runner: CliRunner, tmp_path: Path) ->
     run = make_run(tmp_path / "r", steps=[1, 2])
     result = runner.invoke(app, ["prune", str(run), "--keep-best", "1"])
     assert result.exit_code == 1
-    assert_clean_error(result.stderr, "TorchkeepError")
+    assert_clean_error(result.stderr, "InvalidArgumentError")
     assert "keep_best needs a metric" in result.stderr
 
 

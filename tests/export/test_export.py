@@ -270,7 +270,7 @@ def test_source_can_be_a_save_model_directory(tmp_path: Path) -> None:
 def test_bad_arguments_are_clear(tmp_path: Path, kwargs: dict[str, Any], words: str) -> None:
     model, x = _mlp()
     path = tmp_path / kwargs.pop("path_name", "m.pt2")
-    with pytest.raises(tk.TorchkeepError, match=words):
+    with pytest.raises(tk.InvalidArgumentError, match=words):
         tk.export(model, x, path, **kwargs)
     assert list(tmp_path.iterdir()) == []
 

@@ -157,6 +157,19 @@ def test_second_writer_is_refused_readers_are_not(tmp_path: Path) -> None:
     tk.CheckpointManager(run).close()  # released on close
 
 
+def test_bad_arguments_are_invalid_argument_errors(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(tk.InvalidArgumentError, match="keep_last must be a positive integer"):
+        tk.CheckpointManager(run, keep_last=0)
+    with pytest.raises(ValueError, match="keep_last"):  # also the builtin a caller would catch
+        tk.CheckpointManager(run, keep_last=0)
+    with tk.CheckpointManager(run) as mgr:
+        for step in (-1, 1.5, True, "3"):
+            with pytest.raises(tk.InvalidArgumentError, match="non-negative integer"):
+                mgr.save(step, make_app())  # type: ignore[arg-type]  # bad on purpose
+        assert mgr.checkpoints == []
+
+
 def test_policy_is_remembered(tmp_path: Path) -> None:
     run = tmp_path / "run"
     tk.CheckpointManager(run, keep_last=1, monitor="acc", mode="max").close()

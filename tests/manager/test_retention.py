@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchkeep import TorchkeepError
+from torchkeep import InvalidArgumentError
 from torchkeep.manager import RetentionPolicy, select
 
 
@@ -61,8 +61,9 @@ def test_empty_run_keeps_nothing() -> None:
     [{"keep_last": 0}, {"keep_best": 1}, {"keep_every": -2}, {"mode": "avg"}, {"keep_last": 1.5}],
 )
 def test_invalid_policies_are_refused(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(TorchkeepError):
+    with pytest.raises(InvalidArgumentError) as info:
         RetentionPolicy(**kwargs)
+    assert isinstance(info.value, ValueError)  # the builtin a caller would catch
 
 
 @given(

@@ -1,8 +1,9 @@
 """``torchkeep demo``: the whole workflow on synthetic data, on the CPU, in a few seconds.
 
-The demo is a list of steps (:data:`STEPS`), each a function of the shared :class:`DemoRun`,
-so that later features (checkpoint manager, resume, export) are one more step each. A step
-reads what earlier steps left on the run and adds its own results.
+The demo is a list of steps (:data:`STEPS`), each a function of the shared ``DemoRun``
+(``_demo_common``), so that later features (checkpoint manager, resume, export) are one more
+step each. A step reads what earlier steps left on the run and adds its own results. The
+checkpoint-run steps live in ``_demo_resume``; the model, data and epoch in ``_demo_model``.
 """
 
 from __future__ import annotations
@@ -12,21 +13,17 @@ import importlib.util
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import Tensor, nn
 
 import torchkeep as tk
-from torchkeep.cli._demo_model import DemoData, DemoMLP, make_data
+from torchkeep.cli._demo_common import EXPORT_ONNX, EXPORT_PT2, DemoRun
+from torchkeep.cli._demo_model import DemoMLP, make_data, predict, train_epoch
 from torchkeep.cli._demo_resume import (
-    PLOT_NAME,
-    RUN_DIR_NAME,
-    STRAIGHT_DIR_NAME,
     step_compare,
     step_ls,
     step_plot,
@@ -48,69 +45,12 @@ from torchkeep.cli._output import (
     stdout_console,
 )
 
-__all__ = ["STEPS", "DemoRun", "demo_command", "register"]
-
-CHECKPOINT_NAME = "checkpoint.safetensors"
-MODEL_DIR_NAME = "model"
-EXPORT_ONNX = "model.onnx"
-EXPORT_PT2 = "model.pt2"
+__all__ = ["STEPS", "demo_command", "register"]
 
 
 def register(app: typer.Typer) -> None:
     """Add ``demo`` to the ``torchkeep`` app."""
     app.command("demo")(demo_command)
-
-
-@dataclass
-class DemoRun:
-    """What the steps share: the options, then each step's results.
-
-    Fields without a default are set by the step that produces them.
-    """
-
-    workdir: Path
-    epochs: int
-    seed: int
-    hparams: dict[str, Any]
-    data: DemoData = field(init=False)
-    model: DemoMLP = field(init=False)
-    optimizer: torch.optim.Optimizer = field(init=False)
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    val_accuracy: list[float] = field(default_factory=list)
-    #: check name -> whether reloaded predictions equal the trained model's, bit for bit.
-    identical: dict[str, bool] = field(default_factory=dict)
-    #: whether the stopped-and-resumed run ended bit-identical to the uninterrupted one.
-    resumed_exactly: bool | None = None
-    exported: tk.ExportReport | None = None
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.workdir / CHECKPOINT_NAME
-
-    @property
-    def model_dir(self) -> Path:
-        return self.workdir / MODEL_DIR_NAME
-
-    @property
-    def run_dir(self) -> Path:
-        return self.workdir / RUN_DIR_NAME
-
-    @property
-    def straight_dir(self) -> Path:
-        return self.workdir / STRAIGHT_DIR_NAME
-
-    @property
-    def plot_path(self) -> Path:
-        return self.workdir / PLOT_NAME
-
-
-def _predict(model: nn.Module, x: Tensor) -> Tensor:
-    model.eval()
-    with torch.no_grad():
-        out: Tensor = model(x)
-    return out
 
 
 def _disk_bytes(path: Path) -> int:
@@ -141,25 +81,12 @@ def step_data(run: DemoRun) -> None:
     )
 
 
-def _epoch(run: DemoRun, on_batch: Callable[[], None]) -> tuple[float, float, float]:
-    model, opt, d = run.model, run.optimizer, run.data
-    batch = int(run.hparams["batch_size"])
+def _epoch(run: DemoRun, on_batch: Callable[[], None] | None = None) -> tuple[float, float, float]:
+    # This run shuffles with a generator seeded per epoch; the managed runs of _demo_resume draw
+    # the order from torch's global generator instead, which their RNGState restores.
     gen = torch.Generator().manual_seed(run.seed + len(run.train_losses))
-    order = torch.randperm(len(d.x_train), generator=gen)
-    model.train()
-    total = 0.0
-    for start in range(0, len(order), batch):
-        idx = order[start : start + batch]
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
-        torch.autograd.backward(loss)  # typed, unlike Tensor.backward
-        opt.step()
-        total += loss.item() * len(idx)
-        on_batch()
-    logits = _predict(model, d.x_val)
-    val_loss = nn.functional.cross_entropy(logits, d.y_val).item()
-    accuracy = (logits.argmax(dim=1) == d.y_val).float().mean().item()
-    return total / len(order), val_loss, accuracy
+    batch = int(run.hparams["batch_size"])
+    return train_epoch(run.model, run.optimizer, run.data, batch, generator=gen, on_batch=on_batch)
 
 
 def step_train(run: DemoRun) -> None:
@@ -187,7 +114,7 @@ def step_train(run: DemoRun) -> None:
 
     if not is_terminal():
         for epoch in range(1, run.epochs + 1):
-            tr, va, acc = _epoch(run, lambda: None)
+            tr, va, acc = _epoch(run)
             record(tr, va, acc)
             print_line(line(epoch, tr, va, acc))
         return
@@ -239,8 +166,8 @@ def step_load_into(run: DemoRun) -> None:
     """Load the checkpoint into a freshly built model and compare predictions."""
     torch.manual_seed(run.seed + 1)  # a different initialisation than the trained model
     fresh = DemoMLP(**run.model.config)
-    expected = _predict(run.model, run.data.x_val)
-    differs_before = not torch.equal(_predict(fresh, run.data.x_val), expected)
+    expected = predict(run.model, run.data.x_val)
+    differs_before = not torch.equal(predict(fresh, run.data.x_val), expected)
     report = tk.load_into(fresh, run.checkpoint)
     print_kv(
         [
@@ -255,7 +182,7 @@ def step_load_into(run: DemoRun) -> None:
     )
     if not report.ok:
         print_line(report.table())
-    run.identical["load_into"] = torch.equal(_predict(fresh, run.data.x_val), expected)
+    run.identical["load_into"] = torch.equal(predict(fresh, run.data.x_val), expected)
     print_line()
     print_line(f"fresh model differed before loading: {_yes(differs_before)}")
     print_line(f"predictions identical after tk.load_into: {_yes(run.identical['load_into'])}")
@@ -264,8 +191,8 @@ def step_load_into(run: DemoRun) -> None:
 def step_load_model(run: DemoRun) -> None:
     """Rebuild the model from its directory with tk.load_model and compare predictions."""
     model = tk.load_model(run.model_dir)
-    expected = _predict(run.model, run.data.x_val)
-    run.identical["load_model"] = torch.equal(_predict(model, run.data.x_val), expected)
+    expected = predict(run.model, run.data.x_val)
+    run.identical["load_model"] = torch.equal(predict(model, run.data.x_val), expected)
     print_line(f"rebuilt {type(model).__module__}.{type(model).__qualname__} (eval mode)")
     print_line(f"predictions identical after tk.load_model: {_yes(run.identical['load_model'])}")
 

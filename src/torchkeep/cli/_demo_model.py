@@ -1,4 +1,4 @@
-"""The model and data of ``torchkeep demo``.
+"""The model, data and training epoch of ``torchkeep demo``.
 
 The model lives in an importable module of its own so that :func:`torchkeep.save_model` can
 record its import path (``torchkeep.cli._demo_model.DemoMLP``) and :func:`torchkeep.load_model`
@@ -7,6 +7,7 @@ can rebuild it from JSON-able constructor arguments, in another process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 import torchkeep as tk
 
-__all__ = ["DemoData", "DemoMLP", "make_data"]
+__all__ = ["DemoData", "DemoMLP", "make_data", "predict", "train_epoch"]
 
 
 @tk.capture_config  # a CheckpointManager run records the class, so RUN@best rebuilds it
@@ -117,3 +118,52 @@ def make_data(
     logits = logits + 0.3 * torch.randn(logits.shape, generator=g)
     y = logits.argmax(dim=1)
     return DemoData(x_train=x[:n_train], y_train=y[:n_train], x_val=x[n_train:], y_val=y[n_train:])
+
+
+def predict(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` in eval mode, without autograd."""
+    model.eval()
+    with torch.no_grad():
+        out: Tensor = model(x)
+    return out
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DemoData,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[float, float, float]:
+    """One epoch of cross-entropy training on shuffled batches, then validation.
+
+    Args:
+        model: the model, put in train mode for the epoch and in eval mode after it.
+        optimizer: steps after every batch.
+        data: the dataset.
+        batch_size: samples per batch (the last batch may be smaller).
+        generator: draws the shuffle order. ``None``: torch's global generator, which also
+            draws the dropout masks and which ``tk.RNGState`` saves and restores.
+        on_batch: called after every batch (a progress bar advances).
+
+    Returns:
+        The mean training loss, the validation loss and the validation accuracy.
+    """
+    order = torch.randperm(len(data.x_train), generator=generator)
+    model.train()
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        torch.autograd.backward(loss)  # typed, unlike Tensor.backward
+        optimizer.step()
+        total += loss.item() * len(idx)
+        if on_batch is not None:
+            on_batch()
+    logits = predict(model, data.x_val)
+    val_loss = nn.functional.cross_entropy(logits, data.y_val).item()
+    accuracy = (logits.argmax(dim=1) == data.y_val).float().mean().item()
+    return total / len(order), val_loss, accuracy

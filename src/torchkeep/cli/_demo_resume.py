@@ -23,25 +23,20 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 import torchkeep as tk
-from torchkeep.cli._demo_model import DemoMLP, make_data
+from torchkeep.cli._demo_common import DemoRun
+from torchkeep.cli._demo_model import DemoMLP, make_data, train_epoch
 from torchkeep.cli._output import fail, human_bytes, print_kv, print_line
 from torchkeep.cli._plot import write_plot
 from torchkeep.cli._run import render_run
 
-if TYPE_CHECKING:
-    from torchkeep.cli._demo import DemoRun
-
 __all__ = [
-    "PLOT_NAME",
-    "RUN_DIR_NAME",
-    "STRAIGHT_DIR_NAME",
+    "IDENTITY_LINE",
     "TrainSpec",
     "child_main",
     "spawn",
@@ -53,9 +48,6 @@ __all__ = [
     "train",
 ]
 
-RUN_DIR_NAME = "run"
-STRAIGHT_DIR_NAME = "run-uninterrupted"
-PLOT_NAME = "curves.png"
 IDENTITY_LINE = "resumed run identical to the uninterrupted run"
 _CHILD = (
     "import sys; from torchkeep.cli._demo_resume import child_main; "
@@ -87,28 +79,6 @@ def managed_epochs(run: DemoRun) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # the training script, run in new processes (and in-process for the uninterrupted run)
-
-
-def _epoch(
-    model: DemoMLP, opt: torch.optim.Optimizer, data: Any, batch: int
-) -> tuple[float, float, float]:
-    # The shuffle order is drawn from torch's global generator, like dropout: RNGState restores it.
-    order = torch.randperm(len(data.x_train))
-    model.train()
-    total = 0.0
-    for start in range(0, len(order), batch):
-        idx = order[start : start + batch]
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        torch.autograd.backward(loss)
-        opt.step()
-        total += loss.item() * len(idx)
-    model.eval()
-    with torch.no_grad():
-        logits = model(data.x_val)
-    val_loss = nn.functional.cross_entropy(logits, data.y_val).item()
-    accuracy = (logits.argmax(dim=1) == data.y_val).float().mean().item()
-    return total / len(order), val_loss, accuracy
 
 
 def train(spec: TrainSpec, out: Callable[[str], None]) -> None:
@@ -153,7 +123,10 @@ def train(spec: TrainSpec, out: Callable[[str], None]) -> None:
                 out(f"restored step {info.step} (model, Adam, StepLR, RNG, epoch={app['epoch']})")
             for epoch in range(int(app["epoch"]) + 1, spec.epochs + 1):
                 lr = optimizer.param_groups[0]["lr"]
-                train_loss, val_loss, val_acc = _epoch(model, optimizer, data, int(h["batch_size"]))
+                # The shuffle order is drawn from torch's global generator, like dropout:
+                # RNGState restores it.
+                batch = int(h["batch_size"])
+                train_loss, val_loss, val_acc = train_epoch(model, optimizer, data, batch)
                 scheduler.step()
                 app["epoch"] = epoch
                 metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}

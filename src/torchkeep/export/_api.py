@@ -16,6 +16,7 @@ from torchkeep.errors import (
     CheckpointNotFoundError,
     ExportError,
     ExportVerificationError,
+    InvalidArgumentError,
     TorchkeepError,
     UnsafeCheckpointError,
 )
@@ -46,17 +47,17 @@ def _format(path: Path, fmt: str | None) -> ExportFormat:
     if fmt is None:
         found = FORMATS.get(path.suffix.lower())
         if found is None:
-            raise ExportError(
+            raise InvalidArgumentError(
                 f"cannot tell the export format from the suffix {path.suffix!r}",
                 path=str(path),
                 hint="name the file .onnx, .pt2 or .pt (TorchScript), or pass format=",
             )
         return found
     if fmt not in ("onnx", "pt2", "torchscript"):
-        raise ExportError(
+        raise InvalidArgumentError(
             f"unknown export format {fmt!r}", hint="use 'onnx', 'pt2' or 'torchscript'"
         )
-    return fmt  # type: ignore[return-value]
+    return fmt  # type: ignore[return-value]  # one of the three: checked just above
 
 
 def _resolve(model_or_ref: Any, trust: bool) -> tuple[nn.Module, str]:
@@ -68,7 +69,7 @@ def _resolve(model_or_ref: Any, trust: bool) -> tuple[nn.Module, str]:
 
         model = load_model(model_or_ref, trust=trust)
         return model, f"{os.fspath(model_or_ref)} ({type(model).__qualname__})"
-    raise ExportError(
+    raise InvalidArgumentError(
         f"cannot export a {type(model_or_ref).__name__}",
         hint="pass an nn.Module, a save_model directory or a checkpoint reference (RUN@best)",
     )
@@ -305,6 +306,8 @@ def export(
         An :class:`ExportReport`: files, size, per-output errors, latencies, notes.
 
     Raises:
+        InvalidArgumentError: an unknown ``format`` (or suffix), bad ``dynamic_dims``, a
+            destination that is a directory, or a source that is not a model or reference.
         ExportVerificationError: an output differs beyond tolerance (``err.report`` has every
             number); nothing is written.
         ExportError: the exporter failed; the message names the step and the submodule, the
@@ -315,7 +318,9 @@ def export(
     if fmt == "onnx":
         _onnx.require()
     if dest.is_dir():
-        raise ExportError("the destination is a directory", path=str(dest), hint="give a file name")
+        raise InvalidArgumentError(
+            "the destination is a directory", path=str(dest), hint="give a file name"
+        )
     model, source = _resolve(model_or_ref, trust)
     inputs = _inputs.normalize(example_inputs)
     notes: list[str] = []

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from torchkeep.errors import ExportError, UnsupportedValueError
+from torchkeep.errors import ExportError, InvalidArgumentError, UnsupportedValueError
 from torchkeep.export._report import InputSpec
 
 __all__ = ["BATCH", "Inputs", "normalize"]
@@ -89,11 +89,11 @@ def input_names(model: nn.Module, inputs: Inputs) -> list[str]:
         if not isinstance(leaf, torch.Tensor):
             continue
         kind, first, *rest = path
-        if kind.idx == 0:  # type: ignore[attr-defined]
-            i = first.idx  # type: ignore[attr-defined]
+        if kind.idx == 0:  # type: ignore[attr-defined]  # pytree typing: a SequenceKey into (args, kwargs)
+            i = first.idx  # type: ignore[attr-defined]  # pytree typing: a SequenceKey into args
             base = params[i] if i < len(params) else f"input_{i}"
         else:
-            base = str(first.key)  # type: ignore[attr-defined]
+            base = str(first.key)  # type: ignore[attr-defined]  # pytree typing: a MappingKey into kwargs
         parts = [str(getattr(k, "idx", getattr(k, "key", k))) for k in rest]
         names.append("_".join([base, *parts]))
     return names
@@ -127,7 +127,7 @@ def dynamic_dims(
         else:
             index = names.index(key) if key in names else None
         if index is None:
-            raise ExportError(
+            raise InvalidArgumentError(
                 f"dynamic_dims names input {key!r}, which is not one of the tensor inputs {names}",
                 key=str(key),
                 hint="key dynamic_dims by input name or by position among the tensor inputs",
@@ -135,7 +135,7 @@ def dynamic_dims(
         for dim, name in spec.items():
             ndim = tensors[index].dim()
             if not -ndim <= dim < ndim or not str(name).isidentifier():
-                raise ExportError(
+                raise InvalidArgumentError(
                     f"dynamic_dims[{key!r}] = {{{dim}: {name!r}}} does not fit an input of "
                     f"shape {tuple(tensors[index].shape)}",
                     key=str(key),

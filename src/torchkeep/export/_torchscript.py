@@ -33,11 +33,11 @@ def build(
     if method == "script":
         scripted = torch.jit.script(model)
     elif inputs.kwargs:
-        scripted = torch.jit.trace(  # type: ignore[no-untyped-call]
+        scripted = torch.jit.trace(  # type: ignore[no-untyped-call]  # torch.jit.trace is unannotated
             model, example_kwarg_inputs=inputs.kwargs, check_trace=False, strict=False
         )
     else:
-        scripted = torch.jit.trace(  # type: ignore[no-untyped-call]
+        scripted = torch.jit.trace(  # type: ignore[no-untyped-call]  # torch.jit.trace is unannotated
             model, inputs.args, check_trace=False, strict=False
         )
     frozen: torch.jit.ScriptModule = torch.jit.freeze(scripted.eval())
@@ -49,7 +49,7 @@ def save(module: torch.jit.ScriptModule, path: Path) -> None:
 
 
 def load(path: Path) -> torch.jit.ScriptModule:
-    module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
+    module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]  # torch.jit.load is unannotated
         str(path), map_location="cpu"
     )
     return module

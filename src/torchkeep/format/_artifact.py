@@ -79,7 +79,7 @@ def metadata_json(metadata: dict[str, Any] | None) -> dict[str, Any]:
 
     check_keys(metadata, "metadata")
     try:
-        return json.loads(json.dumps(metadata, allow_nan=False))  # type: ignore[no-any-return]
+        return json.loads(json.dumps(metadata, allow_nan=False))  # type: ignore[no-any-return]  # json.loads is Any; a dict went in
     except (TypeError, ValueError) as exc:
         raise UnsupportedValueError(
             f"metadata must be JSON (strings, finite numbers, bools, None, lists, dicts): {exc}",

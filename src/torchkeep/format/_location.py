@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 import torch
 
-from torchkeep.errors import TorchkeepError
+from torchkeep.errors import InvalidArgumentError
 
 MapLocation: TypeAlias = str | torch.device | Mapping[str, str] | Callable[[Any, str], Any] | None
 
@@ -45,7 +45,7 @@ def relocate(
             return t
         return t.to(target)
     except (RuntimeError, AssertionError, ValueError) as exc:
-        raise TorchkeepError(
+        raise InvalidArgumentError(
             f"cannot place tensor {key!r} (saved on {location}): {exc}",
             path=path,
             key=key,
@@ -77,7 +77,7 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
             for k, v in x.items():
                 out[k] = walk(v)
             if hasattr(x, "_metadata"):
-                out._metadata = x._metadata  # type: ignore[attr-defined]
+                out._metadata = x._metadata  # type: ignore[attr-defined]  # torch's state-dict _metadata
             return out
         if isinstance(x, list | tuple) and type(x) in (list, tuple):
             return type(x)(walk(v) for v in x)

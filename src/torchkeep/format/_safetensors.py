@@ -239,7 +239,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     if flat.stride(0) != 1:  # torch calls a one-element view contiguous whatever its stride
         flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
-    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy stubs give ndarray __buffer__ on 3.12+ only
 
 
 def raw_dtypes(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -297,7 +297,7 @@ def read_into(fd: int, start: int, nbytes: int, out: torch.Tensor, *, path: str)
     """Read ``nbytes`` at ``start`` straight into the memory of the contiguous CPU tensor ``out``."""
     if nbytes == 0:
         return
-    view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy stubs give ndarray __buffer__ on 3.12+ only
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], start + done)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
-from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
+from torchkeep.errors import CorruptCheckpointError, InvalidArgumentError, UnsupportedValueError
 from torchkeep.format._dtypes import dtype_from_name, dtype_name
 from torchkeep.format._safe_values import numpy_dtype
 
@@ -392,18 +392,18 @@ class _Decoder:
             if tag == "ndarray":
                 return self._ndarray(node)
             if tag == "float":
-                return float(v)  # type: ignore[arg-type]
+                return float(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "complex":
-                re, im = (self.decode(x, depth + 1) for x in v)  # type: ignore[union-attr]
+                re, im = (self.decode(x, depth + 1) for x in v)  # type: ignore[union-attr]  # JSON; a bad v raises, caught below
                 return complex(re, im)
             if tag == "bytes":
-                return base64.b64decode(v, validate=True)  # type: ignore[arg-type]
+                return base64.b64decode(v, validate=True)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "size":
-                return torch.Size(v)  # type: ignore[arg-type]
+                return torch.Size(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "dtype":
-                return dtype_from_name(v, path=self.source)  # type: ignore[arg-type]
+                return dtype_from_name(v, path=self.source)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "device":
-                return torch.device(v)  # type: ignore[arg-type]
+                return torch.device(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "np":
                 dtype = numpy_dtype(node["dtype"])
                 if "raw" in node:
@@ -421,7 +421,7 @@ class _Decoder:
             if tag == "path":
                 return _path(node)
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
-            if isinstance(exc, CorruptCheckpointError):
+            if isinstance(exc, CorruptCheckpointError | InvalidArgumentError):  # a bad map_location
                 raise
             raise self.fail(f"bad {tag!r} node ({exc})") from exc
         raise self.fail(f"unknown node kind {tag!r} (written by a newer torchkeep?)")
@@ -453,7 +453,7 @@ class _Decoder:
         else:
             raise self.fail("a dict without items")
         if "meta" in node and isinstance(out, OrderedDict):
-            out._metadata = self.decode(node["meta"], depth + 1)  # type: ignore[attr-defined]
+            out._metadata = self.decode(node["meta"], depth + 1)  # type: ignore[attr-defined]  # torch's state-dict _metadata
         return out
 
 

@@ -45,6 +45,7 @@ import xxhash
 from torchkeep._version import __version__
 from torchkeep.errors import (
     CorruptCheckpointError,
+    InvalidArgumentError,
     TorchkeepError,
     UnsafeCheckpointError,
     UnsupportedValueError,
@@ -344,7 +345,7 @@ def _torch_load(
     except Exception as exc:  # torch raises many types for damaged files; none must escape raw
         text = str(exc)
         if "deserialize object on" in text or "CUDA" in text:
-            raise TorchkeepError(
+            raise InvalidArgumentError(
                 f"cannot place the tensors: {text.splitlines()[0]}",
                 path=path,
                 hint="pass map_location='cpu', or a device this machine has",

@@ -1,6 +1,6 @@
 """Checkpoint runs: saving, restoring, retention and garbage collection in one directory."""
 
-from torchkeep.manager._lock import RunLockedError
+from torchkeep.errors import RunLockedError
 from torchkeep.manager._manager import CheckpointManager
 from torchkeep.manager._records import CheckpointRecord, RestoreInfo
 from torchkeep.manager._retention import RetentionPolicy, select

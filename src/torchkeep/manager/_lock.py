@@ -17,16 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from torchkeep.errors import TorchkeepError
-
-
-class RunLockedError(TorchkeepError):
-    """Another process is writing to this run."""
-
-    default_hint = (
-        "stop the other writer first, or open the run read-only "
-        "(CheckpointManager(path, read_only=True)) to list and load checkpoints"
-    )
+from torchkeep.errors import CorruptCheckpointError, RunLockedError
 
 
 class RunLock:
@@ -44,7 +35,7 @@ class RunLock:
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
-            raise TorchkeepError(
+            raise CorruptCheckpointError(
                 "the run's lock file is a symbolic link",
                 path=str(self.path),
                 hint="remove the link; a run's files must be inside it",

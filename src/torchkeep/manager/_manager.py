@@ -33,7 +33,12 @@ from types import TracebackType
 from typing import Any
 
 from torchkeep._version import __version__
-from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    StorageError,
+    TorchkeepError,
+)
 from torchkeep.format import (
     FORMAT_VERSION,
     LOCK_FILE,
@@ -290,7 +295,7 @@ class CheckpointManager:
         """
         self._check_writable()
         if isinstance(step, bool) or not hasattr(step, "__index__") or operator.index(step) < 0:
-            raise TorchkeepError(f"step must be a non-negative integer, not {step!r}")
+            raise InvalidArgumentError(f"step must be a non-negative integer, not {step!r}")
         step = operator.index(step)
         self.wait()
         cleaned = clean_metrics(metrics)

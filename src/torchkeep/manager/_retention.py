@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from torchkeep.errors import TorchkeepError
+from torchkeep.errors import InvalidArgumentError
 from torchkeep.format import rank_by_metric
 
 Mode = Literal["min", "max"]
@@ -39,14 +39,14 @@ class RetentionPolicy:
         for name in ("keep_last", "keep_best", "keep_every"):
             value = getattr(self, name)
             if value is not None and (type(value) is not int or value < 1):
-                raise TorchkeepError(
+                raise InvalidArgumentError(
                     f"{name} must be a positive integer, not {value!r}",
                     hint=f"leave {name}=None to disable the rule",
                 )
         if self.mode not in ("min", "max"):
-            raise TorchkeepError(f"mode must be 'min' or 'max', not {self.mode!r}")
+            raise InvalidArgumentError(f"mode must be 'min' or 'max', not {self.mode!r}")
         if self.keep_best is not None and not self.monitor:
-            raise TorchkeepError(
+            raise InvalidArgumentError(
                 "keep_best needs a metric to rank checkpoints by",
                 hint="pass monitor='val_loss' (and mode='min' or 'max')",
             )

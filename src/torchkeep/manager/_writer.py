@@ -201,7 +201,7 @@ def write_checkpoint(
 
         def write(f: BinaryIO) -> None:
             hashing = HashingWriter(f)
-            write_pack(hashing, new)  # type: ignore[arg-type]
+            write_pack(hashing, new)  # type: ignore[arg-type]  # write_pack only calls write(), which it has
             digests[pack] = (hashing.nbytes, hashing.digest)
 
         atomic_write(pack_path, write)

@@ -47,7 +47,7 @@ def _wrap_init(init: Callable[..., None]) -> Callable[..., None]:
                 config[name] = value
         object.__setattr__(self, CONFIG_ATTR, config)
 
-    __init__.__torchkeep_wrapped__ = True  # type: ignore[attr-defined]
+    __init__.__torchkeep_wrapped__ = True  # type: ignore[attr-defined]  # a marker on the wrapper function
     return __init__
 
 
@@ -60,7 +60,7 @@ def capture_config(cls: T) -> T:
         ...     def __init__(self, width: int = 64): ...
         >>> torchkeep.save_model(Net(width=128), "net/")  # rebuilt later as Net(width=128)
     """
-    cls.__init__ = _wrap_init(cls.__init__)  # type: ignore[misc,method-assign]
+    cls.__init__ = _wrap_init(cls.__init__)  # type: ignore[misc]  # cls is the class; rewrapping its __init__ is the point
     return cls
 
 
@@ -70,7 +70,7 @@ class ConfigMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
-            cls.__init__ = _wrap_init(cls.__dict__["__init__"])  # type: ignore[misc,method-assign]
+            cls.__init__ = _wrap_init(cls.__dict__["__init__"])  # type: ignore[method-assign]  # rewrapping the subclass __init__ is the point
 
 
 def captured_config(model: nn.Module) -> dict[str, Any] | None:

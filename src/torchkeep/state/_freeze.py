@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from torchkeep.errors import TorchkeepError
+from torchkeep.errors import InvalidArgumentError
 
 
 def _patterns(patterns: str | Iterable[str] | None) -> list[str] | None:
@@ -24,7 +24,7 @@ def _select(model: nn.Module, patterns: list[str] | None) -> list[str]:
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise TorchkeepError(
+            raise InvalidArgumentError(
                 f"pattern {pattern!r} matches no parameter of {type(model).__name__}",
                 key=pattern,
                 hint=f"patterns are globs over parameter names such as: {shown}",
@@ -50,7 +50,8 @@ def freeze(model: nn.Module, patterns: str | Iterable[str] | None = None) -> lis
         The names of the parameters frozen.
 
     Raises:
-        TorchkeepError: a pattern matches no parameter (a typo would otherwise train everything).
+        InvalidArgumentError: a pattern matches no parameter (a typo would otherwise train
+            everything).
     """
     return _set(model, _select(model, _patterns(patterns)), False)
 
@@ -95,7 +96,7 @@ def trainable_param_groups(
         group["names"].append(name)
     for (pattern, _), group in zip(rules, groups, strict=True):
         if not group["params"]:
-            raise TorchkeepError(
+            raise InvalidArgumentError(
                 f"learning-rate pattern {pattern!r} matches no trainable parameter",
                 key=pattern,
                 hint="check the glob, and that those parameters are not frozen",

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from torchkeep.errors import IncompatibleStateError, TorchkeepError
+from torchkeep.errors import IncompatibleStateError, InvalidArgumentError
 
 _ORIGINS = {
     "module.": "DataParallel/DDP",
@@ -115,7 +115,7 @@ def adapt_keys(
         ``"stripped prefix 'module.' (DataParallel/DDP)"``).
 
     Raises:
-        TorchkeepError: a rename pattern is not a valid regular expression.
+        InvalidArgumentError: a rename pattern is not a valid regular expression.
         IncompatibleStateError: two checkpoint keys end up with the same name.
     """
     original = list(source_keys)
@@ -126,7 +126,7 @@ def adapt_keys(
         try:
             regex = re.compile(pattern)
         except re.error as exc:
-            raise TorchkeepError(
+            raise InvalidArgumentError(
                 f"invalid rename pattern {pattern!r}: {exc}",
                 hint="rename takes regular expressions",
             ) from exc

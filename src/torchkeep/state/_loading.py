@@ -266,5 +266,5 @@ def apply(
 
 def _with_metadata(subset: dict[str, Any], meta: Any) -> dict[str, Any]:
     out: OrderedDict[str, Any] = OrderedDict(subset)
-    out._metadata = meta  # type: ignore[attr-defined]
+    out._metadata = meta  # type: ignore[attr-defined]  # torch's state-dict _metadata
     return out

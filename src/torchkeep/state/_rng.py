@@ -136,7 +136,7 @@ class RNGState:
 
 
 def _cuda_initialized() -> bool:
-    initialized = bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
+    initialized = bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]  # torch.cuda.is_initialized is unannotated
     return initialized and torch.cuda.is_available()
 
 
