@@ -201,7 +201,7 @@ def test_every_flipped_byte_of_a_single_file_is_detected(tmp_path: Path) -> None
         tried += 1
         try:
             tk.load(path)
-        except tk.TorchkeepError:
+        except tk.CorruptCheckpointError:
             detected += 1
     for n in range(0, len(original), 5):
         path.write_bytes(original[:n])
@@ -348,7 +348,7 @@ def test_every_flipped_byte_of_a_pt_file_is_detected_or_harmless(tmp_path: Path)
         path.write_bytes(original[:i] + bytes([original[i] ^ 0x01]) + original[i + 1 :])
         try:
             loaded, metadata = tk.load(path), tk.inspect(path).metadata
-        except tk.TorchkeepError:
+        except tk.CorruptCheckpointError:
             detected += 1
             continue
         same = set(loaded) == set(obj) and torch.equal(loaded["w"], obj["w"])
@@ -360,7 +360,7 @@ def test_every_flipped_byte_of_a_pt_file_is_detected_or_harmless(tmp_path: Path)
     assert detected > len(original) // 2
     for n in range(0, len(original), 9):
         path.write_bytes(original[:n])
-        with pytest.raises(tk.TorchkeepError):
+        with pytest.raises(tk.CorruptCheckpointError):
             tk.load(path)
 
 

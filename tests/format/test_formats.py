@@ -23,7 +23,6 @@ import torchkeep
 from torchkeep import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    TorchkeepError,
     UnsafeCheckpointError,
 )
 from torchkeep.format import Format, _torchfile, detect
@@ -496,7 +495,7 @@ def test_damaged_torch_files_never_fall_back(
     monkeypatch.setattr(_torchfile.torch, "load", spy)
     for cut in (len(data) // 3, len(data) // 2, len(data) - 50):
         path.write_bytes(data[:cut])
-        with pytest.raises(TorchkeepError):
+        with pytest.raises(CorruptCheckpointError):
             torchkeep.load(path)
     assert all(w is True for w in calls)
 

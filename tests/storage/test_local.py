@@ -212,9 +212,30 @@ def test_sweep_in_a_missing_directory(tmp_path: Path) -> None:
     assert sweep_temporaries(tmp_path / "nowhere" / "a.bin") == []
 
 
-def test_fsync_dir_tolerates_what_it_cannot_open(tmp_path: Path) -> None:
-    fsync_dir(tmp_path)
-    fsync_dir(tmp_path / "missing")
+def test_fsync_dir_tolerates_what_it_cannot_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    assert fsync_dir(tmp_path) is None
+    assert len(synced) == 1  # a directory it can open is synced
+    assert fsync_dir(tmp_path / "missing") is None  # one it cannot open is skipped, no error
+    assert len(synced) == 1
+
+    def refuse(fd: int) -> None:
+        raise OSError(errno.EINVAL, "fsync of a directory not supported")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    assert fsync_dir(tmp_path) is None  # a filesystem that cannot sync directories is tolerated
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError) as info:  # a real failure is not swallowed
+        fsync_dir(tmp_path)
+    assert info.value.errno == errno.EIO
 
 
 # --- LocalStorage -----------------------------------------------------------------------------

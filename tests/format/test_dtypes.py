@@ -1,0 +1,107 @@
+"""Every torch dtype through a file: stored exactly, or refused with its name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import torchkeep
+from torchkeep import UnsupportedValueError
+
+from ..helpers import SUFFIXES, random_tensor, roundtrip
+from ..models import assert_same, same_bytes
+
+ALL_DTYPES = sorted(
+    {v for n in dir(torch) if isinstance(v := getattr(torch, n), torch.dtype)}, key=str
+)
+
+
+QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+
+
+STORABLE_DTYPES = [d for d in ALL_DTYPES if d not in QUANTIZED]
+
+
+SUB_BYTE = {getattr(torch, f"{p}int{i}") for p in ("", "u") for i in range(1, 8)}
+
+
+NAMED_DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+    torch.bool,
+    torch.complex32,
+    torch.complex64,
+    torch.complex128,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+]
+
+
+complex_half_ok = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("dtype", NAMED_DTYPES, ids=str)
+@complex_half_ok
+def test_every_dtype_round_trips(tmp_path: Path, suffix: str, dtype: torch.dtype) -> None:
+    obj = {
+        "t": random_tensor((3, 5), dtype, seed=2),
+        "scalar": random_tensor((), dtype, seed=3),
+        "empty": random_tensor((0, 4), dtype),
+        "strided": random_tensor((6, 4), dtype, seed=4)[::2, 1:],
+    }
+    out = roundtrip(obj, tmp_path / f"x{suffix}")
+    expected = {k: v.contiguous() for k, v in obj.items()}
+    assert_same(expected, out)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("dtype", STORABLE_DTYPES, ids=str)
+@complex_half_ok
+def test_any_torch_dtype_round_trips_or_is_refused_cleanly(
+    tmp_path: Path, suffix: str, dtype: torch.dtype
+) -> None:
+    obj = {"t": random_tensor((2, 3), dtype, seed=5)}
+    path = tmp_path / f"x{suffix}"
+    if suffix == ".pt" and dtype in SUB_BYTE:
+        try:
+            torchkeep.save(obj, path)
+        except UnsupportedValueError as exc:
+            assert str(dtype).removeprefix("torch.") in str(exc)
+            assert not path.exists()
+            return
+    out = roundtrip(obj, path)
+    assert out["t"].dtype == dtype
+    assert same_bytes(obj["t"], out["t"])
+
+
+@pytest.mark.parametrize("dtype", NAMED_DTYPES, ids=str)
+@complex_half_ok
+def test_every_dtype_readable_by_safetensors(tmp_path: Path, dtype: torch.dtype) -> None:
+    t = random_tensor((4, 3), dtype, seed=6)
+    path = tmp_path / "x.safetensors"
+    torchkeep.save({"w": t}, path)
+    plain = safetensors.torch.load_file(str(path))
+    assert list(plain) == ["w"]
+    # dtypes safetensors lacks are stored as their raw bytes
+    if plain["w"].dtype == dtype:
+        assert same_bytes(t, plain["w"])
+    else:
+        assert plain["w"].dtype == torch.uint8
+        assert torch.equal(plain["w"].reshape(-1), t.reshape(-1).view(torch.uint8))
