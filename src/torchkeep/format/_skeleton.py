@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedValueError
-from torchkeep.format._dtypes import dtype_from_name, dtype_name
+from torchkeep.format._dtypes import VIEWABLE_DTYPES, dtype_from_name, dtype_name
 
 MAX_DEPTH = 200
+_INT64 = -(1 << 63)  # a torch.Size holds int64s
 _RESERVED_KEYS = frozenset({"__metadata__"})
 _SCALAR_KEY_TYPES = (str, int, float, bool, type(None))
 
@@ -155,6 +157,8 @@ class _Flattener:
             raise _unsupported(
                 path, "a quantized tensor", "dequantize it, or save to a .pt path (torch format)"
             )
+        if t.dtype not in VIEWABLE_DTYPES:  # what the reader would refuse to build
+            raise _unsupported(path, f"a tensor of dtype {t.dtype}", "convert it with .to()")
         if t.device.type == "meta":
             raise _unsupported(path, "a meta tensor (it has no data)", "materialize it first")
         node: dict[str, Any] = {"$": "tensor"}
@@ -338,18 +342,43 @@ class _Decoder:
             if tag == "bytes":
                 return base64.b64decode(v, validate=True)  # type: ignore[arg-type]
             if tag == "size":
-                return torch.Size(v)  # type: ignore[arg-type]
+                if not (
+                    isinstance(v, list) and all(type(d) is int and _INT64 <= d < -_INT64 for d in v)
+                ):
+                    raise self.fail(f"a torch.Size of {str(v)[:80]}")
+                return torch.Size(v)
             if tag == "dtype":
                 return dtype_from_name(v, path=self.source)  # type: ignore[arg-type]
             if tag == "device":
                 return torch.device(v)  # type: ignore[arg-type]
             if tag == "np":
-                return np.dtype(node["dtype"]).type(self.decode(v, depth + 1))
-        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
+                return self._np(node, depth)
+        # OverflowError: a crafted 400-digit number as a float, complex or numpy scalar
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            RuntimeError,
+            AttributeError,
+            OverflowError,
+        ) as exc:
             if isinstance(exc, CorruptCheckpointError):
                 raise
             raise self.fail(f"bad {tag!r} node ({exc})") from exc
         raise self.fail(f"unknown node kind {tag!r} (written by a newer torchkeep?)")
+
+    def _np(self, node: dict[str, Any], depth: int) -> Any:
+        dtype = np.dtype(node["dtype"]) if isinstance(node.get("dtype"), str) else None
+        if dtype is None or dtype.kind not in "biufc":  # what flatten writes, nothing else
+            raise self.fail(f"a numpy scalar of dtype {str(node.get('dtype'))[:40]!r}")
+        value = self.decode(node.get("v"), depth + 1)
+        with warnings.catch_warnings():
+            # A value out of the dtype's range (never written: it came from that dtype)
+            warnings.simplefilter("error", RuntimeWarning)
+            try:
+                return dtype.type(value)
+            except RuntimeWarning as exc:
+                raise self.fail(f"numpy {dtype} scalar out of range ({exc})") from None
 
     def _dict(self, node: dict[str, Any], depth: int) -> dict[Any, Any]:
         out: dict[Any, Any] = OrderedDict() if node.get("ordered") else {}
