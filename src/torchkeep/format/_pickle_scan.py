@@ -48,6 +48,7 @@ __all__ = [
     "COMPILED_CODE",
     "TAR_FORMAT",
     "UNRESOLVED",
+    "ZIP_ERRORS",
     "PickleScan",
     "is_allowed_global",
     "scan_file",
@@ -71,9 +72,12 @@ _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _EXT_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
 _PARSE_ERRORS = (ValueError, EOFError, OverflowError, struct.error)
-# what zipfile raises on damaged or hostile archives (OSError: seeks to offsets that lie)
-_ZIP_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError)
-_ZIP_ERRORS += (NotImplementedError, RuntimeError, zlib.error, KeyError, IndexError, *_PARSE_ERRORS)
+# what zipfile raises on damaged or hostile archives (OSError: seeks to offsets that lie;
+# NotImplementedError: a "version needed" above 6.3 or a compression method it lacks, raised by
+# ZipFile() itself for any member; RuntimeError: an encrypted member)
+ZIP_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError)
+ZIP_ERRORS += (NotImplementedError, RuntimeError, zlib.error, KeyError, IndexError, *_PARSE_ERRORS)
+_ZIP_ERRORS = ZIP_ERRORS
 _MARK = object()
 _UNKNOWN = object()
 _HINT_CORRUPT = "the file is damaged or is not a PyTorch checkpoint; re-download or re-save it"
@@ -313,6 +317,7 @@ def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
     records: list[str] = []
     try:
         with zipfile.ZipFile(f) as archive:
+            _refuse_duplicate_members(archive, path)
             infos = [i for i in archive.infolist() if i.filename.endswith(".pkl")]
             if not infos and any(n.endswith("/archive_format") for n in archive.namelist()):
                 return _scan_export_archive(archive, path, found)
@@ -332,6 +337,23 @@ def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
     except _ZIP_ERRORS as exc:
         raise _broken(path, "zip archive", str(exc) or type(exc).__name__, found) from exc
     return records
+
+
+def _refuse_duplicate_members(archive: zipfile.ZipFile, path: str) -> None:
+    """Refuse an archive with two members of one name: zipfile reads the last one (twice, when
+    asked for each), torch's own zip reader may read the other, so the scan would not see what
+    torch loads. torch.save never writes one."""
+    seen: set[str] = set()
+    for info in archive.infolist():
+        if info.filename in seen:
+            raise UnsafeCheckpointError(
+                f"the zip archive holds two members named {info.filename!r}; a scan cannot tell "
+                "which of them torch would load",
+                path=path,
+                hint="do not load this file: torch.save never writes duplicate members, and a "
+                "second copy is a known way to slip a pickle past scanners",
+            )
+        seen.add(info.filename)
 
 
 def read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:

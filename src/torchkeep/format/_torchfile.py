@@ -30,7 +30,12 @@ from torchkeep.errors import (
 )
 from torchkeep.format._artifact import FORMAT_VERSION, check_format_version, metadata_json
 from torchkeep.format._location import MapLocation
-from torchkeep.format._pickle_scan import is_allowed_global, scan_file, scan_pickle_bytes
+from torchkeep.format._pickle_scan import (
+    ZIP_ERRORS,
+    is_allowed_global,
+    scan_file,
+    scan_pickle_bytes,
+)
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 
@@ -82,6 +87,12 @@ def read_document(path: str) -> dict[str, Any] | None:
             doc = parse_json(archive.read(name), what="torchkeep record", path=path)
     except (zipfile.BadZipFile, OSError):
         return None
+    except TorchkeepError:
+        raise
+    except ZIP_ERRORS as exc:  # NotImplementedError, zlib.error...: never raw to the caller
+        raise CorruptCheckpointError(
+            f"the zip archive cannot be read ({type(exc).__name__}: {exc})", path=path
+        ) from exc
     if not isinstance(doc, dict):
         raise CorruptCheckpointError("the torchkeep record is not a JSON object", path=path)
     check_format_version(doc.get("format_version"), path=path)
