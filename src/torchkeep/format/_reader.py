@@ -133,13 +133,21 @@ def _load_sharded(
 
 
 def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
-    sizes = {p: (run.root / PACK_DIR / p).stat().st_size for p in manifest.packs}
+    tensors = tuple(describe(run.load(manifest, verify=False)))  # refuses missing packs first
+    try:
+        sizes = {p: (run.root / PACK_DIR / p).stat().st_size for p in manifest.packs}
+    except OSError as exc:  # a pack that only an unused tensor entry names
+        raise CorruptCheckpointError(
+            f"a pack of the checkpoint is missing: {exc.filename}",
+            path=str(manifest.path),
+            hint="the run was damaged (a pack deleted by hand?); inspect another step",
+        ) from exc
     classes = {key: m["class"] for key, m in manifest.models.items()}
     models = {"models": classes} if classes else {}  # what load_model can rebuild
     return CheckpointInfo(
         path=f"{run.root}@{manifest.step}",
         format="torchkeep-run",
-        tensors=tuple(describe(run.load(manifest, verify=False))),
+        tensors=tensors,
         file_bytes=manifest.path.stat().st_size + sum(sizes.values()),
         metadata={
             "step": manifest.step,

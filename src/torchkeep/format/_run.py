@@ -164,7 +164,9 @@ def read_manifest(path: Path) -> Manifest:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise _bad(path, f"tensor entry {key!r} is malformed ({exc})", key) from exc
-        if not isinstance(pack, str) or not _PLAIN_NAME.match(pack) or Path(pack).name != pack:
+        if not (isinstance(pack, str) and _PLAIN_NAME.match(pack) and len(pack) <= 200) or (
+            Path(pack).name != pack
+        ):  # a name beyond 255 bytes makes every filesystem call raise OSError
             raise _bad(path, f"tensor {key!r} names pack {pack!r} outside the run", key)
         numel = shape_numel(shape)
         if numel is None or numel * dtype.itemsize != item.nbytes:
