@@ -8,6 +8,7 @@ recomputed after every mutation. The decode entry points then may return or rais
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections import OrderedDict
@@ -126,9 +127,12 @@ def read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     return header, json.loads(meta[METADATA_KEY]), raw[8 + n :]
 
 
-def write_sealed_file(path: Path, entries: Any, doc: Any, data: bytes) -> None:
-    """A torchkeep file of ``entries`` and ``doc``, sealed as the writer seals it."""
-    meta = {"format": "pt", METADATA_KEY: json.dumps(doc)}
+def write_sealed_file(
+    path: Path, entries: Any, doc: Any, data: bytes, *, text: str | None = None
+) -> None:
+    """A torchkeep file of ``entries`` and ``doc`` (or the document's JSON ``text``), sealed as
+    the writer seals it."""
+    meta = {"format": "pt", METADATA_KEY: json.dumps(doc) if text is None else text}
     try:
         digest = layout_digest(entries, meta)
     except (TypeError, ValueError):  # entries json cannot write canonically: seal them as text
@@ -141,9 +145,13 @@ def write_sealed_file(path: Path, entries: Any, doc: Any, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
 
 
-def write_sealed_manifest(path: Path, doc: Any) -> None:
-    data = json.dumps(doc, separators=(",", ":")).encode("utf-8", "surrogatepass")
-    path.write_bytes(seal_json(data) if isinstance(doc, dict) and doc else data)
+def write_sealed_manifest(path: Path, doc: Any, *, text: str | None = None) -> None:
+    """A manifest of ``doc`` (or of the JSON ``text``), sealed when it is a non-empty object."""
+    raw = json.dumps(doc, separators=(",", ":")) if text is None else text
+    data = raw.encode("utf-8", "surrogatepass")
+    with contextlib.suppress(ValueError):  # not an object: unsealed, refused by the seal check
+        data = seal_json(data)
+    path.write_bytes(data)
 
 
 def paths(tree: Any, prefix: Path_ = (), limit: int = 400) -> list[Path_]:

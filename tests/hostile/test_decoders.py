@@ -130,6 +130,38 @@ def test_views_and_manifests_refuse_dtypes_not_viewable(tmp_path: Path, dtype: t
         tk.load(f"{run}@1")
 
 
+SHELL = [d for d in VIEWABLE_DTYPES if d.itemsize == 1 and str(d)[6:].lstrip("u")[:3] == "int"]
+SHELL = [d for d in SHELL if str(d) not in ("torch.int8", "torch.uint8")]
+
+
+@pytest.mark.parametrize("dtype", SHELL, ids=str)
+def test_a_view_of_a_dtype_without_copy_kernel_is_refused(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    # found by the sealed-header fuzzer: verify hashed the view by copying it, and torch has no
+    # copy kernel for int1..int7/uint1..uint7, so NotImplementedError escaped
+    base = torch.arange(16, dtype=torch.float32)
+    path = tmp_path / "v.safetensors"
+    tk.save({"a": base, "t": base.view(4, 4).t()}, path)
+    rewrite_document(
+        path, lambda d: d["skeleton"]["v"]["t"]["view"].update(dtype=dtype_name(dtype))
+    )
+    with pytest.raises(tk.CorruptCheckpointError, match="cannot be a view of raw bytes"):
+        tk.load(path)
+    assert not tk.verify(path).ok
+
+
+def test_load_into_a_tensor_without_copy_kernel_is_incompatible(tmp_path: Path) -> None:
+    # a file may hold uint4 tensors (torchkeep saves them); copying one into a float parameter
+    # raised NotImplementedError from torch
+    path = tmp_path / "u4.safetensors"
+    tk.save({"weight": torch.zeros(64, dtype=torch.uint4), "bias": torch.zeros(8)}, path)
+    rewrite_document(path, lambda d: d["raw"]["weight"].update(shape=[8, 8]))
+    with pytest.raises(tk.IncompatibleStateError, match="'weight'") as err:
+        tk.load_into(torch.nn.Linear(8, 8), path)
+    assert err.value.key == "weight"
+
+
 # --- numbers beyond range -------------------------------------------------------------------
 
 BIG = 10**400  # a valid JSON integer that no float holds

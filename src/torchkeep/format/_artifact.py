@@ -317,7 +317,7 @@ def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str | None) -> to
     """Rebuild a view recorded as byte offset, shape, stride and dtype within ``base``."""
     try:
         offset, shape, stride = view["offset"], view["shape"], view["stride"]
-        dtype = tensor_dtype_from_name(view["dtype"], path=path, key=key)
+        dtype = tensor_dtype_from_name(view["dtype"], path=path, key=key, view=True)
         ok = (
             type(offset) is int
             and shape_numel(shape) is not None
@@ -325,6 +325,8 @@ def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str | None) -> to
             and len(shape) == len(stride)
             and all(type(st) is int and 0 <= st < 1 << 63 for st in stride)
         )
+    except CorruptCheckpointError:
+        raise  # the dtype's own message says more than "bad view"
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok or offset < 0 or offset % dtype.itemsize:
