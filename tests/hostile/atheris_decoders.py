@@ -4,7 +4,8 @@ Run by ``test_atheris.py`` in a subprocess; by hand::
 
     PYTHONPATH=src:. python tests/hostile/atheris_decoders.py -max_total_time=300
 
-Each input picks a target (a torchkeep file's header, or a run's manifest) and either replaces
+Each input picks a target (a torchkeep file's header, a run's manifest, or a pickle scanned and
+then loaded from a torch zip) and either replaces
 one to three values, found by path, with hostile values the input chooses, or splices the input's
 bytes into the document's JSON text. The document is sealed again as torchkeep's writer seals it
 and every decode entry point runs on it. Only a TorchkeepError may escape; any other exception is
@@ -18,6 +19,7 @@ import os
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ with atheris.instrument_imports(include=["torchkeep"]):
         write_sealed_file,
         write_sealed_manifest,
     )
+    from torchkeep.format._pickle_scan import scan_pickle_bytes
 
 # libFuzzer exits without running atexit hooks: the test points this into its tmp_path
 WORK = Path(
@@ -99,9 +102,32 @@ def _splice(fdp: atheris.FuzzedDataProvider, text: str) -> str:
     )
 
 
+PICKLE_PREFIXES = [
+    b"",
+    b"\x80\x02",
+    b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00",
+    b"\x80\x02}q\x00(",
+]
+ZIP = WORK / "fuzzed.pt"
+
+
+def _pickle(choice: int, body: bytes) -> None:
+    data = PICKLE_PREFIXES[choice % len(PICKLE_PREFIXES)] + body
+    outcome(lambda: scan_pickle_bytes(data, max_pickles=choice))
+    with zipfile.ZipFile(ZIP, "w") as archive:
+        archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/version", "3\n")
+        archive.writestr("archive/byteorder", "little")
+    outcome(lambda: tk.scan(ZIP))
+    outcome(lambda: tk.load(ZIP))
+
+
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    mode = fdp.ConsumeIntInRange(0, 7)
+    mode = fdp.ConsumeIntInRange(0, 8)
+    if mode == 8:  # a pickle: the static scan alone, then in a torch zip through load
+        _pickle(fdp.ConsumeIntInRange(1, 5), fdp.ConsumeBytes(fdp.remaining_bytes()))
+        return
     if mode < 4:  # a torchkeep file: entries and document behind the layout digest
         if mode < 3:
             tree = _mutate(fdp, FILE_TREE, FILE_PATHS)

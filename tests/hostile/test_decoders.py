@@ -257,3 +257,25 @@ def test_json_1e999_is_refused_not_infinity(tmp_path: Path) -> None:
     with pytest.raises(tk.CorruptCheckpointError, match="out of range"):
         parse_json(b'{"x": 1e999}', what="manifest", path="m.json")
     assert json.loads(b'{"x": 1e999}')["x"] == float("inf")  # what json alone does
+
+
+@pytest.mark.parametrize("name", ["model.bin", "model.safetensors.index.json", "x.pt"])
+def test_deeply_nested_json_files_are_corrupt_not_recursion_errors(
+    tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(b'{"a": ' + b"[" * 100_000)  # detection parsed it with plain json.loads
+    with pytest.raises(tk.CorruptCheckpointError):
+        tk.load(path)
+    with pytest.raises(tk.CorruptCheckpointError):
+        tk.inspect(path)
+
+
+def test_a_deep_line_in_the_metrics_history_is_skipped(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(1, {"w": torch.ones(1)}, metrics={"loss": 1.0})
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[" * 100_000 + "\n")
+    with tk.CheckpointManager(run) as mgr:
+        assert [r["step"] for r in mgr.history] == [1]

@@ -88,7 +88,7 @@ def detect(path: Path) -> Format:
     if head.lstrip()[:1] == b"{" and size < 64 * 1024 * 1024:
         try:
             doc = json.loads(path.read_bytes())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # "{" + "[" * 10**5
             doc = None
         if isinstance(doc, dict) and "weight_map" in doc:
             return Format.HF_SHARDED
