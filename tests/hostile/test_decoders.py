@@ -279,3 +279,56 @@ def test_a_deep_line_in_the_metrics_history_is_skipped(tmp_path: Path) -> None:
         f.write("[" * 100_000 + "\n")
     with tk.CheckpointManager(run) as mgr:
         assert [r["step"] for r in mgr.history] == [1]
+
+
+# --- bounds of every JSON document and shape ---------------------------------------------
+
+
+def test_json_documents_are_bounded_in_size_containers_and_depth(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torchkeep.format import _safetensors
+    from torchkeep.format._safetensors import JSON_MAX_DEPTH, parse_json
+
+    with pytest.raises(tk.CorruptCheckpointError, match="over the 10-byte limit"):
+        parse_json(b'{"a": [1, 2, 3]}', what="manifest", path="m.json", max_bytes=10)
+    monkeypatch.setattr(_safetensors, "JSON_MAX_CONTAINERS", 100)
+    with pytest.raises(tk.CorruptCheckpointError, match="objects and arrays"):
+        parse_json(b"[" + b"[]," * 200 + b"[]]", what="manifest", path="m.json")
+    monkeypatch.undo()
+    deep = b"[" * (JSON_MAX_DEPTH + 5) + b"]" * (JSON_MAX_DEPTH + 5)  # json itself parses it
+    with pytest.raises(tk.CorruptCheckpointError, match="nested deeper"):
+        parse_json(deep, what="manifest", path="m.json")
+    ok = b"[" * JSON_MAX_DEPTH + b"]" * JSON_MAX_DEPTH
+    assert parse_json(ok, what="manifest", path="m.json") is not None
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchkeep.format import _run
+
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(1, {"w": torch.ones(4)})
+    monkeypatch.setattr(_run, "JSON_LIMIT", 100)
+    with pytest.raises(tk.CorruptCheckpointError, match="over the 100-byte limit"):
+        tk.load(f"{run}@1")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[2**62] * 200_000, [1] * 2000, [-1, 4], [True, 4], [2**63], [0, 2**62, 2**62], [2.0]],
+    ids=["200k-huge-dims", "2000-dims", "negative", "bool", "int64-overflow", "zero-product"]
+    + ["float"],
+)
+def test_crafted_shapes_are_refused_quickly(tmp_path: Path, shape: list[Any]) -> None:
+    import time
+
+    path = tmp_path / "x.safetensors"
+    tk.save({"w": torch.zeros(4, dtype=torch.complex128)}, path)
+    rewrite_document(path, lambda doc: doc["raw"]["w"].update(shape=shape))
+    start = time.monotonic()
+    with pytest.raises(tk.CorruptCheckpointError, match="invalid shape"):
+        tk.load(path)
+    assert time.monotonic() - start < 5.0
