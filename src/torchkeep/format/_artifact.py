@@ -317,7 +317,7 @@ def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str | None) -> to
     """Rebuild a view recorded as byte offset, shape, stride and dtype within ``base``."""
     try:
         offset, shape, stride = view["offset"], view["shape"], view["stride"]
-        dtype = tensor_dtype_from_name(view["dtype"], path=path, key=key, view=True)
+        dtype = tensor_dtype_from_name(view["dtype"], path=path, key=key)
         ok = (
             type(offset) is int
             and shape_numel(shape) is not None

@@ -14,8 +14,6 @@ the quantized ones", so that a dtype a future torch adds is refused until it has
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from torchkeep.errors import CorruptCheckpointError
@@ -58,10 +56,6 @@ VIEWABLE_DTYPES: frozenset[torch.dtype] = frozenset(
     for name in _VIEWABLE_NAMES
     if isinstance(value := getattr(torch, name, None), torch.dtype)
 )
-# The "shell" sub-byte dtypes: torch makes and reshapes them but has no copy kernel for them, so
-# a view of one (which hashing and placing may copy) is refused; whole tensors are never copied.
-_SHELL_DTYPES = frozenset(d for d in VIEWABLE_DTYPES if re.fullmatch(r"torch\.u?int[1-7]", str(d)))
-
 _ALL_TORCH_DTYPES: dict[str, torch.dtype] = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name), torch.dtype)
 }
@@ -85,22 +79,18 @@ def dtype_from_name(name: str, *, path: str | None = None) -> torch.dtype:
 
 
 def tensor_dtype_from_name(
-    name: str, *, path: str | None = None, key: str | None = None, view: bool = False
+    name: str, *, path: str | None = None, key: str | None = None
 ) -> torch.dtype:
     """The dtype of a tensor to build from a file's bytes: only one of :data:`VIEWABLE_DTYPES`.
-
-    With ``view``, for a view of another tensor, which may have to be copied: the sub-byte
-    dtypes torch has no copy kernel for (``uint4``...) are refused too.
 
     Raises:
         CorruptCheckpointError: ``name`` is unknown, or a dtype (quantized...) that cannot be
             built from raw bytes; torchkeep never writes one.
     """
     dtype = dtype_from_name(name, path=path)
-    if dtype not in VIEWABLE_DTYPES or (view and dtype in _SHELL_DTYPES):
-        what = "a view of" if dtype in VIEWABLE_DTYPES else "built from"
+    if dtype not in VIEWABLE_DTYPES:
         raise CorruptCheckpointError(
-            f"tensor {key!r} declares dtype {dtype_name(dtype)}, which cannot be {what} raw "
+            f"tensor {key!r} declares dtype {dtype_name(dtype)}, which cannot be built from raw "
             "bytes (torchkeep never writes one)",
             path=path,
             key=key,

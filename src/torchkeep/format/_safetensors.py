@@ -281,6 +281,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.resolve_neg()
     if t.numel() == 0:
         return memoryview(b"")
+    if t.element_size() == 1 and not t.is_contiguous():
+        # torch has no copy kernel for the sub-byte dtypes (uint4...): copy their bytes instead
+        t = t.view(torch.uint8)
     flat = t.contiguous().reshape(-1)
     if flat.stride(0) != 1:  # torch calls a one-element view contiguous whatever its stride
         flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
