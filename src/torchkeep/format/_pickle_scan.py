@@ -15,6 +15,12 @@ is torch's ``weights_only=True`` unpickler, and torchkeep never falls back to
 ``weights_only=False``. The scan names the offending globals when that unpickler refuses a file,
 stops obviously hostile files before they reach it, and backs ``torchkeep scan``. It fails
 closed: what it cannot parse is reported as corrupt (or unsafe), never as clean.
+
+It is also bounded: each scan has a budget of opcodes, stack and memo entries, seconds, and
+bytes that pickles may inflate to from their compressed size (see ``MAX_OPCODES``...), far
+beyond what real checkpoints need, and a file beyond it is refused as unsafe within a second
+or two rather than scanned for minutes. A zip with two members of one name is refused too:
+zipfile reads the last, torch the first.
 """
 
 from __future__ import annotations
