@@ -13,7 +13,7 @@ Readers refuse a newer major ``format_version`` with :class:`FormatVersionError`
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -21,7 +21,7 @@ import torch
 
 from torchkeep._version import __version__
 from torchkeep.errors import CorruptCheckpointError, FormatVersionError, UnsupportedValueError
-from torchkeep.format._dtypes import dtype_from_name
+from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import hash_matches, tensor_hash
 from torchkeep.format._location import MapLocation, cast, relocate
 from torchkeep.format._safetensors import (
@@ -39,13 +39,20 @@ FORMAT_VERSION = "1.0"
 METADATA_KEY = "torchkeep"
 PACK_KIND = "torchkeep-pack"  # in the header of every pack a run writes (see write_pack)
 DIGEST_KEY = "torchkeep_digest"
+_VERSION = re.compile(r"([0-9]{1,9})(?:\.[0-9]{1,9}){0,3}", re.ASCII)
 
 
 def check_format_version(version: Any, *, path: str) -> str:
     """Accept format versions this torchkeep reads; refuse newer majors with a clear error."""
-    if not isinstance(version, str) or not version.partition(".")[0].isdigit():
-        raise CorruptCheckpointError(f"invalid torchkeep format version {version!r}", path=path)
-    if int(version.partition(".")[0]) > int(FORMAT_VERSION.partition(".")[0]):
+    # ASCII digits only, and few: str.isdigit() accepts "²" and 5,000-digit runs, int() does not
+    match = _VERSION.fullmatch(version) if isinstance(version, str) else None
+    if match is None:
+        raise CorruptCheckpointError(
+            f"invalid torchkeep format version {str(version)[:40]!r}",
+            path=path,
+            hint="the file was altered or written by another tool; restore it from a copy",
+        )
+    if int(match[1]) > int(FORMAT_VERSION.partition(".")[0]):
         raise FormatVersionError(
             f"written with torchkeep format {version}; this torchkeep {__version__} reads "
             f"format {FORMAT_VERSION} and older",
@@ -54,7 +61,7 @@ def check_format_version(version: Any, *, path: str) -> str:
             actual=version,
             hint="upgrade torchkeep: pip install -U torchkeep",
         )
-    return version
+    return match[0]
 
 
 def metadata_json(metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -197,17 +204,18 @@ class SafetensorsFile:
         if raw is None:
             return entry.dtype, entry.shape
         try:
-            dtype = dtype_from_name(raw["dtype"], path=self.path)
+            name, numel = raw["dtype"], shape_numel(raw["shape"])
+            if numel is None:
+                raise ValueError(f"invalid shape {str(raw['shape'])[:200]}")
             shape = tuple(raw["shape"])
-            if not all(type(s) is int and s >= 0 for s in shape):
-                raise ValueError(f"invalid shape {raw['shape']!r}")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(
                 f"bad raw entry for {key!r}: {exc}", path=self.path, key=key
             ) from exc
-        if entry.code != "U8" or math.prod(shape) * dtype.itemsize != entry.nbytes:
+        dtype = tensor_dtype_from_name(name, path=self.path, key=key)
+        if entry.code != "U8" or numel * dtype.itemsize != entry.nbytes:
             raise CorruptCheckpointError(
-                f"tensor {key!r}: {raw['dtype']} {list(shape)} does not match its {entry.nbytes} bytes",
+                f"tensor {key!r}: {name} {list(shape)} does not match its {entry.nbytes} bytes",
                 path=self.path,
                 key=key,
             )
@@ -327,9 +335,17 @@ def rebuild(
 def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str | None) -> torch.Tensor:
     """Rebuild a view recorded as byte offset, shape, stride and dtype within ``base``."""
     try:
-        offset, shape, stride = int(view["offset"]), list(view["shape"]), list(view["stride"])
-        dtype = dtype_from_name(view["dtype"], path=path)
-        ok = len(shape) == len(stride) and all(type(s) is int and s >= 0 for s in shape + stride)
+        offset, shape, stride = view["offset"], view["shape"], view["stride"]
+        dtype = tensor_dtype_from_name(view["dtype"], path=path, key=key)
+        ok = (
+            type(offset) is int
+            and shape_numel(shape) is not None
+            and isinstance(stride, list)
+            and len(shape) == len(stride)
+            and all(type(st) is int and 0 <= st < 1 << 63 for st in stride)
+        )
+    except CorruptCheckpointError:
+        raise  # the dtype's own message says more than "bad view"
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok or offset < 0 or offset % dtype.itemsize:

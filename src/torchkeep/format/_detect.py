@@ -99,7 +99,7 @@ def detect(path: Path) -> Format:
     if head.lstrip()[:1] == b"{" and size < 64 * 1024 * 1024:
         try:
             doc = json.loads(path.read_bytes())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # "{" + "[" * 10**5
             doc = None
         if isinstance(doc, dict) and "weight_map" in doc:
             return Format.HF_SHARDED
@@ -152,9 +152,10 @@ def _zip_kind(path: Path) -> Format:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
+        # NotImplementedError: a member's "version needed" is above what zipfile reads
         raise CorruptCheckpointError(
-            f"a damaged zip archive ({exc})", path=str(path), hint=_HINT
+            f"a damaged zip archive ({type(exc).__name__}: {exc})", path=str(path), hint=_HINT
         ) from exc
     tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
     if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):

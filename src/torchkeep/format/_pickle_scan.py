@@ -15,6 +15,12 @@ is torch's ``weights_only=True`` unpickler, and torchkeep never falls back to
 ``weights_only=False``. The scan names the offending globals when that unpickler refuses a file,
 stops obviously hostile files before they reach it, and backs ``torchkeep scan``. It fails
 closed: what it cannot parse is reported as corrupt (or unsafe), never as clean.
+
+It is also bounded: each scan has a budget of opcodes, stack and memo entries, seconds, and
+bytes that pickles may inflate to from their compressed size (see ``MAX_OPCODES``...), far
+beyond what real checkpoints need, and a file beyond it is refused as unsafe within a second
+or two rather than scanned for minutes. A zip with two members of one name is refused too:
+zipfile reads the last, torch the first.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import pickletools
 import stat
 import struct
 import tarfile
+import time
 import warnings
 import zipfile
 import zlib
@@ -48,6 +55,7 @@ __all__ = [
     "COMPILED_CODE",
     "TAR_FORMAT",
     "UNRESOLVED",
+    "ZIP_ERRORS",
     "PickleScan",
     "is_allowed_global",
     "scan_file",
@@ -60,6 +68,17 @@ COMPILED_CODE = "<compiled code (a shared library)>"
 _COMPILED = (".so", ".dll", ".dylib", ".pyd", ".cubin", ".o", ".hsaco", ".spv")
 MAX_RECORD_BYTES = 512 * 1024 * 1024  # a data.pkl holds structure only; tensors live elsewhere
 LEGACY_PICKLES = 5  # magic number, protocol version, sys_info, the object, the storage keys
+# Budgets of one scan, far above what real checkpoints need (measured on torch 2.13: a state dict
+# pickles to ~30 opcodes, ~8 memo entries and ~250 bytes per tensor, stored uncompressed or
+# deflating ~4:1), so that a crafted pickle is refused in a second or two instead of keeping the
+# scanner busy for minutes and gigabytes. Read on every scan (tests lower them).
+MAX_OPCODES = 40_000_000  # ~1.3 million tensors
+MAX_STACK = 1_000_000  # pickle batches containers by 1,000 items; nesting adds a few each
+MAX_MEMO = 4_000_000  # memoized strings (the only memo values a scan needs)
+MAX_SCAN_SECONDS = 60.0  # a wall-clock backstop, checked with the others
+MAX_DEFLATE_RATIO = 50  # decompressed / compressed bytes of the pickles, beyond a small floor
+DEFLATE_FLOOR = 1 << 20  # pickles up to 1 MiB decompress freely
+_CHECK_EVERY = 4096  # opcodes between two checks of the budget
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch never allows these modules, even when a user allowlists something from them
 _BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
@@ -71,9 +90,12 @@ _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _EXT_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
 _PARSE_ERRORS = (ValueError, EOFError, OverflowError, struct.error)
-# what zipfile raises on damaged or hostile archives (OSError: seeks to offsets that lie)
-_ZIP_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError)
-_ZIP_ERRORS += (NotImplementedError, RuntimeError, zlib.error, KeyError, IndexError, *_PARSE_ERRORS)
+# what zipfile raises on damaged or hostile archives (OSError: seeks to offsets that lie;
+# NotImplementedError: a "version needed" above 6.3 or a compression method it lacks, raised by
+# ZipFile() itself for any member; RuntimeError: an encrypted member)
+ZIP_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError)
+ZIP_ERRORS += (NotImplementedError, RuntimeError, zlib.error, KeyError, IndexError, *_PARSE_ERRORS)
+_ZIP_ERRORS = ZIP_ERRORS
 _MARK = object()
 _UNKNOWN = object()
 _HINT_CORRUPT = "the file is damaged or is not a PyTorch checkpoint; re-download or re-save it"
@@ -119,6 +141,47 @@ class PickleScan:
 
 class _Malformed(Exception):
     """A record that does not parse as a pickle (internal; becomes a torchkeep error)."""
+
+
+_HINT_BUDGET = (
+    "a real checkpoint's pickle stays far below this limit; do not load the file. If you trust "
+    "where it comes from, torchkeep.load(..., trust=True) skips the scan (and runs its code)"
+)
+
+
+class _Budget:
+    """What one scan of one file may spend: opcodes, stack and memo entries, time, bytes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.ops = 0
+        self.max_ops, self.max_stack, self.max_memo = MAX_OPCODES, MAX_STACK, MAX_MEMO
+        self.deadline = time.monotonic() + MAX_SCAN_SECONDS
+
+    def exceeded(self, record: str, what: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(
+            f"{record}: refusing to scan further: {what}", path=self.path, hint=_HINT_BUDGET
+        )
+
+    def check(self, record: str, stack: list[object], memo: dict[object, object]) -> None:
+        if self.ops > self.max_ops:
+            raise self.exceeded(record, f"more than {self.max_ops} opcodes")
+        if len(stack) > self.max_stack:
+            raise self.exceeded(record, f"a stack of more than {self.max_stack} entries")
+        if len(memo) > self.max_memo:
+            raise self.exceeded(record, f"a memo of more than {self.max_memo} entries")
+        if time.monotonic() > self.deadline:
+            raise self.exceeded(record, f"over {MAX_SCAN_SECONDS:g} s of scanning")
+
+    def check_inflation(self, record: str, size: int, compressed: int) -> None:
+        """Refuse pickles that inflate beyond what pickles deflate to (a zip bomb of opcodes)."""
+        allowed = max(DEFLATE_FLOOR, MAX_DEFLATE_RATIO * compressed)
+        if size > allowed:
+            raise self.exceeded(
+                record,
+                f"{size} bytes decompress from {compressed} (over {MAX_DEFLATE_RATIO}:1 "
+                f"beyond {DEFLATE_FLOOR >> 20} MiB, a zip bomb)",
+            )
 
 
 class _Reader:
@@ -216,6 +279,7 @@ def _step(
     stack: list[object],
     memo: dict[object, object],
     found: dict[str, None],
+    memo_size: list[int],
 ) -> None:
     name = op.name
     top = stack[-1] if stack else _UNKNOWN
@@ -233,10 +297,16 @@ def _step(
         else:
             found[UNRESOLVED] = None
         stack.append(_UNKNOWN)
-    elif name == "MEMOIZE":
-        memo[len(memo)] = top
-    elif name in _PUT_OPS:
-        memo[arg] = top
+    elif name in _PUT_OPS or name == "MEMOIZE":
+        # Only strings matter (STACK_GLOBAL operands): anything else is unknown when fetched
+        # again, so it is not stored, and the memo costs no more than the strings themselves.
+        index = memo_size[0] if name == "MEMOIZE" else arg
+        if name == "MEMOIZE":
+            memo_size[0] += 1
+        if isinstance(top, str):
+            memo[index] = top
+        else:
+            memo.pop(index, None)
     elif name in _GET_OPS:
         stack.append(memo.get(arg, _UNKNOWN))
     elif name in _EXT_OPS:
@@ -253,24 +323,43 @@ def _step(
 
 
 def _scan_stream(
-    reader: _Reader, max_pickles: int, found: dict[str, None], records: list[str]
+    reader: _Reader,
+    max_pickles: int,
+    found: dict[str, None],
+    records: list[str],
+    budget: _Budget,
+    record: str | None = None,
 ) -> None:
-    """Scan up to ``max_pickles`` consecutive pickles, stopping cleanly after a STOP."""
+    """Scan up to ``max_pickles`` consecutive pickles, stopping cleanly after a STOP.
+
+    Raises:
+        UnsafeCheckpointError: the scan went over its ``budget``.
+    """
     for index in range(max_pickles):
         if index and not reader.left():
             return
         records.append(f"<pickle {index}>")
+        name = record or records[-1]
         stack: list[object] = []
         memo: dict[object, object] = {}
+        memo_size = [0]
         reader.lines.clear()
+        countdown = _CHECK_EVERY
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pickletools warns on bad string escapes
                 for op, arg, _pos in pickletools.genops(cast(IO[bytes], reader)):
-                    _step(op, arg, reader.lines, stack, memo, found)
+                    _step(op, arg, reader.lines, stack, memo, found, memo_size)
                     reader.lines.clear()
+                    countdown -= 1
+                    if not countdown:
+                        budget.ops += _CHECK_EVERY
+                        budget.check(name, stack, memo)
+                        countdown = _CHECK_EVERY
         except _PARSE_ERRORS as exc:
             raise _Malformed(str(exc) or type(exc).__name__) from exc
+        finally:
+            budget.ops += _CHECK_EVERY - countdown
 
 
 def _broken(path: str, record: str, reason: str, found: dict[str, None]) -> TorchkeepError:
@@ -303,28 +392,41 @@ def scan_pickle_bytes(
     records: list[str] = []
     reader = _Reader(io.BytesIO(data), len(data))
     try:
-        _scan_stream(reader, max_pickles, found, records)
+        _scan_stream(reader, max_pickles, found, records, _Budget(name))
     except _Malformed as exc:
         raise _broken(name, records[-1], str(exc), found) from exc
     return list(found), reader.tell()
 
 
-def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
+def _scan_zip(
+    f: IO[bytes], path: str, found: dict[str, None], budget: _Budget | None = None
+) -> list[str]:
     records: list[str] = []
+    budget = budget or _Budget(path)
     try:
         with zipfile.ZipFile(f) as archive:
+            _refuse_duplicate_members(archive, path)
             infos = [i for i in archive.infolist() if i.filename.endswith(".pkl")]
             if not infos and any(n.endswith("/archive_format") for n in archive.namelist()):
-                return _scan_export_archive(archive, path, found)
+                return _scan_export_archive(archive, path, found, budget)
             if not infos:
                 raise CorruptCheckpointError(
                     "zip archive holds no .pkl record", path=path, hint=_HINT_CORRUPT
                 )
+            # checked before anything is decompressed, for each record and for all of them;
+            # a declared compressed size cannot be more than the archive holds
+            size = f.seek(0, io.SEEK_END)
+            for info in infos:
+                packed = min(info.compress_size, size)
+                budget.check_inflation(info.filename, info.file_size, packed)
+            total, packed = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)
+            budget.check_inflation("the .pkl records", total, min(packed, size))
             for info in infos:
                 data = read_member(archive, info.filename, path)
                 records.append(info.filename)
                 try:  # torch reads one pickle per record and ignores what follows its STOP
-                    _scan_stream(_Reader(io.BytesIO(data), len(data)), 1, found, [])
+                    reader = _Reader(io.BytesIO(data), len(data))
+                    _scan_stream(reader, 1, found, [], budget, info.filename)
                 except _Malformed as exc:
                     raise _broken(path, info.filename, str(exc), found) from exc
     except TorchkeepError:
@@ -332,6 +434,23 @@ def _scan_zip(f: IO[bytes], path: str, found: dict[str, None]) -> list[str]:
     except _ZIP_ERRORS as exc:
         raise _broken(path, "zip archive", str(exc) or type(exc).__name__, found) from exc
     return records
+
+
+def _refuse_duplicate_members(archive: zipfile.ZipFile, path: str) -> None:
+    """Refuse an archive with two members of one name: zipfile reads the last one (twice, when
+    asked for each), torch's own zip reader may read the other, so the scan would not see what
+    torch loads. torch.save never writes one."""
+    seen: set[str] = set()
+    for info in archive.infolist():
+        if info.filename in seen:
+            raise UnsafeCheckpointError(
+                f"the zip archive holds two members named {info.filename!r}; a scan cannot tell "
+                "which of them torch would load",
+                path=path,
+                hint="do not load this file: torch.save never writes duplicate members, and a "
+                "second copy is a known way to slip a pickle past scanners",
+            )
+        seen.add(info.filename)
 
 
 def read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
@@ -354,7 +473,9 @@ def is_compiled_code(name: str) -> bool:
     return name.endswith(_COMPILED) or "/data/aotinductor/" in name
 
 
-def _scan_export_archive(archive: zipfile.ZipFile, path: str, found: dict[str, None]) -> list[str]:
+def _scan_export_archive(
+    archive: zipfile.ZipFile, path: str, found: dict[str, None], budget: _Budget
+) -> list[str]:
     """A ``torch.export`` archive (``.pt2``): the pickles ``torch.export.load`` would unpickle
     (sample inputs, tensors and objects its payload tables mark as pickled) and compiled code."""
     records: list[str] = []
@@ -379,13 +500,15 @@ def _scan_export_archive(archive: zipfile.ZipFile, path: str, found: dict[str, N
     for name in dict.fromkeys(pickled):
         if name not in names:
             continue
+        info = archive.getinfo(name)
+        budget.check_inflation(name, info.file_size, info.compress_size)
         data = read_member(archive, name, path)
         if data.startswith(_ZIP_MAGIC):  # torch.save bytes inside the archive
-            inner = _scan_zip(io.BytesIO(data), f"{path}:{name}", found)
+            inner = _scan_zip(io.BytesIO(data), f"{path}:{name}", found, budget)
             records += [f"{name}:{r}" for r in inner]
         elif data:
             try:
-                _scan_stream(_Reader(io.BytesIO(data), len(data)), 1, found, [])
+                _scan_stream(_Reader(io.BytesIO(data), len(data)), 1, found, [], budget, name)
             except _Malformed as exc:
                 raise _broken(path, name, str(exc), found) from exc
             records.append(name)
@@ -443,7 +566,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
                 records = []
                 reader = _Reader(f, os.fstat(f.fileno()).st_size)
                 try:
-                    _scan_stream(reader, LEGACY_PICKLES, found, records)
+                    _scan_stream(reader, LEGACY_PICKLES, found, records, _Budget(p))
                 except _Malformed as exc:
                     raise _broken(p, records[-1], str(exc), found) from exc
     except TorchkeepError:

@@ -144,10 +144,17 @@ def _load_sharded(
 
 
 def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
-    sizes = {p: run.pack_path(p, manifest).stat().st_size for p in manifest.packs}
+    obj = run.load(manifest, verify=False)  # refuses missing packs first
+    try:
+        sizes = {p: run.pack_path(p, manifest).stat().st_size for p in manifest.packs}
+    except OSError as exc:  # a pack that only an unused tensor entry names
+        raise CorruptCheckpointError(
+            f"a pack of the checkpoint is missing: {exc.filename}",
+            path=str(manifest.path),
+            hint="the run was damaged (a pack deleted by hand?); inspect another step",
+        ) from exc
     classes = {key: m["class"] for key, m in manifest.models.items()}
     models = {"models": classes} if classes else {}  # what load_model can rebuild
-    obj = run.load(manifest, verify=False)
     return CheckpointInfo(
         path=f"{run.root}@{manifest.step}",
         format="torchkeep-run",

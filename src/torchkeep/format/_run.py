@@ -56,10 +56,10 @@ from torchkeep.errors import (
 )
 from torchkeep.format._artifact import SafetensorsFile, check_format_version, rebuild
 from torchkeep.format._confine import lstat_inside
-from torchkeep.format._dtypes import dtype_from_name
+from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import hash_matches, seal_ok
 from torchkeep.format._location import MapLocation
-from torchkeep.format._safetensors import parse_json
+from torchkeep.format._safetensors import JSON_LIMIT, parse_json
 from torchkeep.storage import local_path
 
 RUN_FILE = "torchkeep_run.json"
@@ -67,8 +67,9 @@ MANIFEST_DIR = "checkpoints"
 PACK_DIR = "packs"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
-_MANIFEST_NAME = re.compile(r"^(\d{10,})\.json$")
-_REFERENCE = re.compile(r"^(?P<run>.+)@(?P<which>latest|best|\d+)$")
+# ASCII digits, at most 19 (an int64 step): \d alone also matches "٤" and runs int() refuses
+_MANIFEST_NAME = re.compile(r"^([0-9]{10,19})\.json$", re.ASCII)
+_REFERENCE = re.compile(r"^(?P<run>.+)@(?P<which>latest|best|[0-9]{1,19})$", re.ASCII)
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # How many times a reader resolves ``latest``/``best`` again after a prune took its checkpoint.
 READ_ATTEMPTS = 4
@@ -177,6 +178,8 @@ def read_manifest(path: Path) -> Manifest:
     A manifest ends with a digest of its own bytes, so that any changed byte is detected, even
     one that leaves valid JSON (a digit of a metric, a pack name).
     """
+    if path.stat().st_size > JSON_LIMIT:  # refused before it is read into memory
+        raise _bad(path, f"{path.stat().st_size} bytes, over the {JSON_LIMIT}-byte limit")
     data = path.read_bytes()
     doc = parse_json(data, what="manifest", path=str(path))
     if not isinstance(doc, dict):
@@ -195,28 +198,33 @@ def read_manifest(path: Path) -> Manifest:
     refs: dict[str, TensorRef] = {}
     for key, ref in tensors.items():
         try:
-            pack, shape = ref["pack"], tuple(ref["shape"])
-            dtype = dtype_from_name(ref["dtype"], path=str(path))
+            pack, shape, nbytes = ref["pack"], tuple(ref["shape"]), ref["nbytes"]
+            if not _is_count(nbytes):
+                raise ValueError(f"nbytes {str(nbytes)[:40]} is not a byte count")
+            dtype = tensor_dtype_from_name(ref["dtype"], path=str(path), key=str(key))
             item = TensorRef(
                 pack=pack,
                 key=str(ref["key"]),
                 dtype=ref["dtype"],
                 shape=shape,
-                nbytes=int(ref["nbytes"]),
+                nbytes=nbytes,
                 hash=str(ref["hash"]),
             )
+        except CorruptCheckpointError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise _bad(path, f"tensor entry {key!r} is malformed ({exc})", key) from exc
-        if not isinstance(pack, str) or not _PLAIN_NAME.match(pack) or Path(pack).name != pack:
+        if not (isinstance(pack, str) and _PLAIN_NAME.match(pack) and len(pack) <= 200) or (
+            Path(pack).name != pack
+        ):  # a name beyond 255 bytes makes every filesystem call raise OSError
             raise _bad(path, f"tensor {key!r} names pack {pack!r} outside the run", key)
-        if not all(type(s) is int and s >= 0 for s in shape) or (
-            math.prod(shape) * dtype.itemsize != item.nbytes
-        ):
+        numel = shape_numel(shape)
+        if numel is None or numel * dtype.itemsize != item.nbytes:
             raise _bad(path, f"tensor {key!r}: shape and dtype disagree with nbytes", key)
         refs[key] = item
     time = doc.get("time", 0.0)
-    if type(time) not in (int, float) or not math.isfinite(time):
-        raise _bad(path, f"time {time!r} is not a number")
+    if type(time) not in (int, float) or not math.isfinite(_as_float(time)):
+        raise _bad(path, f"time {str(time)[:40]} is not a number")
     return Manifest(
         path=path,
         step=step,
@@ -258,6 +266,14 @@ def _pack_digests(packs: Any, path: Path) -> dict[str, tuple[int, str]]:
 
 def _is_count(x: Any) -> bool:
     return type(x) is int and x >= 0
+
+
+def _as_float(x: int | float) -> float:
+    """``float(x)``, or NaN for an int beyond a float's range (a crafted 400-digit metric)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.nan
 
 
 class RunReader:
@@ -429,7 +445,7 @@ class RunReader:
 
     def resolve(self, which: str) -> Manifest:
         """The manifest for ``"latest"``, ``"best"`` or a step number."""
-        if which.isdigit():
+        if which.isascii() and which.isdigit() and len(which) <= 19:
             return self.manifest(int(which))
         steps = self.steps()
         if not steps:
@@ -545,8 +561,10 @@ def rank_by_metric(
     scored = []
     for step, metrics in checkpoints:
         value = metrics.get(monitor)
-        if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
-            scored.append((float(value), step))
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = _as_float(value)
+            if not math.isnan(number):
+                scored.append((number, step))
     sign = 1.0 if mode == "min" else -1.0
     return [step for _, step in sorted(scored, key=lambda s: (sign * s[0], -s[1]))]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import struct
@@ -32,9 +33,12 @@ import torch
 import xxhash
 
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.format._dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS
+from torchkeep.format._dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, shape_numel
 
 HEADER_LIMIT = 100 * 1024 * 1024  # the limit safetensors itself enforces
+JSON_LIMIT = HEADER_LIMIT  # any JSON document torchkeep reads: manifests, headers, records
+JSON_MAX_CONTAINERS = 4_000_000  # ~10 per tensor for 100,000 tensors, with room to spare
+JSON_MAX_DEPTH = 640  # a skeleton nests up to 200 levels (MAX_DEPTH), 3 JSON levels each at most
 ALIGN = 64
 _HINT = "the file is damaged or not a safetensors file; restore it from a copy"
 
@@ -78,18 +82,61 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json(data: bytes | str, *, what: str, path: str) -> Any:
-    """Parse JSON strictly: duplicate keys, NaN and excessive nesting are errors."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON constant {name}")
 
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"invalid JSON constant {name}")
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf, which int() and friends refuse
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """Whether containers nest deeper than ``limit`` in ``doc`` (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def parse_json(data: bytes | str, *, what: str, path: str, max_bytes: int = JSON_LIMIT) -> Any:
+    """Parse JSON strictly, within bounds a real checkpoint never reaches.
+
+    Duplicate keys, NaN, Infinity and numbers beyond a float's range are errors, and so are a
+    document over ``max_bytes``, more than :data:`JSON_MAX_CONTAINERS` objects and arrays
+    (each costs ~100 bytes of memory for two of the file) and nesting deeper than
+    :data:`JSON_MAX_DEPTH`, so that a crafted document is refused before it can exhaust memory
+    or the stack of whatever walks it next.
+    """
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"the {what} is not valid JSON: {why}", path=path, hint=_HINT)
+
+    if len(data) > max_bytes:
+        raise bad(f"{len(data)} bytes, over the {max_bytes}-byte limit")
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    # every container starts with one of these bytes (an upper bound: strings may hold them too)
+    openers = raw.count(b"{") + raw.count(b"[")
+    if openers > JSON_MAX_CONTAINERS:
+        raise bad(f"{openers} objects and arrays, over the limit of {JSON_MAX_CONTAINERS}")
     try:
-        return json.loads(data, object_pairs_hook=_reject_duplicates, parse_constant=no_constants)
+        doc = json.loads(
+            data,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(
-            f"the {what} is not valid JSON: {exc}", path=path, hint=_HINT
-        ) from exc
+        raise bad(str(exc)) from exc
+    if openers > JSON_MAX_DEPTH and _depth_exceeds(doc, JSON_MAX_DEPTH):
+        raise bad(f"nested deeper than {JSON_MAX_DEPTH} levels")
+    return doc
 
 
 def _is_int(x: Any) -> bool:
@@ -193,14 +240,12 @@ def read_header(mapped: MappedFile) -> Header:
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {key!r} has an unsupported dtype {code!r}", key)
-        if not (isinstance(shape, list) and all(_is_int(s) for s in shape)):
-            raise bad(f"tensor {key!r} has an invalid shape {shape!r}", key)
+        numel = shape_numel(shape) if isinstance(shape, list) else None
+        if numel is None:
+            raise bad(f"tensor {key!r} has an invalid shape {str(shape)[:200]}", key)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
             raise bad(f"tensor {key!r} has invalid data_offsets {offsets!r}", key)
         begin, end = offsets
-        numel = 1
-        for s in shape:
-            numel *= s
         expected = numel * SAFETENSORS_DTYPES[code].itemsize
         if end - begin != expected:
             raise bad(
@@ -236,6 +281,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.resolve_neg()
     if t.numel() == 0:
         return memoryview(b"")
+    if t.element_size() == 1 and not t.is_contiguous():
+        # torch has no copy kernel for the sub-byte dtypes (uint4...): copy their bytes instead
+        t = t.view(torch.uint8)
     flat = t.contiguous().reshape(-1)
     if flat.stride(0) != 1:  # torch calls a one-element view contiguous whatever its stride
         flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)

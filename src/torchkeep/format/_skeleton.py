@@ -24,6 +24,7 @@ import base64
 import math
 import os
 import pathlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +35,11 @@ import torch
 from torch.torch_version import TorchVersion
 
 from torchkeep.errors import CorruptCheckpointError, InvalidArgumentError, UnsupportedValueError
-from torchkeep.format._dtypes import dtype_from_name, dtype_name
+from torchkeep.format._dtypes import VIEWABLE_DTYPES, dtype_from_name, dtype_name
 from torchkeep.format._safe_values import numpy_dtype
 
 MAX_DEPTH = 200
+_INT64 = -(1 << 63)  # a torch.Size holds int64s
 _RESERVED_KEYS = frozenset({"__metadata__"})
 _SCALAR_KEY_TYPES = (str, int, float, bool, type(None))
 _PATH_TYPES = {
@@ -192,6 +194,8 @@ class _Flattener:
             raise _unsupported(
                 path, "a quantized tensor", "dequantize it, or save to a .pt path (torch format)"
             )
+        if t.dtype not in VIEWABLE_DTYPES:  # what the reader would refuse to build
+            raise _unsupported(path, f"a tensor of dtype {t.dtype}", "convert it with .to()")
         if t.device.type == "meta":
             raise _unsupported(path, "a meta tensor (it has no data)", "materialize it first")
         node: dict[str, Any] = {"$": "tensor"}
@@ -399,19 +403,17 @@ class _Decoder:
             if tag == "bytes":
                 return base64.b64decode(v, validate=True)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "size":
-                return torch.Size(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
+                if not (
+                    isinstance(v, list) and all(type(d) is int and _INT64 <= d < -_INT64 for d in v)
+                ):
+                    raise self.fail(f"a torch.Size of {str(v)[:80]}")
+                return torch.Size(v)
             if tag == "dtype":
                 return dtype_from_name(v, path=self.source)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "device":
                 return torch.device(v)  # type: ignore[arg-type]  # JSON; a bad v raises, caught below
             if tag == "np":
-                dtype = numpy_dtype(node["dtype"])
-                if "raw" in node:
-                    data = base64.b64decode(node["raw"], validate=True)
-                    if len(data) != dtype.itemsize:
-                        raise self.fail(f"a numpy {dtype} scalar of {len(data)} bytes")
-                    return np.frombuffer(data, dtype=dtype)[0]
-                return dtype.type(self.decode(v, depth + 1))
+                return self._np(node, depth)
             if tag == "np_dtype":
                 return numpy_dtype(v)
             if tag == "torch_version":
@@ -420,7 +422,15 @@ class _Decoder:
                 return TorchVersion(v)
             if tag == "path":
                 return _path(node)
-        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
+        # OverflowError: a crafted 400-digit number as a float, complex or numpy scalar
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            RuntimeError,
+            AttributeError,
+            OverflowError,
+        ) as exc:
             if isinstance(exc, CorruptCheckpointError | InvalidArgumentError):  # a bad map_location
                 raise
             raise self.fail(f"bad {tag!r} node ({exc})") from exc
@@ -439,6 +449,22 @@ class _Decoder:
         if array.dtype != np.uint8 or array.size != math.prod(shape) * dtype.itemsize:
             raise self.fail(f"a numpy {dtype} array of shape {shape} with {array.nbytes} bytes")
         return np.frombuffer(array.tobytes(), dtype=dtype).reshape(shape).copy()
+
+    def _np(self, node: dict[str, Any], depth: int) -> Any:
+        dtype = numpy_dtype(node["dtype"])
+        if "raw" in node:
+            data = base64.b64decode(node["raw"], validate=True)
+            if len(data) != dtype.itemsize:
+                raise self.fail(f"a numpy {dtype} scalar of {len(data)} bytes")
+            return np.frombuffer(data, dtype=dtype)[0]
+        value = self.decode(node.get("v"), depth + 1)
+        with warnings.catch_warnings():
+            # A value out of the dtype's range (never written: it came from that dtype)
+            warnings.simplefilter("error", RuntimeWarning)
+            try:
+                return dtype.type(value)
+            except RuntimeWarning as exc:
+                raise self.fail(f"numpy {dtype} scalar out of range ({exc})") from None
 
     def _dict(self, node: dict[str, Any], depth: int) -> dict[Any, Any]:
         out: dict[Any, Any] = OrderedDict() if node.get("ordered") else {}

@@ -208,7 +208,7 @@ class CheckpointManager:
             return []
         records = []
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):  # a damaged or hostile line
                 record = json.loads(line)
                 if isinstance(record, dict) and isinstance(record.get("step"), int):
                     records.append(record)

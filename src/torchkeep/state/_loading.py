@@ -259,7 +259,17 @@ def apply(
             src, dst = state[key], targets[key]
             if direct_read is not None and direct_read(src, dst):
                 continue
-            dst.copy_(src)
+            try:
+                dst.copy_(src)
+            except RuntimeError as exc:  # NotImplementedError too: no copy kernel (uint4...)
+                raise IncompatibleStateError(
+                    f"cannot copy {key!r} ({src.dtype}) into the module's {dst.dtype} "
+                    f"{type(dst).__name__}: {str(exc).splitlines()[0]}",
+                    path=report.source,
+                    key=key,
+                    hint="the keys before it were loaded; convert the checkpoint's tensor with "
+                    ".to() and save it again, or load it with torchkeep.load and copy by hand",
+                ) from exc
             if release is not None:
                 release(src)
 
