@@ -102,7 +102,9 @@ class _Flattener:
             return {"$": "torch_version", "v": str(value)}
         if kind in _PATH_TYPES:
             flavour, pure = _PATH_TYPES[kind]
-            return {"$": "path", "v": str(value), "flavour": flavour, "pure": pure}
+            # The parts too: some texts do not parse back to the same path ('//://' on Windows)
+            parts = list(value.parts)
+            return {"$": "path", "v": str(value), "parts": parts, "flavour": flavour, "pure": pure}
         if kind is complex:
             return {
                 "$": "complex",
@@ -487,11 +489,23 @@ def _path(node: dict[str, Any]) -> pathlib.PurePath:
     text, flavour, pure = node.get("v"), node.get("flavour"), node.get("pure")
     if type(text) is not str or flavour not in ("posix", "windows") or type(pure) is not bool:
         raise ValueError("a path node without its text, flavour or kind")
+    parts = node.get("parts")
+    if parts is not None and not (isinstance(parts, list) and all(type(p) is str for p in parts)):
+        raise ValueError("a path node whose parts are not strings")
+    cls: type[pathlib.PurePath]
     if flavour == "posix":
         concrete = not pure and os.name == "posix"  # a PosixPath cannot be made on Windows
-        return pathlib.PosixPath(text) if concrete else pathlib.PurePosixPath(text)
-    concrete = not pure and os.name == "nt"
-    return pathlib.WindowsPath(text) if concrete else pathlib.PureWindowsPath(text)
+        cls = pathlib.PosixPath if concrete else pathlib.PurePosixPath
+    else:
+        concrete = not pure and os.name == "nt"
+        cls = pathlib.WindowsPath if concrete else pathlib.PureWindowsPath
+    path = cls(text)
+    if parts is not None and list(path.parts) != parts:
+        # A few texts parse back as another path ('//://' on Windows); their parts do not
+        joined = cls(*parts)
+        if list(joined.parts) == parts:
+            return joined
+    return path
 
 
 def unflatten(
