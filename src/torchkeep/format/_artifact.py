@@ -26,6 +26,7 @@ from torchkeep.format._hash import hash_matches, tensor_hash
 from torchkeep.format._location import MapLocation, cast, relocate
 from torchkeep.format._safetensors import (
     MappedFile,
+    canonical_header,
     header_entries,
     layout_digest,
     parse_json,
@@ -162,6 +163,16 @@ class SafetensorsFile:
         if layout_digest(header_entries(self.header), metadata) != recorded:
             raise CorruptCheckpointError(
                 "the header does not match its digest: the file was altered or damaged",
+                path=self.path,
+            )
+        # The digest covers every value of the header; what JSON and safetensors leave free
+        # around the values (whitespace, escapes, the padding spaces) must be exactly what the
+        # writer produced, so that no byte of the header escapes the seal.
+        raw = self.mapped.read(8, self.header.data_start)
+        if raw != canonical_header(parse_json(raw, what="safetensors header", path=self.path)):
+            raise CorruptCheckpointError(
+                "the header is not laid out as torchkeep writes it (its spacing, padding or "
+                "escapes changed): the file was altered or damaged",
                 path=self.path,
             )
 

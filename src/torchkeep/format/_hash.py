@@ -40,7 +40,9 @@ def hash_matches(t: torch.Tensor, expected: str) -> bool:
         return False
 
 
-_SEAL = re.compile(rb',"digest":"(xxh3_128:[0-9a-f]{32})"\}\s*$')
+# The seal ends the file: exactly one newline after it, so that no byte escapes the digest (a
+# trailing space, a CRLF, a second newline would otherwise be accepted unseen).
+_SEAL = re.compile(rb',"digest":"(xxh3_128:[0-9a-f]{32})"\}\n\Z')
 
 
 def seal_json(text: bytes) -> bytes:
@@ -53,7 +55,8 @@ def seal_json(text: bytes) -> bytes:
 
 
 def seal_ok(data: bytes) -> bool:
-    """True when ``data`` ends with a digest (see :func:`seal_json`) that matches the rest."""
+    """True when ``data`` is exactly what :func:`seal_json` wrote: every byte before the digest
+    matches it, and the digest is followed by ``}`` and one newline, nothing else."""
     match = _SEAL.search(data)
     if match is None:
         return False
