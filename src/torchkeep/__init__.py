@@ -10,6 +10,7 @@ from torchkeep._version import __version__
 from torchkeep.diff import DiffReport, TensorDiff, diff
 from torchkeep.errors import (
     CheckpointNotFoundError,
+    CleanupWarning,
     CorruptCheckpointError,
     ExportError,
     ExportVerificationError,
@@ -18,6 +19,7 @@ from torchkeep.errors import (
     ModelClassError,
     StorageError,
     TorchkeepError,
+    TorchkeepWarning,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointRecord",
+    "CleanupWarning",
     "ConfigMixin",
     "CorruptCheckpointError",
     "DiffReport",
@@ -62,6 +65,7 @@ __all__ = [
     "TensorDiff",
     "TensorInfo",
     "TorchkeepError",
+    "TorchkeepWarning",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "VerifyReport",

@@ -8,6 +8,7 @@ only records who holds the lock (pid, host, start time) so that the error can na
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from torchkeep.errors import TorchkeepError
+from torchkeep.errors import StorageError, TorchkeepError
+from torchkeep.storage._local import storage_error
 
 
 class RunLockedError(TorchkeepError):
@@ -28,6 +30,33 @@ class RunLockedError(TorchkeepError):
     )
 
 
+_READ_WITHOUT_LOCK = (
+    "open it with CheckpointManager(path, read_only=True) to list and load checkpoints, or "
+    "read it with torchkeep.load('RUN@latest') or `torchkeep ls RUN`, which take no lock"
+)
+
+
+def _lock_error(exc: OSError, path: Path) -> StorageError:
+    """Why a writer cannot lock the run, and how to read it anyway."""
+    err = storage_error(exc, path, "lock the run for writing")
+    run = str(path.parent)
+    if exc.errno == errno.EROFS:
+        err = StorageError(
+            "the run is on a read-only filesystem, so it cannot be opened for writing",
+            path=run,
+            hint=_READ_WITHOUT_LOCK,
+        )
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        err = StorageError(
+            f"cannot create or lock {path.name} in the run: permission denied",
+            path=run,
+            hint="write as the run's owner, or " + _READ_WITHOUT_LOCK,
+        )
+    err.errno = exc.errno
+    err.__cause__ = exc
+    return err
+
+
 class RunLock:
     """The writer lock of a run; released by :meth:`release` or when the process exits."""
 
@@ -36,7 +65,10 @@ class RunLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        f = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            f = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        except OSError as exc:
+            raise _lock_error(exc, self.path) from exc
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -46,14 +78,17 @@ class RunLock:
             raise RunLockedError(
                 f"the run is locked by a writer: {holder}", path=str(self.path.parent)
             ) from None
-        except OSError:
+        except OSError as exc:
             f.close()
-            raise
-        f.seek(0)
-        f.truncate()
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        f.write(json.dumps(owner))
-        f.flush()
+            raise _lock_error(exc, self.path) from exc
+        # Who holds the lock is only shown in RunLockedError: a full disk must not stop a
+        # writer that holds the lock (its saves then report the full disk themselves).
+        with contextlib.suppress(OSError):
+            f.seek(0)
+            f.truncate()
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            f.write(json.dumps(owner))
+            f.flush()
         self._file = f
 
     def release(self) -> None:
