@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -148,3 +149,41 @@ def test_every_changed_byte_of_a_single_file_s_header_is_refused(tmp_path: Path)
             assert not tk.verify(path).ok
     assert tried > 1000
     assert refused == tried, f"{tried - refused} of {tried} changed headers went unnoticed"
+
+
+def _rewrite_header(path: Path, edit: Any) -> None:
+    """Re-lay the header of ``path`` after ``edit(header)``, compactly and padded as written."""
+    import json
+
+    from torchkeep.format._safetensors import canonical_header
+
+    data = path.read_bytes()
+    end = _header_end(data)
+    header = json.loads(data[8:end])
+    blob = canonical_header(edit(header))
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[end:])
+
+
+def test_a_reordered_header_is_refused(tmp_path: Path) -> None:
+    """Moving keys changes bytes but no value: the seal must see it all the same."""
+    path = tmp_path / "two.safetensors"
+    tk.save({"a": torch.ones(2), "b": torch.zeros(3)}, path)
+    original = path.read_bytes()
+    edits = {
+        "tensors swapped": lambda h: {"__metadata__": h["__metadata__"], "b": h["b"], "a": h["a"]},
+        "metadata last": lambda h: {k: h[k] for k in ("a", "b", "__metadata__")},
+        "metadata keys": lambda h: {**h, "__metadata__": dict(reversed(h["__metadata__"].items()))},
+        "entry fields": lambda h: {
+            k: v if k == "__metadata__" else dict(reversed(v.items())) for k, v in h.items()
+        },
+    }
+    for name, edit in edits.items():
+        path.write_bytes(original)
+        _rewrite_header(path, edit)
+        assert path.read_bytes() != original, name
+        with pytest.raises(tk.CorruptCheckpointError, match="laid out"):
+            tk.load(path)
+        assert not tk.verify(path).ok, name
+    path.write_bytes(original)
+    _rewrite_header(path, lambda h: h)  # the same layout again: accepted
+    assert torch.equal(tk.load(path)["b"], torch.zeros(3))

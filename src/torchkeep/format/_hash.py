@@ -2,8 +2,11 @@
 
 xxh3-128 runs at about 10 GB/s a core, far above disk bandwidth, so hashing never holds up a save
 or a verified load. It detects corruption (flipped bits, truncation, a pack swapped for another)
-and finds equal tensors; it is not a defence against an attacker who can rewrite the manifest as
-well as the data. ``sha256`` names are understood too.
+and finds equal tensors. ``sha256`` names are understood too.
+
+The seals (a manifest's ``"digest"``, a header's ``torchkeep_digest``) and tensor hashes are
+unkeyed: whoever can edit a file can recompute them. They detect accidents (bad disks, torn
+copies, a hand edit), not attackers; authenticity would need a keyed layer (signatures).
 """
 
 from __future__ import annotations
