@@ -348,6 +348,27 @@ def test_a_history_that_cannot_be_written_does_not_fail_the_save(tmp_path: Path)
 
 
 @pytest.mark.parametrize("code", CODES)
+def test_a_sweep_that_fails_on_open_is_a_warning(faults: Faults, tmp_path: Path, code: int) -> None:
+    """Leftovers of a crashed save are invisible to readers: failing to delete them is no
+    reason to refuse the run; the next save collects them."""
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(0, _app(0))
+    stray = run / "packs" / "0000000009-deadbeef.safetensors"  # as a crash before commit leaves
+    stray.write_bytes(b"")
+    with (
+        faults.on(code, "unlink", only=_containing("/packs/")),
+        pytest.warns(tk.CleanupWarning, match="interrupted save"),
+    ):
+        mgr = tk.CheckpointManager(run)
+    with mgr:
+        assert stray.exists()
+        mgr.save(1, _app(1))
+        assert not stray.exists()
+    _assert_run_intact(run, [0, 1])
+
+
+@pytest.mark.parametrize("code", CODES)
 def test_prune_reports_a_failed_delete_as_an_error(
     faults: Faults, tmp_path: Path, code: int
 ) -> None:

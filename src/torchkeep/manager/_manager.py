@@ -162,6 +162,7 @@ class CheckpointManager:
             self._lock.release()
             raise
         self._system = system_info()
+        self._emit_cleanup()
 
     # -- reading --------------------------------------------------------------------------------
 
