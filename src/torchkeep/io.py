@@ -47,6 +47,7 @@ from torchkeep.format import (
     read_into,
     read_model_description,
     resolve_path,
+    seal_json,
     write_artifact,
     write_torch,
 )
@@ -293,7 +294,7 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
     }
     directory = Path(path)
     save(model.state_dict(), directory / WEIGHTS_FILE)
-    text = json.dumps(document, indent=2).encode()
+    text = seal_json(json.dumps(document, indent=2).encode())  # the digest covers every byte
 
     def write_description(f: BinaryIO) -> None:
         f.write(text)

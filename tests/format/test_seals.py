@@ -187,3 +187,24 @@ def test_a_reordered_header_is_refused(tmp_path: Path) -> None:
     path.write_bytes(original)
     _rewrite_header(path, lambda h: h)  # the same layout again: accepted
     assert torch.equal(tk.load(path)["b"], torch.zeros(3))
+
+
+def test_every_changed_byte_of_a_model_description_is_refused(tmp_path: Path) -> None:
+    from tests.models import MLP
+
+    tk.save_model(MLP(hidden=3), tmp_path / "m", config={"hidden": 3})
+    description = tmp_path / "m" / "torchkeep_model.json"
+    original = description.read_bytes()
+    assert original.endswith(b"}\n")
+    changed = [*_variants(original, 0, len(original)), *_ends(original)]
+    refused = 0
+    for data in changed:
+        description.write_bytes(data)
+        try:
+            tk.load_model(tmp_path / "m")
+        except tk.CorruptCheckpointError:
+            refused += 1
+    assert len(changed) > 1000
+    assert refused == len(changed), f"{len(changed) - refused} of {len(changed)} went unnoticed"
+    description.write_bytes(original)
+    assert type(tk.load_model(tmp_path / "m")) is MLP
