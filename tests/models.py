@@ -271,6 +271,7 @@ def write_st(path: Any, header: Any, data: bytes, *, pad: bool = True) -> None:
     import json
     import struct
 
+    separators = None
     if isinstance(header, dict) and isinstance(header.get("__metadata__"), dict):
         # Re-seal as torchkeep's writer would, so that a test reaches the check it aims at.
         from torchkeep.format._artifact import DIGEST_KEY
@@ -281,7 +282,10 @@ def write_st(path: Any, header: Any, data: bytes, *, pad: bool = True) -> None:
             entries = {k: v for k, v in header.items() if k != "__metadata__"}
             rest = {k: v for k, v in meta.items() if k != DIGEST_KEY}
             meta[DIGEST_KEY] = layout_digest(entries, rest)
-    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+            separators = (",", ":")  # the writer's layout, which sealed headers must keep
+    blob = (
+        header if isinstance(header, bytes) else json.dumps(header, separators=separators).encode()
+    )
     if pad:
         blob += b" " * ((-(8 + len(blob))) % 64)
     with open(path, "wb") as f:

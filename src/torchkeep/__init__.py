@@ -11,6 +11,7 @@ from torchkeep.diff import DiffReport, TensorDiff, diff
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointPrunedError,
+    CleanupWarning,
     CorruptCheckpointError,
     ExportError,
     ExportVerificationError,
@@ -21,6 +22,7 @@ from torchkeep.errors import (
     RunLockedError,
     StorageError,
     TorchkeepError,
+    TorchkeepWarning,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointPrunedError",
     "CheckpointRecord",
+    "CleanupWarning",
     "ConfigMixin",
     "CorruptCheckpointError",
     "DiffReport",
@@ -72,6 +75,7 @@ __all__ = [
     "TensorInfo",
     "Tie",
     "TorchkeepError",
+    "TorchkeepWarning",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "VerifyReport",

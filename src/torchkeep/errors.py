@@ -20,6 +20,12 @@ exception a caller would naturally catch, so ``except FileNotFoundError`` keeps 
 
 Each message says what failed, where (path, key), why, and the way out. The same facts are
 attributes (``path``, ``key``, ``expected``, ``actual``, ``hint``) for programs.
+
+Warnings (``UserWarning`` subclasses, for what failed without losing anything)::
+
+    TorchkeepWarning
+    └── CleanupWarning       a committed save's housekeeping (history, retention, GC) failed;
+                             the checkpoint is saved, and the next save retries
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 __all__ = [
     "CheckpointNotFoundError",
     "CheckpointPrunedError",
+    "CleanupWarning",
     "CorruptCheckpointError",
     "ExportError",
     "ExportVerificationError",
@@ -40,6 +47,7 @@ __all__ = [
     "RunLockedError",
     "StorageError",
     "TorchkeepError",
+    "TorchkeepWarning",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
 ]
@@ -158,7 +166,13 @@ class ModelClassError(TorchkeepError, ImportError):
 
 
 class StorageError(TorchkeepError, OSError):
-    """Reading or writing bytes failed (disk full, permission denied, I/O error)."""
+    """Reading or writing bytes failed (disk full, permission denied, I/O error).
+
+    ``committed`` is True when a file was renamed into place (so readers see it) but could not
+    be made durable afterwards (the fsync of its directory failed).
+    """
+
+    committed: bool = False
 
 
 class RunLockedError(TorchkeepError):
@@ -195,3 +209,17 @@ class ExportVerificationError(ExportError, ValueError):
     def __init__(self, message: str, *, report: Any = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.report = report
+
+
+class TorchkeepWarning(UserWarning):
+    """Base class of the warnings torchkeep emits."""
+
+
+class CleanupWarning(TorchkeepWarning):
+    """Work after a checkpoint's commit point failed (metrics history, retention, deleting
+    unused packs, the directory fsync); the checkpoint itself is saved. The manager retries at
+    the next save; ``path`` names what could not be written or deleted."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

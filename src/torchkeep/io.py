@@ -49,15 +49,19 @@ from torchkeep.format import (
     read_into,
     read_model_description,
     resolve_path,
+    seal_json,
     write_artifact,
     write_torch,
 )
 from torchkeep.state import (
+    AllowImport,
     LoadReport,
     adapt_keys,
+    allowed_modules,
     apply,
     captured_config,
     check,
+    checked_model_class,
     class_path,
     find_state,
     import_model_class,
@@ -325,7 +329,7 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
         "config": flat.skeleton,
     }
     save(model.state_dict(), directory / WEIGHTS_FILE)
-    text = json.dumps(document, indent=2).encode()
+    text = seal_json(json.dumps(document, indent=2).encode())  # the digest covers every byte
 
     def write_description(f: BinaryIO) -> None:
         f.write(text)
@@ -339,6 +343,8 @@ def load_model(
     *,
     trust: bool = False,
     key: str | None = None,
+    model_class: type[nn.Module] | None = None,
+    allow_import: AllowImport = None,
 ) -> nn.Module:
     """Rebuild a saved model, weights loaded (strictly), in eval mode.
 
@@ -356,24 +362,34 @@ def load_model(
         trust: allow unpickling a full-model file.
         key: for a run reference, the app entry to rebuild (``"ema"``). Needed only when the
             checkpoint records several models and none is under ``"model"``.
+        model_class: the class to build with the recorded config, instead of the one the file
+            names (nothing is imported; its import path may differ, e.g. after a move).
+        allow_import: module names (or package prefixes: ``"mypkg"`` allows ``mypkg.models``)
+            that the recorded class may be imported from. The class name comes from the file
+            and importing a module runs its code, so a module that is not already imported in
+            this process is imported only when allowed here.
 
     Raises:
-        ModelClassError: the class cannot be imported or rejects the saved config; or the run's
-            checkpoint records no model (or several, without ``key``).
+        ModelClassError: the class's module is neither imported nor allowed, the class cannot
+            be imported or rejects the saved config; or the run's checkpoint records no model
+            (or several, without ``key``).
         UnsafeCheckpointError: a pickled model without ``trust=True``.
 
     Example:
-        >>> model = torchkeep.load_model("runs/exp1@best")           # the app's "model"
-        >>> ema = torchkeep.load_model("runs/exp1@best", key="ema")
+        >>> model = torchkeep.load_model("runs/exp1@best", model_class=Net)  # the app's "model"
+        >>> ema = torchkeep.load_model("runs/exp1@best", key="ema", allow_import="mypkg")
     """
+    chooser = _ClassChooser(model_class, allow_import)
     if parse_reference(path) is not None:
         name = os.fspath(path)
-        model: nn.Module = load_reference(path, lambda run, m: _rebuild_from_run(m, run, name, key))
+        model: nn.Module = load_reference(
+            path, lambda run, m: _rebuild_from_run(m, run, name, key, chooser)
+        )
     else:
         p = resolve_path(path)
         fmt = detect(p)
         if fmt is Format.MODEL_DIR:
-            model = _rebuild(p)
+            model = _rebuild(p, chooser)
         else:
             obj = load_file(p, map_location=map_location, trust=trust)
             if not isinstance(obj, nn.Module):
@@ -389,9 +405,28 @@ def load_model(
     return model.eval()
 
 
-def _construct(class_name: str, config: dict[str, Any], *, source: str) -> nn.Module:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ClassChooser:
+    """Which class :func:`load_model` builds: the caller's, or the recorded one if allowed."""
+
+    model_class: type[nn.Module] | None
+    allow_import: AllowImport
+
+    def __post_init__(self) -> None:
+        # Checked (and an iterator read) once, now: a wrong type fails whatever the file holds.
+        object.__setattr__(self, "allow_import", allowed_modules(self.allow_import))
+
+    def __call__(self, class_name: str, *, source: str) -> type[nn.Module]:
+        if self.model_class is not None:
+            return checked_model_class(self.model_class, class_name, source=source)
+        return import_model_class(class_name, source=source, allow_import=self.allow_import)
+
+
+def _construct(
+    class_name: str, config: dict[str, Any], *, source: str, chooser: _ClassChooser
+) -> nn.Module:
     """``cls(**config)`` for the recorded class, with a clear error when it refuses."""
-    cls = import_model_class(class_name, source=source)
+    cls = chooser(class_name, source=source)
     try:
         return cls(**config)
     except TypeError as exc:
@@ -404,9 +439,9 @@ def _construct(class_name: str, config: dict[str, Any], *, source: str) -> nn.Mo
         ) from exc
 
 
-def _rebuild(directory: Path) -> nn.Module:
+def _rebuild(directory: Path, chooser: _ClassChooser) -> nn.Module:
     class_name, config = read_model_description(directory)
-    model = _construct(class_name, config, source=str(directory))
+    model = _construct(class_name, config, source=str(directory), chooser=chooser)
     load_into(model, directory / WEIGHTS_FILE, strict=True)
     return model
 
@@ -442,11 +477,13 @@ def _pick_model(models: Mapping[str, Any], key: str | None, name: str) -> str:
     )
 
 
-def _rebuild_from_run(manifest: Manifest, run: RunReader, name: str, key: str | None) -> nn.Module:
+def _rebuild_from_run(
+    manifest: Manifest, run: RunReader, name: str, key: str | None, chooser: _ClassChooser
+) -> nn.Module:
     """Build the chosen model of a run's checkpoint and load its entry's weights strictly."""
     entry = _pick_model(manifest.models, key, name)
     class_name, config = model_description(manifest.models[entry], source=str(manifest.path))
-    model = _construct(class_name, config, source=name)
+    model = _construct(class_name, config, source=name, chooser=chooser)
     state = run.load(manifest)
     if not isinstance(state, Mapping) or entry not in state:
         raise CorruptCheckpointError(

@@ -2,7 +2,7 @@
 
 Each export runs in a subprocess (a few seconds each: importing torch and the exporters), so
 the cases are few. The models live in ``tests.cli._export_models``; the subprocess finds them
-through ``PYTHONPATH``, as ``load_model`` needs to import their class.
+through ``PYTHONPATH`` and imports them because ``--allow-import`` allows it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from ._export_models import AlwaysDropout, Block, TinyNet
 from ._helpers import ANSI, BOX, assert_clean_error, run_torchkeep
 
 ROOT = Path(__file__).resolve().parents[2]
+# The saved models name classes of tests.cli._export_models, which the subprocess has not
+# imported: importing what a file names is opt-in.
+ALLOW = ("--allow-import", "tests.cli")
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +48,14 @@ def test_export_onnx_json(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript")
     out = tmp_path / "out.onnx"
     proc = run_torchkeep(
-        "export", saved(TinyNet(), tmp_path), "--example-shape", "2,4", "-o", str(out), "--json"
+        "export",
+        *ALLOW,
+        saved(TinyNet(), tmp_path),
+        "--example-shape",
+        "2,4",
+        "-o",
+        str(out),
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)  # the whole of stdout: nothing else was printed
@@ -61,7 +71,7 @@ def test_export_onnx_json(tmp_path: Path) -> None:
 def test_export_pt2_table(tmp_path: Path) -> None:
     out = tmp_path / "model.pt2"
     proc = run_torchkeep(
-        "export", saved(TinyNet(), tmp_path), "--example-shape", "2,4", "-o", str(out)
+        "export", *ALLOW, saved(TinyNet(), tmp_path), "--example-shape", "2,4", "-o", str(out)
     )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
@@ -79,6 +89,7 @@ def test_export_torchscript_by_format_option(tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     proc = run_torchkeep(
         "export",
+        *ALLOW,
         saved(TinyNet(), tmp_path),
         "--format",
         "torchscript",
@@ -118,7 +129,7 @@ def test_bad_arguments_are_usage_errors(runner: CliRunner, tmp_path: Path) -> No
 def test_verification_failure_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "noisy.pt"
     proc = run_torchkeep(
-        "export", saved(AlwaysDropout(), tmp_path), "--example-shape", "2,4", "-o", str(out)
+        "export", *ALLOW, saved(AlwaysDropout(), tmp_path), "--example-shape", "2,4", "-o", str(out)
     )
     assert proc.returncode == 1
     assert not out.exists()
@@ -131,7 +142,7 @@ def test_verification_failure_writes_nothing(tmp_path: Path) -> None:
 def test_data_dependent_control_flow_names_the_module(tmp_path: Path) -> None:
     out = tmp_path / "gate.pt2"
     proc = run_torchkeep(
-        "export", saved(Block(), tmp_path), "--example-shape", "2,4", "-o", str(out)
+        "export", *ALLOW, saved(Block(), tmp_path), "--example-shape", "2,4", "-o", str(out)
     )
     assert proc.returncode == 1
     assert not out.exists()
@@ -164,10 +175,30 @@ def test_the_model_class_is_found_in_the_working_directory(
     )
     subprocess.run([sys.executable, "-c", train], cwd=tmp_path, check=True, timeout=120)
     proc = run_torchkeep(
-        "export", "runs/x@latest", "--example-shape", "2,4", "-o", "net.pt2", cwd=tmp_path
+        "export",
+        "runs/x@latest",
+        "--allow-import",
+        "my_models",
+        "--example-shape",
+        "2,4",
+        "-o",
+        "net.pt2",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "runs/x@latest (Net)" in proc.stdout and (tmp_path / "net.pt2").is_file()
+
+
+def test_a_class_from_a_module_not_allowed_is_not_imported(tmp_path: Path) -> None:
+    """Importing the module a file names runs its code: the command asks for --allow-import."""
+    out = tmp_path / "tiny.pt2"
+    proc = run_torchkeep(
+        "export", saved(TinyNet(), tmp_path), "--example-shape", "2,4", "-o", str(out)
+    )
+    assert proc.returncode == 1 and not out.exists()
+    assert_clean_error(proc.stderr, "ModelClassError")
+    assert "tests.cli._export_models:TinyNet" in proc.stderr
+    assert "--allow-import tests" in proc.stderr and "model_class" not in proc.stderr
 
 
 def test_real_example_inputs_from_a_file(tmp_path: Path) -> None:
@@ -177,6 +208,7 @@ def test_real_example_inputs_from_a_file(tmp_path: Path) -> None:
     out = tmp_path / "tiny.pt2"
     proc = run_torchkeep(
         "export",
+        *ALLOW,
         saved(TinyNet(), tmp_path),
         "--example-inputs",
         str(tmp_path / "inputs.safetensors"),

@@ -205,9 +205,13 @@ def test_class_path() -> None:
 
 
 def _tamper(directory: Path, **changes: Any) -> None:
+    """Rewrite the model description and seal it again, as anyone who can edit it can."""
+    from torchkeep.format import seal_json
+
     doc = json.loads((directory / MODEL_FILE).read_text())
+    doc.pop("digest", None)
     doc.update(changes)
-    (directory / MODEL_FILE).write_text(json.dumps(doc))
+    (directory / MODEL_FILE).write_bytes(seal_json(json.dumps(doc).encode()))
 
 
 @pytest.fixture

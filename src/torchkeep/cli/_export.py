@@ -259,6 +259,8 @@ _FLAGS = (
     (re.compile(r"\brtol/atol\b"), "--rtol/--atol"),
     (re.compile(r"\bopset=(\w+)"), r"--opset \1"),
     (re.compile(r"\btrust=True\b"), "--trust"),
+    (re.compile(r"\ballow_import='([\w.]+)'"), r"--allow-import \1"),
+    (re.compile(r", pass the class \(model_class=\w+\), or import the module before loading"), ""),
     (re.compile(r"\bbatch_sizes=\[\]"), "--static-batch"),
 )
 
@@ -398,11 +400,21 @@ def export_command(
             "--trust", help="Allow a pickled model file as SRC: loading it runs code from it."
         ),
     ] = False,
+    allow_import: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-import",
+            metavar="MODULE",
+            help="Let SRC's recorded model class be imported from MODULE (or a package "
+            "prefix); repeatable. Importing a module runs its code.",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for programs.")] = False,
 ) -> None:
     """Export a saved model to ONNX, torch.export (.pt2) or TorchScript, and verify it.
 
-    The model's class is imported from the installed packages or the working directory.
+    A saved model's class is imported from the installed packages or the working directory,
+    and only from a module given with --allow-import: importing a module runs its code.
 
     The file is loaded back and run on the example inputs and other batch sizes; each output
     is compared with the model's. Only a verified file is written: on a mismatch nothing is
@@ -439,6 +451,7 @@ def export_command(
                 rtol=rtol,
                 atol=atol,
                 trust=trust,
+                allow_import=allow_import or None,
             )
     except tk.TorchkeepError as err:
         err.hint = _as_flags(err.hint)

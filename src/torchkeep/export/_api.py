@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,14 +60,16 @@ def _format(path: Path, fmt: str | None) -> ExportFormat:
     return fmt  # type: ignore[return-value]  # one of the three: checked just above
 
 
-def _resolve(model_or_ref: Any, trust: bool) -> tuple[nn.Module, str]:
+def _resolve(
+    model_or_ref: Any, trust: bool, allow_import: str | Iterable[str] | None = None
+) -> tuple[nn.Module, str]:
     if isinstance(model_or_ref, nn.Module):
         return model_or_ref, type(model_or_ref).__qualname__
     if isinstance(model_or_ref, str | os.PathLike):
         # the same layer's single-artifact API: a save_model directory, RUN@best, a trusted file
         from torchkeep.io import load_model
 
-        model = load_model(model_or_ref, trust=trust)
+        model = load_model(model_or_ref, trust=trust, allow_import=allow_import)
         return model, f"{os.fspath(model_or_ref)} ({type(model).__qualname__})"
     raise InvalidArgumentError(
         f"cannot export a {type(model_or_ref).__name__}",
@@ -268,6 +270,7 @@ def export(
     batch_sizes: list[int] | None = None,
     latency_runs: int = 20,
     trust: bool = False,
+    allow_import: str | Iterable[str] | None = None,
 ) -> ExportReport:
     """Export a model for deployment and prove the file computes what the model computes.
 
@@ -301,6 +304,8 @@ def export(
             than the example's).
         latency_runs: timed runs behind each latency median.
         trust: allow a pickled model file as the source.
+        allow_import: for a saved model or a checkpoint reference, the modules its recorded
+            class may be imported from when not already imported (see :func:`load_model`).
 
     Returns:
         An :class:`ExportReport`: files, size, per-output errors, latencies, notes.
@@ -321,7 +326,7 @@ def export(
         raise InvalidArgumentError(
             "the destination is a directory", path=str(dest), hint="give a file name"
         )
-    model, source = _resolve(model_or_ref, trust)
+    model, source = _resolve(model_or_ref, trust, allow_import)
     inputs = _inputs.normalize(example_inputs)
     notes: list[str] = []
     options = {

@@ -26,6 +26,7 @@ from torchkeep.format._hash import hash_matches, tensor_hash
 from torchkeep.format._location import MapLocation, cast, relocate
 from torchkeep.format._safetensors import (
     MappedFile,
+    canonical_header,
     header_entries,
     layout_digest,
     parse_json,
@@ -176,6 +177,17 @@ class SafetensorsFile:
                 "the header does not match its digest: the file was altered or damaged",
                 path=self.path,
             )
+        # The digest covers every value of the header; what JSON and safetensors leave free
+        # around the values (whitespace, escapes, the padding spaces) must be exactly what the
+        # writer produced, so that no byte of the header escapes the seal.
+        raw = self.mapped.read(8, self.header.data_start)
+        parsed = parse_json(raw, what="safetensors header", path=self.path)
+        if raw != canonical_header(parsed) or not _in_writer_order(parsed):
+            raise CorruptCheckpointError(
+                "the header is not laid out as torchkeep writes it (its spacing, padding or "
+                "escapes changed): the file was altered or damaged",
+                path=self.path,
+            )
 
     @property
     def format(self) -> str:
@@ -290,6 +302,22 @@ class SafetensorsFile:
                 if first_only:
                     break
         return bad
+
+
+def _in_writer_order(header: dict[str, Any]) -> bool:
+    """Keys as the writer orders them: metadata first (format, document, digest), then the
+    tensors by offset, each as dtype, shape, data_offsets. Only entries with the same offsets
+    (empty tensors at one place) may come in any order: swapping them changes nothing read."""
+    keys = list(header)
+    if not keys or keys[0] != "__metadata__":
+        return False
+    if list(header["__metadata__"]) != ["format", METADATA_KEY, DIGEST_KEY]:
+        return False
+    entries = [header[k] for k in keys[1:]]
+    if any(list(e) != ["dtype", "shape", "data_offsets"] for e in entries):
+        return False
+    offsets = [tuple(e["data_offsets"]) for e in entries]
+    return offsets == sorted(offsets)
 
 
 def rebuild(

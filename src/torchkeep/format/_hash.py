@@ -2,8 +2,11 @@
 
 xxh3-128 runs at about 10 GB/s a core, far above disk bandwidth, so hashing never holds up a save
 or a verified load. It detects corruption (flipped bits, truncation, a pack swapped for another)
-and finds equal tensors; it is not a defence against an attacker who can rewrite the manifest as
-well as the data. ``sha256`` names are understood too.
+and finds equal tensors. ``sha256`` names are understood too.
+
+The seals (a manifest's ``"digest"``, a header's ``torchkeep_digest``) and tensor hashes are
+unkeyed: whoever can edit a file can recompute them. They detect accidents (bad disks, torn
+copies, a hand edit), not attackers; authenticity would need a keyed layer (signatures).
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ def hash_matches(t: torch.Tensor, expected: str) -> bool:
         return False
 
 
-_SEAL = re.compile(rb',"digest":"(xxh3_128:[0-9a-f]{32})"\}\s*$')
+# The seal ends the file: exactly one newline after it, so that no byte escapes the digest (a
+# trailing space, a CRLF, a second newline would otherwise be accepted unseen).
+_SEAL = re.compile(rb',"digest":"(xxh3_128:[0-9a-f]{32})"\}\n\Z')
 
 
 def seal_json(text: bytes) -> bytes:
@@ -53,7 +58,8 @@ def seal_json(text: bytes) -> bytes:
 
 
 def seal_ok(data: bytes) -> bool:
-    """True when ``data`` ends with a digest (see :func:`seal_json`) that matches the rest."""
+    """True when ``data`` is exactly what :func:`seal_json` wrote: every byte before the digest
+    matches it, and the digest is followed by ``}`` and one newline, nothing else."""
     match = _SEAL.search(data)
     if match is None:
         return False

@@ -21,6 +21,7 @@ from torchkeep.format._artifact import SafetensorsFile, check_format_version
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
 from torchkeep.format._directory import inspect_directory, is_checkpoint_dir
 from torchkeep.format._dtypes import dtype_name
+from torchkeep.format._hash import seal_ok
 from torchkeep.format._info import CheckpointInfo, TensorInfo
 from torchkeep.format._location import MapLocation, cast, map_tensors
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
@@ -176,12 +177,24 @@ def _no_tensor(node: dict[str, Any]) -> torch.Tensor:
 
 
 def read_model_description(directory: Path) -> tuple[str, dict[str, Any]]:
-    """The class path and constructor config recorded by ``save_model`` in ``directory``."""
+    """The class path and constructor config recorded by ``save_model`` in ``directory``.
+
+    The description ends with a digest of its own bytes (as a run's manifest does), so that any
+    changed byte is detected, even one that leaves valid JSON (a digit of the config).
+    """
     source = str(directory)
-    doc = parse_json((directory / MODEL_FILE).read_bytes(), what="model description", path=source)
+    data = (directory / MODEL_FILE).read_bytes()
+    doc = parse_json(data, what="model description", path=source)
     if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
         raise CorruptCheckpointError(f"{MODEL_FILE} names no class", path=source)
     check_format_version(doc.get("format_version"), path=source)
+    if not seal_ok(data):
+        raise CorruptCheckpointError(
+            f"{MODEL_FILE}: its bytes do not match its digest (altered or damaged)",
+            path=source,
+            hint="save the model again with torchkeep.save_model, or restore the directory "
+            "from a copy",
+        )
     return model_description(doc, source=source)
 
 

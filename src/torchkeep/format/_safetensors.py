@@ -333,12 +333,18 @@ def write_safetensors(
     meta = metadata(dict(header)) if callable(metadata) else metadata
     if meta:
         header = {"__metadata__": meta, **header}
-    blob = json.dumps(header, separators=(",", ":")).encode("ascii")
-    blob += b" " * ((-(8 + len(blob))) % ALIGN)
+    blob = canonical_header(header)
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for key in order:
         f.write(tensor_bytes(tensors[key]))
+
+
+def canonical_header(header: dict[str, Any]) -> bytes:
+    """The header bytes this module writes for ``header``: compact ASCII JSON in the given key
+    order, padded with spaces so that tensor data starts ``ALIGN``-byte aligned."""
+    blob = json.dumps(header, separators=(",", ":")).encode("ascii")
+    return blob + b" " * ((-(8 + len(blob))) % ALIGN)
 
 
 def read_into(fd: int, start: int, nbytes: int, out: torch.Tensor, *, path: str) -> None:

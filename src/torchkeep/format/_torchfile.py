@@ -93,9 +93,14 @@ def write_torch(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> None:
         "metadata": metadata_json(metadata),
         "hashes": {key: tensor_hash(t) for key, t in flat.tensors.items()},
     }
+    writer = _ErrorKeepingWriter(f)
     try:
-        torch.save(obj, f)
+        torch.save(obj, writer)  # type: ignore[arg-type]  # a file-like object torch accepts
     except (KeyError, RuntimeError, TypeError, ValueError, pickle.PicklingError) as exc:
+        if writer.error is not None:
+            # torch's zip writer turns a failed write into "unexpected pos ...": the disk
+            # failed (full, read-only, I/O error), not the object. The caller maps the errno.
+            raise writer.error from exc
         raise UnsupportedValueError(
             f"torch.save cannot store this object: {exc}",
             hint="save to a .safetensors path, which stores every torch dtype",
@@ -131,6 +136,25 @@ def _is_storage(name: str) -> bool:
 
 def _bytes_hash(data: bytes) -> str:
     return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
+
+
+class _ErrorKeepingWriter:
+    """A file wrapper for ``torch.save`` that keeps the first ``OSError`` of a write, which
+    torch's C++ zip writer would otherwise report as a bare position mismatch."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def read_document(path: str) -> dict[str, Any] | None:

@@ -17,7 +17,34 @@ import time
 from pathlib import Path
 from typing import IO
 
-from torchkeep.errors import CorruptCheckpointError, RunLockedError
+from torchkeep.errors import CorruptCheckpointError, RunLockedError, StorageError
+from torchkeep.storage._local import storage_error
+
+_READ_WITHOUT_LOCK = (
+    "open it with CheckpointManager(path, read_only=True) to list and load checkpoints, or "
+    "read it with torchkeep.load('RUN@latest') or `torchkeep ls RUN`, which take no lock"
+)
+
+
+def _lock_error(exc: OSError, path: Path) -> StorageError:
+    """Why a writer cannot lock the run, and how to read it anyway."""
+    err = storage_error(exc, path, "lock the run for writing")
+    run = str(path.parent)
+    if exc.errno == errno.EROFS:
+        err = StorageError(
+            "the run is on a read-only filesystem, so it cannot be opened for writing",
+            path=run,
+            hint=_READ_WITHOUT_LOCK,
+        )
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        err = StorageError(
+            f"cannot create or lock {path.name} in the run: permission denied",
+            path=run,
+            hint="write as the run's owner, or " + _READ_WITHOUT_LOCK,
+        )
+    err.errno = exc.errno
+    err.__cause__ = exc
+    return err
 
 
 class RunLock:
@@ -33,13 +60,13 @@ class RunLock:
         try:
             fd = os.open(self.path, flags, 0o666)
         except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise CorruptCheckpointError(
-                "the run's lock file is a symbolic link",
-                path=str(self.path),
-                hint="remove the link; a run's files must be inside it",
-            ) from exc
+            if exc.errno == errno.ELOOP:
+                raise CorruptCheckpointError(
+                    "the run's lock file is a symbolic link",
+                    path=str(self.path),
+                    hint="remove the link; a run's files must be inside it",
+                ) from exc
+            raise _lock_error(exc, self.path) from exc
         f = open(fd, "a+")  # noqa: SIM115 - kept open while the lock is held
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,14 +77,17 @@ class RunLock:
             raise RunLockedError(
                 f"the run is locked by a writer: {holder}", path=str(self.path.parent)
             ) from None
-        except OSError:
+        except OSError as exc:
             f.close()
-            raise
-        f.seek(0)
-        f.truncate()
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        f.write(json.dumps(owner))
-        f.flush()
+            raise _lock_error(exc, self.path) from exc
+        # Who holds the lock is only shown in RunLockedError: a full disk must not stop a
+        # writer that holds the lock (its saves then report the full disk themselves).
+        with contextlib.suppress(OSError):
+            f.seek(0)
+            f.truncate()
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            f.write(json.dumps(owner))
+            f.flush()
         self._file = f
 
     def release(self) -> None:

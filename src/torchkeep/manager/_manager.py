@@ -13,6 +13,11 @@ A save goes in four steps, each one safe to interrupt (layout in ``format/_run.p
 A crash before 3 leaves no checkpoint, only an unreferenced pack that the next writer sweeps. A
 crash during 4 leaves extra checkpoints or packs, never a manifest pointing at a missing pack,
 because a manifest always goes before its packs.
+
+A failure before 3 raises ``StorageError`` and leaves the run as it was. After 3 the checkpoint
+is saved whatever happens: a failure to record the metrics history, to apply retention or to
+delete unused packs (or of the directory fsync after the rename) is a ``CleanupWarning``, and
+the next save retries that work. ``save`` never reports a committed checkpoint as failed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 from torchkeep._version import __version__
 from torchkeep.errors import (
     CheckpointNotFoundError,
+    CleanupWarning,
     InvalidArgumentError,
     StorageError,
     TorchkeepError,
@@ -69,6 +75,7 @@ from torchkeep.manager._writer import (
 )
 from torchkeep.state import capture_app, describe_models, restore_app
 from torchkeep.storage import atomic_write, local_path
+from torchkeep.storage._local import storage_error
 
 
 class CheckpointManager:
@@ -124,6 +131,11 @@ class CheckpointManager:
         self._hasher = Hasher()
         self._system: dict[str, Any] = {}
         self._executor: ThreadPoolExecutor | None = None
+        # Work after a commit that failed: reported as warnings on the caller's thread, and
+        # retried by the next save (history lines not written yet, packs to collect).
+        self._cleanup: list[CleanupWarning] = []
+        self._unrecorded: list[str] = []
+        self._gc_due = False
         given = {
             "keep_last": keep_last,
             "keep_best": keep_best,
@@ -142,9 +154,7 @@ class CheckpointManager:
             (self.root / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
             (self.root / PACK_DIR).mkdir(exist_ok=True)
         except OSError as exc:
-            raise StorageError(
-                f"cannot create the run directory: {exc}", path=str(self.root)
-            ) from exc
+            raise storage_error(exc, self.root, "create the run directory") from exc
         check_layout(self.root)
         self._lock.acquire()
         try:
@@ -171,11 +181,16 @@ class CheckpointManager:
                 self._write_run_file(history)
             self._reader = RunReader(self.root)
             self._manifests = {m.step: m for m in self._reader.manifests()}
-            sweep(self.root, self._manifests.values())
+            try:
+                sweep(self.root, self._manifests.values())
+            except OSError as exc:  # leftovers are invisible to readers; the next open retries
+                self._gc_due = True
+                self._warn_later(f"could not remove what an interrupted save left: {exc}")
         except BaseException:
             self._lock.release()
             raise
         self._system = system_info()
+        self._emit_cleanup()
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -303,7 +318,9 @@ class CheckpointManager:
         state = capture_app(app)
         models = describe_models(app)  # here, on the caller's thread, even when async
         if not self.async_save:
-            return self._write(step, flatten(state), cleaned, user_metadata, models)
+            record = self._write(step, flatten(state), cleaned, user_metadata, models)
+            self._emit_cleanup()
+            return record
         # Flatten here so that unstorable values fail in save(), then copy to host memory.
         staged = self._stager.stage(flatten(state))
         if self._executor is None:
@@ -317,9 +334,14 @@ class CheckpointManager:
         return None
 
     def wait(self) -> CheckpointRecord | None:
-        """Wait for a pending async save; raise its error if it failed."""
+        """Wait for a pending async save; raise its error if it failed.
+
+        A ``CleanupWarning`` of a save that committed (history, retention, GC) is emitted here.
+        """
         pending, self._pending = self._pending, None
-        return None if pending is None else pending.result()
+        record = None if pending is None else pending.result()
+        self._emit_cleanup()
+        return record
 
     def _write(
         self,
@@ -336,34 +358,87 @@ class CheckpointManager:
                 for m in self._manifests.values()
                 for name, digest in m.pack_digests.items()
             }
-        manifest = write_checkpoint(
-            self.root,
-            step,
-            flat,
-            self._hasher.hashes(flat.tensors),
-            known,
-            known_packs,
-            metrics=metrics,
-            metadata=metadata,
-            system=self._system,
-            models=models,
-        )
+        try:
+            manifest = write_checkpoint(
+                self.root,
+                step,
+                flat,
+                self._hasher.hashes(flat.tensors),
+                known,
+                known_packs,
+                metrics=metrics,
+                metadata=metadata,
+                system=self._system,
+                models=models,
+            )
+        except StorageError as exc:
+            if not exc.committed:
+                raise
+            # Renamed into place, so committed; only its directory's fsync failed.
+            manifest = self._reader.manifest(step)
+            self._warn_later(
+                f"step {step} is saved, but its directory could not be fsynced, so it may not "
+                f"survive a power cut: {exc.message}",
+                exc.path,
+            )
+        # The commit point is behind us: from here on, a failure is a warning, not an error.
         with self._mutex:
             previous = self._manifests.get(step)
             self._manifests[step] = manifest
-            self._append_history(step, manifest.time, metrics)
-            kept = self._apply_retention(self.policy, replaced=previous)
+            try:
+                self._append_history(step, manifest.time, metrics)
+            except OSError as exc:
+                self._warn_later(
+                    f"step {step} is saved, but its metrics could not be added to "
+                    f"{METRICS_FILE} ({_reason(exc)}); the next save retries",
+                    str(self.root / METRICS_FILE),
+                )
+            try:
+                kept = self._apply_retention(self.policy, replaced=previous)
+            except OSError as exc:
+                self._warn_later(
+                    f"step {step} is saved, but retention could not finish ({_reason(exc)}); "
+                    "the run keeps extra checkpoints or packs until the next save retries",
+                    getattr(exc, "path", None) or str(self.root),
+                )
+                kept = select([(s, m.metrics) for s, m in self._manifests.items()], self.policy)
             return self._record(manifest, kept.get(step, ()))
 
     def _append_history(self, step: int, time: float, metrics: dict[str, Any]) -> None:
+        """Append this save's metrics line, after any that earlier saves could not write."""
         line = json.dumps({"step": step, "time": time, "metrics": metrics}) + "\n"
+        lines = [*self._unrecorded, line]
+        data = memoryview("".join(lines).encode())
+        # Not fsynced: every committed manifest holds its own metrics, and a history line
+        # lost in a power cut costs nothing the checkpoints do not keep.
         try:
-            # Not fsynced: every committed manifest holds its own metrics, and a history line
-            # lost in a power cut costs nothing the checkpoints do not keep.
-            with open(self.root / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(line)
-        except OSError as exc:
-            raise StorageError(f"cannot record metrics: {exc}", path=str(self.root)) from exc
+            fd = os.open(self.root / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    while data:
+                        data = data[os.write(fd, data) :]
+                except OSError:
+                    with contextlib.suppress(OSError):  # no half line for the retry to follow
+                        os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError:
+            self._unrecorded = lines
+            raise
+        self._unrecorded = []
+
+    def _warn_later(self, message: str, path: str | None = None) -> None:
+        """Keep a warning for the caller's thread (an async save runs on another)."""
+        with self._mutex:
+            self._cleanup.append(CleanupWarning(message, path=path))
+
+    def _emit_cleanup(self) -> None:
+        with self._mutex:
+            pending, self._cleanup = self._cleanup, []
+        for warning in pending:
+            warnings.warn(warning, stacklevel=3)
 
     # -- retention and garbage collection -------------------------------------------------------
 
@@ -398,13 +473,27 @@ class CheckpointManager:
     def _apply_retention(
         self, policy: RetentionPolicy, replaced: Manifest | None = None
     ) -> dict[int, tuple[str, ...]]:
+        """Delete what ``policy`` does not keep; a failure raises ``StorageError`` and leaves the
+        rest for the next call (a manifest not deleted stays listed; packs stay until collected)."""
         kept = select([(s, m.metrics) for s, m in self._manifests.items()], policy)
         doomed = sorted(set(self._manifests) - set(kept))
-        if doomed:
-            # The manifests go first: from then on nothing refers to their packs.
-            delete_manifests(self.root, [self._manifests.pop(step) for step in doomed])
         if doomed or replaced is not None:
-            collect_packs(self.root, self._manifests.values())
+            self._gc_due = True
+        folder = self.root / MANIFEST_DIR
+        try:
+            if doomed:
+                # The manifests go first: from then on nothing refers to their packs.
+                delete_manifests(self.root, [self._manifests[step] for step in doomed])
+                for step in doomed:
+                    del self._manifests[step]
+            if self._gc_due:
+                folder = self.root / PACK_DIR
+                collect_packs(self.root, self._manifests.values())
+                self._gc_due = False
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise storage_error(exc, folder, "delete unused checkpoint files") from exc
         return kept
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -464,11 +553,19 @@ class CheckpointManager:
 def _report_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
     manager = ref()
     pending = None if manager is None else manager._pending
-    if manager is not None and pending is not None and pending.done() and pending.exception():
+    if manager is None:
+        return
+    if pending is not None and pending.done() and pending.exception():
         print(
             f"torchkeep: the last async save to {manager.root} failed: {pending.exception()}",
             file=sys.stderr,
         )
+    for warning in manager._cleanup:
+        print(f"torchkeep: {warning}", file=sys.stderr)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def _policy_text(policy: RetentionPolicy) -> str:

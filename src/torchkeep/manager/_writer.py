@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 import torch
 
 from torchkeep._version import __version__
+from torchkeep.errors import StorageError
 from torchkeep.format import (
     FORMAT_VERSION,
     MANIFEST_DIR,
@@ -204,7 +205,14 @@ def write_checkpoint(
             write_pack(hashing, new)  # type: ignore[arg-type]  # write_pack only calls write(), which it has
             digests[pack] = (hashing.nbytes, hashing.digest)
 
-        atomic_write(pack_path, write)
+        try:
+            atomic_write(pack_path, write)
+        except StorageError as exc:
+            # A pack in place is no commit: the save failed, and nothing refers to the pack.
+            exc.committed = False
+            with contextlib.suppress(OSError):
+                pack_path.unlink()
+            raise
     now = datetime.datetime.now(datetime.UTC)
     document: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -223,9 +231,11 @@ def write_checkpoint(
     try:
         text = seal_json(json.dumps(document, separators=(",", ":")).encode())
         atomic_write(manifest_path, lambda f: write_bytes(f, text))  # the commit point
-    except BaseException:
-        with contextlib.suppress(OSError):
-            pack_path.unlink()
+    except BaseException as exc:
+        # Once renamed into place the manifest is committed, and its pack must stay.
+        if not (isinstance(exc, StorageError) and exc.committed):
+            with contextlib.suppress(OSError):
+                pack_path.unlink()
         raise
     return Manifest(
         path=manifest_path,

@@ -2,9 +2,12 @@
 
 from torchkeep.state._app import capture_app, describe_models, restore_app
 from torchkeep.state._config import (
+    AllowImport,
     ConfigMixin,
+    allowed_modules,
     capture_config,
     captured_config,
+    checked_model_class,
     class_path,
     import_model_class,
 )
@@ -15,17 +18,20 @@ from torchkeep.state._report import LoadReport, Mismatch, Tie
 from torchkeep.state._rng import RNGState
 
 __all__ = [
+    "AllowImport",
     "ConfigMixin",
     "LoadReport",
     "Mismatch",
     "RNGState",
     "Tie",
     "adapt_keys",
+    "allowed_modules",
     "apply",
     "capture_app",
     "capture_config",
     "captured_config",
     "check",
+    "checked_model_class",
     "describe_models",
     "class_path",
     "find_state",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from torch import nn
@@ -95,15 +96,61 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def import_model_class(path: str, *, source: str) -> type[nn.Module]:
-    """Import the ``module:QualName`` recorded in a model directory; it must be an ``nn.Module``."""
+AllowImport = str | Iterable[str] | None
+
+
+def allowed_modules(allow_import: AllowImport) -> tuple[str, ...]:
+    """``allow_import`` as a tuple of module names or prefixes; a ``TypeError`` otherwise."""
+    if allow_import is None:
+        return ()
+    names = (allow_import,) if isinstance(allow_import, str) else tuple(allow_import)
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"allow_import takes module names or prefixes, not {allow_import!r}")
+    return names
+
+
+def import_allowed(module_name: str, allow_import: AllowImport) -> bool:
+    """True when importing ``module_name`` runs no code the caller did not allow: it is already
+    imported in this process, or it is (or lies under) a name in ``allow_import``."""
+    names = allowed_modules(allow_import)
+    if module_name in sys.modules:
+        return True
+    return any(
+        module_name == name or module_name.startswith(name.rstrip(".") + ".") for name in names
+    )
+
+
+def import_model_class(
+    path: str, *, source: str, allow_import: AllowImport = None
+) -> type[nn.Module]:
+    """Import the ``module:QualName`` recorded in a model directory; it must be an ``nn.Module``.
+
+    The name comes from a file, so it is checked before anything is imported: importing a
+    module runs its code, and any installed module would do. The module must already be
+    imported in this process or be allowed by ``allow_import``; otherwise nothing is imported.
+    Attributes are looked up without triggering a module's ``__getattr__`` (lazy imports).
+
+    Raises:
+        ModelClassError: the module is not allowed, cannot be imported, or the name is not an
+            ``nn.Module`` subclass.
+    """
     module_name, _, qualname = path.partition(":")
     if not module_name or not qualname:
         raise ModelClassError(f"invalid class path {path!r}", path=source)
+    if not import_allowed(module_name, allow_import):
+        raise ModelClassError(
+            f"refusing to import {module_name!r} for the model class {path}: the name "
+            "comes from the checkpoint, and importing a module runs its code",
+            path=source,
+            key=path,
+            hint=f"allow the module (allow_import={module_name.partition('.')[0]!r}) if you "
+            f"trust it, pass the class (model_class={qualname.rpartition('.')[2]}), or import "
+            "the module before loading",
+        )
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
-            obj = getattr(obj, part)
+            obj = inspect.getattr_static(obj, part)
     except (ImportError, AttributeError) as exc:
         raise ModelClassError(
             f"cannot import the model class {path}: {exc}",
@@ -116,6 +163,11 @@ def import_model_class(path: str, *, source: str) -> type[nn.Module]:
                 else ""
             ),
         ) from exc
+    return checked_model_class(obj, path, source=source)
+
+
+def checked_model_class(obj: Any, path: str, *, source: str) -> type[nn.Module]:
+    """``obj`` when it is an ``nn.Module`` subclass; never called otherwise."""
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ModelClassError(
             f"{path} is not a torch.nn.Module subclass; refusing to call it",

@@ -111,7 +111,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     temporary file is removed (now, or by the next write to the same path).
 
     Raises:
-        StorageError: the filesystem failed (disk full, permission denied, I/O error).
+        StorageError: the filesystem failed (disk full, permission denied, I/O error). With
+            ``err.committed``, only the fsync of the directory after the rename failed: the new
+            file is in place but may not survive a power cut.
     """
     dest = local_path(path)
     if dest.is_dir():
@@ -143,7 +145,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     try:
         fsync_dir(parent)
     except OSError as exc:
-        raise storage_error(exc, parent, "make the new file durable") from exc
+        # The rename happened: readers see the new file, which may not survive a power cut.
+        err = storage_error(exc, parent, "make the new file durable")
+        err.committed = True
+        raise err from exc
 
 
 @contextlib.contextmanager
