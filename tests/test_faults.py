@@ -95,9 +95,12 @@ class Faults:
             fail("replace", os.fspath(dst))
             real_replace(src, dst, *args, **kwargs)
 
-        def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-            fail("unlink", os.fspath(path))
-            real_unlink(path, *args, **kwargs)
+        def unlink(path: Any, *args: Any, dir_fd: int | None = None, **kwargs: Any) -> None:
+            text = os.fspath(path)
+            if dir_fd is not None:  # deletes inside a run go through its folder's descriptor
+                text = os.path.join(self._fds.get(dir_fd, ("", False))[0], text)
+            fail("unlink", text)
+            real_unlink(path, *args, dir_fd=dir_fd, **kwargs)
 
         for name, fake in (
             ("open", open_),
@@ -330,16 +333,20 @@ def test_what_fails_after_the_commit_is_a_warning_and_is_retried(
     assert steps == list(range(2 * len(after_commit) + 1))  # the lost lines were written later
 
 
-def test_a_history_that_cannot_be_written_does_not_fail_the_save(tmp_path: Path) -> None:
+def test_a_history_that_cannot_be_written_does_not_fail_the_save(
+    faults: Faults, tmp_path: Path
+) -> None:
     """The red team's case: metrics.jsonl unwritable made a committed save raise."""
     run = tmp_path / "run"
     with tk.CheckpointManager(run) as mgr:
-        (run / "metrics.jsonl").mkdir()  # EISDIR on every write
-        with pytest.warns(tk.CleanupWarning, match="metrics"):
+        with (
+            faults.on(errno.EIO, "open", "write", only=_containing("metrics.jsonl")),
+            pytest.warns(tk.CleanupWarning, match="metrics"),
+        ):
             record = mgr.save(0, _app(0), metrics={"loss": 1.0})
+        assert faults.hits
         assert record is not None and record.step == 0
         assert [r.step for r in mgr.checkpoints] == [0]
-        (run / "metrics.jsonl").rmdir()
         mgr.save(1, _app(1), metrics={"loss": 0.5})
         assert [(r["step"], r["metrics"]) for r in mgr.history] == [
             (0, {"loss": 1.0}),
@@ -354,8 +361,9 @@ def test_a_sweep_that_fails_on_open_is_a_warning(faults: Faults, tmp_path: Path,
     run = tmp_path / "run"
     with tk.CheckpointManager(run) as mgr:
         mgr.save(0, _app(0))
-    stray = run / "packs" / "0000000009-deadbeef.safetensors"  # as a crash before commit leaves
-    stray.write_bytes(b"")
+    # A whole pack without its manifest, as a crash before the commit leaves it
+    stray = run / "packs" / "0000000009-deadbeef.safetensors"
+    stray.write_bytes(next((run / "packs").iterdir()).read_bytes())
     with (
         faults.on(code, "unlink", only=_containing("/packs/")),
         pytest.warns(tk.CleanupWarning, match="interrupted save"),

@@ -57,9 +57,13 @@ class RunLock:
     def acquire(self) -> None:
         # O_NOFOLLOW: a link at .lock must not make the truncate below clobber another file.
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        fd = -1
         try:
             fd = os.open(self.path, flags, 0o666)
+            f = open(fd, "a+")  # noqa: SIM115 - kept open while the lock is held
         except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
             if exc.errno == errno.ELOOP:
                 raise CorruptCheckpointError(
                     "the run's lock file is a symbolic link",
@@ -67,7 +71,6 @@ class RunLock:
                     hint="remove the link; a run's files must be inside it",
                 ) from exc
             raise _lock_error(exc, self.path) from exc
-        f = open(fd, "a+")  # noqa: SIM115 - kept open while the lock is held
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
