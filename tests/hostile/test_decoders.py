@@ -21,7 +21,8 @@ import torch
 
 import torchkeep as tk
 from torchkeep.format._dtypes import VIEWABLE_DTYPES, tensor_dtype_from_name
-from torchkeep.format._run import RunReader, rank_by_metric
+from torchkeep.format._run import RunReader
+from torchkeep.manager._retention import rank_by_metric
 
 from ..models import rewrite_document, rewrite_manifest
 
@@ -318,7 +319,7 @@ def test_json_documents_are_bounded_in_size_containers_and_depth(
 def test_an_oversized_manifest_is_refused_before_it_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from torchkeep.format import _run
+    from torchkeep.format._run import _manifest as _run
 
     run = tmp_path / "run"
     with tk.CheckpointManager(run) as mgr:

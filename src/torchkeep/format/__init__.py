@@ -4,7 +4,6 @@ Everything here is private to torchkeep; the public API in :mod:`torchkeep.io` b
 """
 
 from torchkeep.format._artifact import (
-    FORMAT_VERSION,
     SafetensorsFile,
     metadata_json,
     write_artifact,
@@ -37,19 +36,27 @@ from torchkeep.format._run import (
     PACK_DIR,
     RUN_FILE,
     Manifest,
+    Ranking,
     RunReader,
     TensorRef,
-    best_of,
     check_layout,
+    clean_metrics,
+    encode_manifest,
+    encode_run_file,
+    is_pack,
+    is_pack_name,
     is_run,
     load_reference,
     manifest_name,
+    pack_name,
     parse_reference,
-    rank_by_metric,
+    set_default_ranking,
+    system_info,
 )
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
 from torchkeep.format._skeleton import Flattened, flatten, unflatten
 from torchkeep.format._torchfile import write_torch
+from torchkeep.format._versions import FORMAT_VERSION, version_block
 
 __all__ = [
     "LOCK_FILE",
@@ -58,15 +65,23 @@ __all__ = [
     "PACK_DIR",
     "RUN_FILE",
     "Manifest",
+    "Ranking",
     "RunReader",
     "TensorRef",
-    "best_of",
     "check_layout",
+    "clean_metrics",
+    "encode_manifest",
+    "encode_run_file",
+    "is_pack",
+    "is_pack_name",
     "is_run",
     "load_reference",
     "manifest_name",
+    "pack_name",
     "parse_reference",
-    "rank_by_metric",
+    "set_default_ranking",
+    "system_info",
+    "version_block",
     "tensor_bytes",
     "tensor_hash",
     "HashingWriter",

@@ -35,8 +35,8 @@ from torchkeep.format._safetensors import (
     write_safetensors,
 )
 from torchkeep.format._skeleton import flatten, unflatten
+from torchkeep.format._versions import FORMAT_VERSION, version_block
 
-FORMAT_VERSION = "1.0"
 METADATA_KEY = "torchkeep"
 PACK_KIND = "torchkeep-pack"  # in the header of every pack a run writes (see write_pack)
 DIGEST_KEY = "torchkeep_digest"
@@ -99,9 +99,7 @@ def write_artifact(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> No
     """Write ``obj`` as a torchkeep safetensors file to the open binary file ``f``."""
     flat = flatten(obj)
     document = {
-        "format_version": FORMAT_VERSION,
-        "torchkeep_version": __version__,
-        "torch_version": str(torch.__version__),
+        **version_block(),
         "skeleton": flat.skeleton,
         "raw": raw_dtypes(flat.tensors),
         "metadata": metadata_json(metadata),
@@ -130,9 +128,7 @@ def write_pack(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
     """
     document = {
         "kind": PACK_KIND,
-        "format_version": FORMAT_VERSION,
-        "torchkeep_version": __version__,
-        "torch_version": str(torch.__version__),
+        **version_block(),
         "skeleton": {"$": "dict", "v": {k: {"$": "tensor", "k": k} for k in tensors}},
         "raw": raw_dtypes(tensors),
         "metadata": {},

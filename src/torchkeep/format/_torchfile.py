@@ -42,7 +42,6 @@ from typing import Any, BinaryIO
 import torch
 import xxhash
 
-from torchkeep._version import __version__
 from torchkeep.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -50,7 +49,7 @@ from torchkeep.errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from torchkeep.format._artifact import FORMAT_VERSION, check_format_version, metadata_json
+from torchkeep.format._artifact import check_format_version, metadata_json
 from torchkeep.format._hash import hash_matches, seal_json, seal_ok, tensor_hash
 from torchkeep.format._location import MapLocation
 from torchkeep.format._pickle_scan import (
@@ -62,6 +61,7 @@ from torchkeep.format._pickle_scan import (
 from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS, rebuilding_safe_values, resolve
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
+from torchkeep.format._versions import version_block
 
 METADATA_RECORD = "torchkeep.json"
 # what zipfile raises on damaged archives: flipped flag bits read as encryption (RuntimeError)
@@ -86,9 +86,7 @@ def write_torch(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> None:
     """Write ``obj`` with ``torch.save`` to the open (read-write) file ``f``, plus our metadata."""
     flat = flatten(obj)  # refuses anything that would need pickled code to load
     document = {
-        "format_version": FORMAT_VERSION,
-        "torchkeep_version": __version__,
-        "torch_version": str(torch.__version__),
+        **version_block(),
         "metadata": metadata_json(metadata),
         "hashes": {key: tensor_hash(t) for key, t in flat.tensors.items()},
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchkeep.format import Manifest
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CheckpointRecord:
@@ -70,3 +72,27 @@ class RestoreInfo:
             "values": {k: v for k, v in self.values.items() if isinstance(v, int | float | str)},
             "path": self.path,
         }
+
+
+def record_of(manifest: Manifest, kept: tuple[str, ...]) -> CheckpointRecord:
+    """The record of a committed manifest, with why retention keeps it."""
+    return CheckpointRecord(
+        step=manifest.step,
+        time=manifest.time,
+        metrics=manifest.metrics,
+        metadata=manifest.metadata,
+        size=manifest.nbytes,
+        kept=kept,
+        path=str(manifest.path),
+    )
+
+
+def restore_info(manifest: Manifest, values: dict[str, Any]) -> RestoreInfo:
+    """What a restore of ``manifest`` loaded (``values``: the plain values written back)."""
+    return RestoreInfo(
+        step=manifest.step,
+        metrics=manifest.metrics,
+        metadata=manifest.metadata,
+        values=values,
+        path=str(manifest.path),
+    )
