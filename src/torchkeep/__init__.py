@@ -29,7 +29,13 @@ from torchkeep.errors import (
 from torchkeep.export import ExportReport, OutputCheck, export, load_exported
 from torchkeep.format import CheckpointInfo, FileInfo, TensorInfo
 from torchkeep.io import convert, inspect, load, load_into, load_model, save, save_model
-from torchkeep.manager import CheckpointManager, CheckpointRecord, RestoreInfo
+from torchkeep.manager import (
+    CheckpointManager,
+    CheckpointRecord,
+    PrunePlan,
+    RestoreInfo,
+    RetentionPolicy,
+)
 from torchkeep.state import (
     ConfigMixin,
     LoadReport,
@@ -67,8 +73,10 @@ __all__ = [
     "ModelClassError",
     "OutputCheck",
     "PickleScan",
+    "PrunePlan",
     "RNGState",
     "RestoreInfo",
+    "RetentionPolicy",
     "RunLockedError",
     "StorageError",
     "TensorDiff",

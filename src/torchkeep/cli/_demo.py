@@ -44,6 +44,7 @@ from torchkeep.cli._output import (
     print_table,
     stdout_console,
 )
+from torchkeep.format import version_block
 
 __all__ = ["STEPS", "demo_command", "register"]
 
@@ -146,8 +147,7 @@ def step_save(run: DemoRun) -> None:
     }
     metadata = {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "torchkeep_version": tk.__version__,
+        **version_block(with_format=False),  # who wrote it, with what (informational)
         "hyperparameters": run.hparams,
         "train_losses": run.train_losses,
         "val_losses": run.val_losses,

@@ -12,7 +12,7 @@ import datetime as _dt
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import typer
 
@@ -27,7 +27,6 @@ from torchkeep.cli._output import (
     print_line,
     print_table,
 )
-from torchkeep.manager import RetentionPolicy, select
 
 __all__ = [
     "RUN_ARGUMENT",
@@ -40,6 +39,14 @@ __all__ = [
     "run_name",
     "runs_in",
 ]
+
+
+class RetentionRules(TypedDict):
+    """The rules of ``torchkeep prune``, as ``CheckpointManager.prune`` takes them."""
+
+    keep_last: int | None
+    keep_best: int | None
+    keep_every: int | None
 
 
 def register(app: typer.Typer) -> None:
@@ -87,7 +94,7 @@ def _metric_text(value: Any) -> str | None:
     return compact_json(value)
 
 
-def _policy_text(policy: RetentionPolicy) -> str:
+def _policy_text(policy: tk.RetentionPolicy) -> str:
     rules = [
         f"{name}={value}"
         for name in ("keep_last", "keep_best", "keep_every")
@@ -344,26 +351,18 @@ def prune_command(
     """
     if keep_last is None and keep_best is None and keep_every is None:
         ctx.fail("give at least one rule: --keep-last, --keep-best or --keep-every")
+    rules = RetentionRules(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
     # Read-only first: a writer would create a run at a mistyped path.
     with tk.CheckpointManager(run, read_only=True) as reader:
-        stored = reader.policy
         records = reader.checkpoints
-    rules = RetentionPolicy(
-        keep_last=keep_last,
-        keep_best=keep_best,
-        keep_every=keep_every,
-        monitor=stored.monitor,
-        mode=stored.mode,
-    )
+        plan = reader.prune(**rules, dry_run=True)
     before = disk_bytes(run)
-    if dry_run:
-        kept = select([(r.step, r.metrics) for r in records], rules)
-        deleted = sorted({r.step for r in records} - set(kept))
-    else:
+    if not dry_run:
         with tk.CheckpointManager(run) as mgr:
             records = mgr.checkpoints  # the writer's view, after it swept a crashed save
-            kept = select([(r.step, r.metrics) for r in records], rules)
-            deleted = mgr.prune(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
+            plan = mgr.prune(**rules, dry_run=True)
+            mgr.prune(**rules)  # under the same lock: deletes exactly plan.delete
+    deleted, kept = plan.delete, plan.keep
     after = before if dry_run else disk_bytes(run)
     stay = [r.step for r in records if r.step not in deleted]
     if as_json:
@@ -371,7 +370,7 @@ def prune_command(
             {
                 "run": str(Path(run)),
                 "dry_run": dry_run,
-                "rules": rules.to_dict(),
+                "rules": plan.policy.to_dict(),
                 "deleted": deleted,
                 "kept": [{"step": s, "kept": list(kept.get(s, ()))} for s in stay],
                 "disk_bytes_before": before,
@@ -386,7 +385,7 @@ def prune_command(
             (r.step, action if r.step in deleted else "keep", ",".join(kept.get(r.step, ())))
             for r in records
         ],
-        title=f"rules: {_policy_text(rules)}",
+        title=f"rules: {_policy_text(plan.policy)}",
     )
     print_line()
     print_line(f"{action} {len(deleted)} checkpoint(s): {_steps_text(deleted)}")

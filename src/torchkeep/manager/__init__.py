@@ -3,11 +3,12 @@
 from torchkeep.errors import RunLockedError
 from torchkeep.manager._manager import CheckpointManager
 from torchkeep.manager._records import CheckpointRecord, RestoreInfo
-from torchkeep.manager._retention import RetentionPolicy, select
+from torchkeep.manager._retention import PrunePlan, RetentionPolicy, select
 
 __all__ = [
     "CheckpointManager",
     "CheckpointRecord",
+    "PrunePlan",
     "RestoreInfo",
     "RetentionPolicy",
     "RunLockedError",
