@@ -7,7 +7,7 @@ Once a manifest is renamed into place the checkpoint is saved, whatever happens 
 failure after it (to append the metrics line, to apply retention, to delete unused packs) is no
 error of ``save``: it is kept as a ``CleanupWarning``, emitted on the caller's thread (an async
 save runs on another), and the next save retries the work. A process that exits with warnings
-(or a failed async save) still pending prints them (:func:`report_at_exit`).
+(or a failed async save) still pending prints them (see :class:`BackgroundSaves`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ the next save retries that work. ``save`` never reports a committed checkpoint a
 
 The pieces, by concern: ``_writer.py`` (staging, hashing, the commit order), ``_gc.py``
 (deleting a run's files), ``_retention.py`` (what to keep), ``_runfile.py`` (the stored policy
-and its history), ``_aftercommit.py`` (the metrics history and the warnings after a commit).
+and its history), ``_aftercommit.py`` (async saves, the metrics history, the warnings after
+a commit).
 """
 
 from __future__ import annotations
