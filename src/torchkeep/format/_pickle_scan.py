@@ -46,10 +46,10 @@ from typing import IO, Any, cast
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    StorageError,
     TorchkeepError,
     UnsafeCheckpointError,
 )
+from torchkeep.storage import storage_error
 
 __all__ = [
     "COMPILED_CODE",
@@ -543,7 +543,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
             f"no file at {p}", path=p, hint="check the path and the working directory"
         ) from None
     except OSError as exc:
-        raise StorageError(f"cannot stat {p}: {exc}", path=p, hint="check permissions") from exc
+        raise storage_error(exc, p, "stat the file") from exc
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise CorruptCheckpointError(
@@ -572,7 +572,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
     except TorchkeepError:
         raise
     except OSError as exc:
-        raise StorageError(f"cannot read {p}: {exc}", path=p, hint="check the disk") from exc
+        raise storage_error(exc, p, "read the file") from exc
     return PickleScan(
         path=p,
         records=tuple(records),

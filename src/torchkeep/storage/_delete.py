@@ -11,6 +11,7 @@ One fsync of the folder at the end makes the batch durable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -66,7 +67,10 @@ def delete_files(
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise storage_error(exc, directory, action) from exc
+        cause = exc
+        if os.path.islink(directory):  # Linux says ENOTDIR for O_DIRECTORY | O_NOFOLLOW
+            cause = OSError(errno.ELOOP, "the folder is a symbolic link", os.fspath(directory))
+        raise storage_error(cause, directory, action) from exc
     removed: list[str] = []
     try:
         for name in names:
