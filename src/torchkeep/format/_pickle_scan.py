@@ -49,7 +49,7 @@ from torchkeep.errors import (
     TorchkeepError,
     UnsafeCheckpointError,
 )
-from torchkeep.storage import storage_error
+from torchkeep.storage import storage_error, storage_for
 
 __all__ = [
     "COMPILED_CODE",
@@ -553,7 +553,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
         )
     found: dict[str, None] = {}
     try:
-        with open(p, "rb") as f:
+        with storage_for(p).open_read(p) as f:
             head = f.read(len(_ZIP_MAGIC))
             if not head:
                 raise CorruptCheckpointError("the file is empty", path=p, hint=_HINT_CORRUPT)
