@@ -351,6 +351,12 @@ def test_every_flipped_byte_of_a_pt_file_is_detected_or_harmless(tmp_path: Path)
         except tk.CorruptCheckpointError:
             detected += 1
             continue
+        except tk.UnsafeCheckpointError as exc:
+            # A flip in a zip size field makes data.pkl claim to inflate 50:1 or more: the scan
+            # refuses it as a possible zip bomb before any hash can be read. Refused all the same.
+            assert "decompress" in str(exc), (i, str(exc))
+            detected += 1
+            continue
         same = set(loaded) == set(obj) and torch.equal(loaded["w"], obj["w"])
         if not (same and loaded["epoch"] == 2 and loaded["lr"] == 0.5) or metadata != {
             "note": "baseline"

@@ -216,3 +216,21 @@ def test_json_failures_of_real_commands(runner: CliRunner, tmp_path: Path) -> No
         document = json.loads(result.stdout)
         assert document["error"] == name and document["message"], args
         assert "hint" in document
+
+
+def test_usage_errors_under_json_print_json_and_exit_2(tmp_path: Path) -> None:
+    """What typer itself rejects (a missing argument, an unknown option) is JSON too."""
+    from ._helpers import run_torchkeep
+
+    for args, message in (
+        (["inspect", "--json"], "Missing argument 'PATH'"),
+        (["ls", str(tmp_path), "--bogus", "--json"], "No such option: --bogus"),
+    ):
+        result = run_torchkeep(*args)
+        assert result.returncode == 2, result.stderr
+        document = json.loads(result.stdout)
+        assert document["error"] == "UsageError" and message in document["message"]
+        assert document["hint"] == f"see torchkeep {args[0]} --help"
+        assert message in result.stderr  # the usage text still goes to stderr
+    plain = run_torchkeep("inspect")  # without --json: typer's own output, stdout empty
+    assert plain.returncode == 2 and plain.stdout == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torchkeep
 from torchkeep import CorruptCheckpointError, FormatVersionError
 
 from ..helpers import tutorial_checkpoint
-from ..models import MLP, fill_, rewrite_document
+from ..models import MLP, fill_, read_st_header, rewrite_document, write_st
 
 
 def test_safetensors_suffix_writes_plain_safetensors(tmp_path: Path) -> None:
@@ -84,4 +85,25 @@ def test_invalid_format_version_is_corrupt(tmp_path: Path, version: Any) -> None
     torchkeep.save({"w": torch.ones(2)}, path)
     rewrite_document(path, lambda doc: doc.update(format_version=version))
     with pytest.raises(CorruptCheckpointError):
+        torchkeep.load(path)
+
+
+@pytest.mark.parametrize("slot", ["raw", "view"])
+def test_a_null_the_writer_never_writes_is_corrupt_not_a_plain_tensor(
+    tmp_path: Path, slot: str
+) -> None:
+    """Found by the header fuzz: a resealed ``"view": null`` loaded the base tensor, a
+    ``"raw": {"h": null}`` loaded float8 bytes as uint8, both silently."""
+    path = tmp_path / "x.safetensors"
+    w = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    torchkeep.save({"w": w, "wt": w.t(), "h": torch.ones(2).to(torch.float8_e8m0fnu)}, path)
+    header, data = read_st_header(path)
+    doc = json.loads(header["__metadata__"]["torchkeep"])
+    if slot == "raw":
+        doc["raw"]["h"] = None
+    else:
+        doc["skeleton"]["v"]["wt"]["view"] = None
+    header["__metadata__"]["torchkeep"] = json.dumps(doc)
+    write_st(path, header, data)  # sealed again, as the writer seals: only the value is wrong
+    with pytest.raises(CorruptCheckpointError, match="raw entry|null view"):
         torchkeep.load(path)

@@ -31,6 +31,7 @@ from torch.torch_version import TorchVersion
 
 import torchkeep as tk
 from torchkeep import CorruptCheckpointError, UnsafeCheckpointError
+from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS
 
 from ..models import assert_same
 from .test_skeleton import VALUES, same_value
@@ -417,3 +418,22 @@ def test_any_harmless_value_loads_from_torch_save_and_round_trips(
             same_value(expected, actual)
         for expected, actual in zip(want, out["nested"][0], strict=True):
             same_value(expected, actual)
+
+
+@pytest.mark.parametrize("kind", list(HAND_MADE))
+def test_a_scan_calls_rebuilt_values_safe_as_load_does(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(HAND_MADE[kind](), path)
+    scan = tk.scan(path)
+    assert scan.is_safe and scan.unsafe == ()  # tk.load reads it without trust: the scan agrees
+    assert set(scan.rebuilt) <= SAFE_VALUE_GLOBALS
+    assert all(g in scan.globals for g in scan.rebuilt)
+
+
+@pytest.mark.parametrize("kind", ["os.system", "numpy.load", "rot13", "codecs-of-a-value"])
+def test_a_scan_still_names_what_load_refuses(kind: str, tmp_path: Path) -> None:
+    make, name = REFUSED[kind]
+    path = tmp_path / "x.pt"
+    torch.save({"rng": np.random.get_state(), "x": make()}, path)
+    scan = tk.scan(path)
+    assert not scan.is_safe and any(name in g for g in scan.unsafe), scan.unsafe

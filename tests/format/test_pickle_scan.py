@@ -143,6 +143,7 @@ def test_state_dict_and_training_checkpoint_are_safe(tmp_path: Path, zip_format:
             "records": list(scan.records),
             "globals": list(scan.globals),
             "unsafe": [],
+            "rebuilt": [],
             "is_safe": True,
         }
         torch.load(path, weights_only=True)  # agrees with the real gate

@@ -9,15 +9,17 @@ and exit code 1.
 from __future__ import annotations
 
 import platform
+import sys
 from typing import Annotated
 
 import torch
 import typer
+from typer.exceptions import TyperException
 
 import torchkeep as tk
 from torchkeep.cli import _compare, _demo, _export, _inspect, _integrity, _plot, _run
 from torchkeep.cli._help import Group, tidy_help
-from torchkeep.cli._output import print_line
+from torchkeep.cli._output import emit_json, print_line
 
 __all__ = ["app", "main"]
 
@@ -72,5 +74,32 @@ tidy_help(app)
 
 
 def main() -> None:
-    """Entry point of the ``torchkeep`` console script."""
-    app(prog_name="torchkeep")
+    """Entry point of the ``torchkeep`` console script.
+
+    Usage errors (an unknown option, a missing argument) exit with status 2; under ``--json``
+    they also print their JSON document on stdout, as every other failure does.
+    """
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="torchkeep")
+        return
+    try:
+        code = app(prog_name="torchkeep", standalone_mode=False)
+    except TyperException as exc:  # click's errors, as typer vendors them
+        exit_code = getattr(exc, "exit_code", 1)
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "torchkeep"
+        emit_json(
+            {
+                "error": "UsageError" if exit_code == 2 else type(exc).__name__,
+                "message": exc.format_message() if hasattr(exc, "format_message") else str(exc),
+                "hint": f"see {command} --help",
+                "path": None,
+                "key": None,
+            }
+        )
+        if hasattr(exc, "show"):
+            exc.show()
+        sys.exit(exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

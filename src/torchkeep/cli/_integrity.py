@@ -109,7 +109,17 @@ def _print_scan(s: tk.PickleScan, indent: str = "") -> None:
     if not s.records:
         print_line(f"{indent}  no pickle inside: nothing can run on load")
         return
-    rows = [[g, "DANGEROUS" if g in s.unsafe else "allowed"] for g in s.globals]
+    rows = [
+        [
+            g,
+            "DANGEROUS"
+            if g in s.unsafe
+            else "rebuilt by torchkeep"
+            if g in s.rebuilt
+            else "allowed",
+        ]
+        for g in s.globals
+    ]
     rows += [[g, "DANGEROUS"] for g in s.unsafe if g not in s.globals]
     print_table(["global", "verdict"], rows)
 

@@ -212,9 +212,10 @@ class SafetensorsFile:
     def dtype_shape(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """The true dtype and shape of stored tensor ``key``."""
         entry = self.entry(key)
-        raw = (self.document or {}).get("raw", {}).get(key)
-        if raw is None:
+        raws = (self.document or {}).get("raw", {})
+        if key not in raws:  # a stored null is no raw entry the writer made: malformed below
             return entry.dtype, entry.shape
+        raw = raws[key]
         try:
             name, numel = raw["dtype"], shape_numel(raw["shape"])
             if numel is None:
@@ -338,6 +339,13 @@ def rebuild(
 
     def tensor_for(node: dict[str, Any]) -> torch.Tensor:
         key, location, view = str(node.get("k")), str(node.get("dev", "cpu")), node.get("view")
+        if view is None and "view" in node:  # the writer omits "view" for a whole tensor
+            raise CorruptCheckpointError(
+                f"tensor node {key!r} has a null view",
+                path=source,
+                key=key,
+                hint="the file was altered or written by another tool; restore it from a copy",
+            )
         ident = json.dumps([key, location, view, node.get("param"), node.get("rg")])
         if ident in done:
             return done[ident]

@@ -102,6 +102,11 @@ def side_file_summary(path: Path) -> tuple[str, str | None]:
     return f"JSON {type(doc).__name__}", None
 
 
+def _refused(e: Entry, format: str | None, problem: str) -> FileInfo:
+    """A file of the directory that could not be described, and why."""
+    return FileInfo(name=e.name, kind=e.kind, format=format, file_bytes=e.size, problem=problem)
+
+
 def inspect_directory(
     directory: Path, inspect_file: Callable[[Path], CheckpointInfo]
 ) -> CheckpointInfo:
@@ -132,40 +137,17 @@ def inspect_directory(
                 FileInfo(name=e.name, kind=e.kind, format=None, file_bytes=e.size, summary=what)
             )
             continue
+
         if e.error is not None:
-            files.append(
-                FileInfo(
-                    name=e.name,
-                    kind=e.kind,
-                    format=None,
-                    file_bytes=e.size,
-                    problem=f"damaged: {e.error.message}",
-                )
-            )
+            files.append(_refused(e, None, f"damaged: {e.error.message}"))
             continue
         try:
             info = inspect_file(e.path)
         except UnsafeCheckpointError as exc:
-            files.append(
-                FileInfo(
-                    name=e.name,
-                    kind=e.kind,
-                    format=fmt,
-                    file_bytes=e.size,
-                    problem=unsafe_summary(exc.globals, exc.message),
-                )
-            )
+            files.append(_refused(e, fmt, unsafe_summary(exc.globals, exc.message)))
             continue
         except TorchkeepError as exc:
-            files.append(
-                FileInfo(
-                    name=e.name,
-                    kind=e.kind,
-                    format=fmt,
-                    file_bytes=e.size,
-                    problem=f"damaged: {exc.message}",
-                )
-            )
+            files.append(_refused(e, fmt, f"damaged: {exc.message}"))
             continue
         tensors += [
             TensorInfo(

@@ -18,7 +18,15 @@ import zipfile
 from typing import IO, Any
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
-from torchkeep.format._pickle_scan import LEGACY_PICKLES, read_member
+
+# The scanner's model of the pickle stack: the same markers, so the same opcodes mean the same
+from torchkeep.format._pickle_scan import (
+    _MARK,
+    _UNKNOWN,
+    LEGACY_PICKLES,
+    _apply_stack_effect,
+    read_member,
+)
 from torchkeep.storage import storage_for
 
 __all__ = ["check_codecs"]
@@ -30,8 +38,6 @@ _TRUST_HINT = (
 )
 
 
-_MARK = object()
-_UNKNOWN = object()
 _LATIN1 = ("latin1", "latin-1")
 
 
@@ -95,7 +101,7 @@ def _codecs_calls(stream: IO[bytes], size: int, max_pickles: int) -> list[str]:
                 elif name == "DUP":
                     stack.append(top)
                 else:
-                    _stack_effect(op, stack)
+                    _apply_stack_effect(op, stack)
     return bad
 
 
@@ -103,18 +109,6 @@ def _short(args: Any) -> str:
     if not isinstance(args, tuple):
         return "(...)"
     return "(" + ", ".join(repr(a)[:20] if isinstance(a, str) else "..." for a in args) + ")"
-
-
-def _stack_effect(op: pickletools.OpcodeInfo, stack: list[Any]) -> None:
-    before = op.stack_before
-    if pickletools.markobject in before:
-        while stack and stack.pop() is not _MARK:
-            pass
-        below = before.index(pickletools.markobject)
-    else:
-        below = len(before)
-    del stack[max(len(stack) - below, 0) :]
-    stack.extend([_UNKNOWN] * len(op.stack_after))
 
 
 def check_codecs(path: str, *, zip_format: bool) -> None:

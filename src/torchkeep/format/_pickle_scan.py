@@ -49,6 +49,7 @@ from torchkeep.errors import (
     TorchkeepError,
     UnsafeCheckpointError,
 )
+from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS
 from torchkeep.storage import storage_error, storage_for
 
 __all__ = [
@@ -113,20 +114,26 @@ class PickleScan:
         records: the pickles scanned: zip record names (``"archive/data.pkl"``), or
             ``"<pickle 0>"``, ``"<pickle 1>"``... for the legacy format and bare pickles.
         globals: every ``module.qualname`` the file would import, in first-seen order.
-        unsafe: those torch's ``weights_only`` unpickler refuses (:func:`is_allowed_global`),
+        unsafe: those torchkeep refuses to load without ``trust``: refused by torch's
+            ``weights_only`` unpickler (:func:`is_allowed_global`) and not rebuilt by torchkeep,
             including :data:`UNRESOLVED` for a ``STACK_GLOBAL`` whose operands are unknown,
             :data:`TAR_FORMAT` for the pre-0.4 tar format (refused by torch, not scanned) and
             :data:`COMPILED_CODE` for a shared library in a ``.pt2`` archive.
+        rebuilt: the harmless values torch refuses but torchkeep rebuilds with its own checked
+            code (numpy arrays, scalars and dtypes, ``pathlib`` paths, ``torch.__version__``):
+            ``tk.load`` reads them without ``trust``; plain ``torch.load(weights_only=True)``
+            only inside ``torch.serialization.safe_globals``.
     """
 
     path: str
     records: tuple[str, ...]
     globals: tuple[str, ...]
     unsafe: tuple[str, ...]
+    rebuilt: tuple[str, ...] = ()
 
     @property
     def is_safe(self) -> bool:
-        """No global that torch's ``weights_only`` unpickler would refuse."""
+        """Nothing that torchkeep would refuse to load without ``trust``."""
         return not self.unsafe
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +142,7 @@ class PickleScan:
             "records": list(self.records),
             "globals": list(self.globals),
             "unsafe": list(self.unsafe),
+            "rebuilt": list(self.rebuilt),
             "is_safe": self.is_safe,
         }
 
@@ -573,9 +581,21 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
         raise
     except OSError as exc:
         raise storage_error(exc, p, "read the file") from exc
+    refused = [g for g in found if not is_allowed_global(g)]
+    rebuilt = tuple(g for g in refused if g in SAFE_VALUE_GLOBALS)
+    unsafe = [g for g in refused if g not in SAFE_VALUE_GLOBALS]
+    if rebuilt and not unsafe:
+        # Rebuilding is only offered to files whose _codecs calls are the ones pickle writes
+        from torchkeep.format._pickle_codecs import check_codecs  # it imports this module
+
+        try:
+            check_codecs(p, zip_format=head == _ZIP_MAGIC)
+        except UnsafeCheckpointError:
+            unsafe.append("_codecs.encode")
     return PickleScan(
         path=p,
         records=tuple(records),
         globals=tuple(found),
-        unsafe=tuple(g for g in found if not is_allowed_global(g)),
+        unsafe=tuple(unsafe),
+        rebuilt=rebuilt,
     )

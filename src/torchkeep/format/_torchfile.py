@@ -53,7 +53,6 @@ from torchkeep.errors import (
 from torchkeep.format._artifact import FORMAT_VERSION, check_format_version, metadata_json
 from torchkeep.format._hash import hash_matches, seal_json, seal_ok, tensor_hash
 from torchkeep.format._location import MapLocation
-from torchkeep.format._pickle_codecs import check_codecs
 from torchkeep.format._pickle_scan import (
     is_allowed_global,
     read_member,
@@ -310,18 +309,15 @@ def load_torch(
     """
     values = False  # the file needs our allow-list of harmless values (._safe_values)
     if not trust:
-        scan = scan_file(path)
-        refused = [g for g in scan.unsafe if g not in SAFE_VALUE_GLOBALS]
-        if refused:
+        scan = scan_file(path)  # also holds rebuilt values to the _codecs calls pickle writes
+        if scan.unsafe:
             raise UnsafeCheckpointError(
-                f"refusing to load: the file imports {', '.join(refused)}, which could run code",
+                f"refusing to load: the file imports {', '.join(scan.unsafe)}, which could run code",
                 path=path,
-                globals=refused,
+                globals=list(scan.unsafe),
                 hint=_TRUST_HINT,
             )
-        values = not scan.is_safe
-        if values:
-            check_codecs(path, zip_format=zip_format)
+        values = bool(scan.rebuilt)
     doc = read_document(path) if verify and zip_format else None
     if doc is not None and is_hashed(doc):
         raise_first(path, damaged_records(path, doc))  # the structure, before unpickling it
