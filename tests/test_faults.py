@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep.manager import _lock
+from torchkeep.storage import _lock
 
 CODES = [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO]
 HINTS = {

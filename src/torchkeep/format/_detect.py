@@ -37,7 +37,7 @@ from typing import BinaryIO
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format._safetensors import HEADER_LIMIT
-from torchkeep.storage import local_path
+from torchkeep.storage import local_path, storage_for
 
 MODEL_FILE = "torchkeep_model.json"
 HF_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -88,7 +88,7 @@ def detect(path: Path) -> Format:
     size = path.stat().st_size
     if size == 0:
         raise CorruptCheckpointError("the file is empty (0 bytes)", path=str(path), hint=_HINT)
-    with open(path, "rb") as f:
+    with storage_for(path).open_read(str(path)) as f:
         head = f.read(64)
         if _is_safetensors(f, head):
             return Format.SAFETENSORS  # torchkeep or plain: the reader validates the header

@@ -20,6 +20,7 @@ import torch
 import xxhash
 
 from torchkeep.format._safetensors import tensor_bytes
+from torchkeep.storage import storage_for
 
 DEFAULT_ALGORITHM = "xxh3_128"
 
@@ -89,7 +90,7 @@ class HashingWriter:
 def file_hash(path: str | os.PathLike[str], chunk: int = 16 * 1024 * 1024) -> str:
     """xxh3-128 of a whole file, read in chunks."""
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
+    with storage_for(path).open_read(os.fspath(path)) as f:
         while block := f.read(chunk):
             h.update(block)
     return "xxh3_128:" + h.hexdigest()

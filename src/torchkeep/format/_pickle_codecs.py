@@ -27,6 +27,7 @@ from torchkeep.format._pickle_scan import (
     _apply_stack_effect,
     read_member,
 )
+from torchkeep.storage import storage_for
 
 __all__ = ["check_codecs"]
 
@@ -129,7 +130,7 @@ def check_codecs(path: str, *, zip_format: bool) -> None:
                         data = read_member(archive, name, path)
                         bad += _codecs_calls(io.BytesIO(data), len(data), 1)
         else:
-            with open(path, "rb") as f:
+            with storage_for(path).open_read(path) as f:
                 bad += _codecs_calls(f, os.fstat(f.fileno()).st_size, LEGACY_PICKLES)
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpointError(

@@ -46,11 +46,11 @@ from typing import IO, Any, cast
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    StorageError,
     TorchkeepError,
     UnsafeCheckpointError,
 )
 from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS
+from torchkeep.storage import storage_error, storage_for
 
 __all__ = [
     "COMPILED_CODE",
@@ -551,7 +551,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
             f"no file at {p}", path=p, hint="check the path and the working directory"
         ) from None
     except OSError as exc:
-        raise StorageError(f"cannot stat {p}: {exc}", path=p, hint="check permissions") from exc
+        raise storage_error(exc, p, "stat the file") from exc
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise CorruptCheckpointError(
@@ -561,7 +561,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
         )
     found: dict[str, None] = {}
     try:
-        with open(p, "rb") as f:
+        with storage_for(p).open_read(p) as f:
             head = f.read(len(_ZIP_MAGIC))
             if not head:
                 raise CorruptCheckpointError("the file is empty", path=p, hint=_HINT_CORRUPT)
@@ -580,7 +580,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
     except TorchkeepError:
         raise
     except OSError as exc:
-        raise StorageError(f"cannot read {p}: {exc}", path=p, hint="check the disk") from exc
+        raise storage_error(exc, p, "read the file") from exc
     refused = [g for g in found if not is_allowed_global(g)]
     rebuilt = tuple(g for g in refused if g in SAFE_VALUE_GLOBALS)
     unsafe = [g for g in refused if g not in SAFE_VALUE_GLOBALS]

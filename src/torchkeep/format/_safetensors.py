@@ -34,6 +34,7 @@ import xxhash
 
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format._dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, shape_numel
+from torchkeep.storage import storage_for
 
 HEADER_LIMIT = 100 * 1024 * 1024  # the limit safetensors itself enforces
 JSON_LIMIT = HEADER_LIMIT  # any JSON document torchkeep reads: manifests, headers, records
@@ -154,11 +155,10 @@ class MappedFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            self.size = st.st_size
-            self.identity = (st.st_dev, st.st_ino)
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.size else None
+        mapped = storage_for(path).map(path)  # one open, one mmap, no read
+        self.size = mapped.size
+        self.identity = mapped.identity
+        self._map = mapped.buffer
         self._addr = 0
         if self._map is not None:
             anchor = ctypes.c_char.from_buffer(self._map)
@@ -166,7 +166,7 @@ class MappedFile:
             del anchor  # releases the buffer export
 
     def read(self, start: int, end: int) -> bytes:
-        return b"" if self._map is None else self._map[start:end]
+        return b"" if self._map is None else bytes(self._map[start:end])  # no copy for mmap
 
     def tensor(
         self, start: int, end: int, dtype: torch.dtype, shape: Iterable[int]
@@ -196,7 +196,9 @@ class MappedFile:
         Only for tensors nobody has written to: private pages that were modified are lost.
         """
         offset = self.offset_of(t)
-        if offset is None or self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if offset is None or not isinstance(self._map, mmap.mmap):
+            return
+        if not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = offset - offset % mmap.PAGESIZE
         self._map.madvise(mmap.MADV_DONTNEED, start, offset + t.numel() * t.element_size() - start)

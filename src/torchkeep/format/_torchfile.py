@@ -62,6 +62,7 @@ from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS, rebuilding_safe_va
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 from torchkeep.format._versions import version_block
+from torchkeep.storage import storage_for
 
 METADATA_RECORD = "torchkeep.json"
 # what zipfile raises on damaged archives: flipped flag bits read as encryption (RuntimeError)
@@ -341,9 +342,11 @@ def _torch_load(
             with rebuilding:
                 if path.endswith(".safetensors"):
                     # torch.load picks its safetensors reader by this suffix; the bytes say otherwise.
-                    with open(path, "rb") as f:
+                    with storage_for(path).open_read(path) as f:
                         obj = torch.load(f, map_location=map_location, weights_only=not trust)
                 else:
+                    # A path, not storage_for(path).open_read: mmap=True needs a real file
+                    # (see storage/_protocol.py for what a remote store does instead).
                     obj = torch.load(
                         path, map_location=map_location, weights_only=not trust, mmap=zip_format
                     )

@@ -2,7 +2,8 @@
 
 Every public entry that takes a path (``save``, ``load``, ``inspect``, ``load_into``,
 ``save_model``, ``load_model``, ``convert``, ``verify``, ``scan``, ``diff``, ``export``,
-``CheckpointManager``) turns it into a :class:`~pathlib.Path` through :func:`local_path`. This is
+``CheckpointManager``) turns it into a :class:`~pathlib.Path` through :func:`local_path` (or asks
+:func:`~torchkeep.storage.storage_for`, which calls it). This is
 the seam where remote storage attaches: ``Path("s3://bucket/run")`` would silently become the
 local folder ``./s3:/bucket/run``, so a URL is refused here with a :class:`StorageError` until a
 remote :class:`~torchkeep.storage.Storage` exists, and will be routed to it after.
@@ -19,7 +20,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from torchkeep.errors import StorageError
+from torchkeep.storage._errors import storage_error
 
 __all__ = ["is_url", "local_path"]
 
@@ -51,15 +52,19 @@ def local_path(location: str | os.PathLike[str]) -> Path:
             scheme = match["scheme"].lower()
             if scheme == "file":
                 local = unquote(urlsplit(location).path) or "/"
-                raise StorageError(
-                    "file:// URLs are not accepted; torchkeep takes local paths",
-                    path=location,
+                raise storage_error(
+                    None,
+                    location,
+                    "open a file:// URL",
+                    message="file:// URLs are not accepted; torchkeep takes local paths",
                     hint=f"pass the local path instead: {local}",
                 )
-            raise StorageError(
-                f"remote storage ({scheme}://) is not supported yet; torchkeep reads and "
+            raise storage_error(
+                None,
+                location,
+                f"open {scheme}://",
+                message=f"remote storage ({scheme}://) is not supported yet; torchkeep reads and "
                 "writes local paths only",
-                path=location,
                 hint="copy the files to a local directory first (aws s3 cp, gcloud storage "
                 "cp...) and pass its path",
             )

@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from torchkeep.errors import InvalidArgumentError
+from torchkeep.storage import storage_for
 
 TrainFn = Callable[[str, int | None], Sequence[float]]
 
@@ -116,7 +117,12 @@ def _child_main() -> None:
     stop = None if stop_text == "none" else int(stop_text)
     losses = train_fn(run_dir, stop)
     document = {"losses": [x.hex() for x in _as_floats(losses, spec)]}
-    Path(result_path).write_text(json.dumps(document), encoding="utf-8")
+    data = json.dumps(document).encode()
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    storage_for(result_path).write_atomic(result_path, write)
 
 
 def _as_floats(losses: Any, spec: str) -> list[float]:

@@ -7,17 +7,18 @@ bit (:mod:`torchkeep.testing._exact`).
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchkeep.errors import InvalidArgumentError
+from torchkeep.errors import InvalidArgumentError, StorageError
 from torchkeep.format import RunReader, is_run
 from torchkeep.io import load
+from torchkeep.storage import storage_for
 from torchkeep.testing._child import TrainFn, _child_env, _Invocation, _invoke, _resolve
 from torchkeep.testing._exact import _loss_divergence, _StateComparison
 
@@ -184,7 +185,8 @@ def assert_resumes_exactly(
     except AssertionError as exc:
         raise type(exc)(f"{exc}\n{kept}") from None
     if owned:
-        shutil.rmtree(base, ignore_errors=True)
+        with contextlib.suppress(StorageError):  # a scratch folder: best effort
+            storage_for(base).remove_tree(str(base))
     return report
 
 
