@@ -22,20 +22,8 @@ SRC = Path(torchkeep.__file__).parent
 # ``file: function: call``. Switch the call to the Storage method in the comment, then delete its
 # line here: the test fails on a stale entry too, so that this list only shrinks, to empty.
 ALLOWED = {
-    # cli/_demo_resume.py: the demo's scratch run -> storage_for(path).remove_tree(path)
-    "cli/_demo_resume.py: _fresh_run_dir: shutil.rmtree",
     # export/_api.py: the previous export's weights -> storage_for(dest).delete(path)
     "export/_api.py: export: .unlink",
-    # manager/_manager.py: the metrics history -> storage_for(root).append(path, data)
-    "manager/_manager.py: _append_history: os.open(write)",
-    # manager/_writer.py: a failed save's pack -> Storage.delete(pack_path)
-    "manager/_writer.py: write_checkpoint: .unlink",
-    # manager/_writer.py: unused packs -> Storage.delete_files(packs, names, check=is_pack)
-    "manager/_writer.py: collect_packs: os.unlink",
-    # manager/_writer.py: retention -> Storage.delete_files(checkpoints, names)
-    "manager/_writer.py: delete_manifests: os.unlink",
-    # manager/_writer.py: both deletes' folder fsync -> done inside Storage.delete_files
-    "manager/_writer.py: _fsync_folder: os.fsync",
 }
 
 _MOVES = {

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from torchkeep.cli._demo_model import DemoMLP, make_data, train_epoch
 from torchkeep.cli._output import fail, human_bytes, print_kv, print_line
 from torchkeep.cli._plot import write_plot
 from torchkeep.cli._run import render_run
+from torchkeep.storage import storage_for
 
 __all__ = [
     "IDENTITY_LINE",
@@ -194,7 +194,7 @@ def _fresh_run_dir(path: Path) -> None:
         tk.CheckpointManager(path, read_only=True).close()
     except tk.TorchkeepError:
         fail(f"{path} exists and is not a torchkeep run: choose another --workdir")
-    shutil.rmtree(path)
+    storage_for(path).remove_tree(str(path))  # a run of the demo's own: start afresh
 
 
 def _spec(run: DemoRun, path: Path, stop_after: int | None) -> TrainSpec:

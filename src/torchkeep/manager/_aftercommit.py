@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import os
 import sys
 import threading
 import warnings
@@ -29,6 +28,7 @@ from torchkeep.errors import CleanupWarning
 from torchkeep.format import METRICS_FILE, Manifest
 from torchkeep.manager._gc import Retainer
 from torchkeep.manager._retention import RetentionPolicy, select
+from torchkeep.storage import storage_for
 
 T = TypeVar("T")
 
@@ -68,20 +68,8 @@ class MetricsHistory:
         """Append this save's metrics line, after any that earlier saves could not write."""
         line = json.dumps({"step": step, "time": time, "metrics": metrics}) + "\n"
         lines = [*self._unrecorded, line]
-        data = memoryview("".join(lines).encode())
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                start = os.lseek(fd, 0, os.SEEK_END)
-                try:
-                    while data:
-                        data = data[os.write(fd, data) :]
-                except OSError:
-                    with contextlib.suppress(OSError):  # no half line for the retry to follow
-                        os.ftruncate(fd, start)
-                    raise
-            finally:
-                os.close(fd)
+        try:  # all or nothing: no half line for the retry to follow
+            storage_for(self.path).append(str(self.path), "".join(lines).encode())
         except OSError:
             self._unrecorded = lines
             raise

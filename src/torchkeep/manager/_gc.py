@@ -8,10 +8,6 @@ real folder, so a link swapped in for ``packs/`` or ``checkpoints/`` cannot send
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,9 +21,8 @@ from torchkeep.format import (
     is_pack_name,
     manifest_name,
 )
-from torchkeep.format._confine import open_folder
 from torchkeep.manager._retention import RetentionPolicy, select
-from torchkeep.storage._local import storage_error, sweep_temporaries
+from torchkeep.storage import storage_error, storage_for
 
 
 def collect_packs(root: Path, manifests: Iterable[Manifest]) -> None:
@@ -35,51 +30,22 @@ def collect_packs(root: Path, manifests: Iterable[Manifest]) -> None:
 
     A file is deleted only when its name is a pack's name, it is a regular file (a link is never
     followed, nor removed), and its header says it is a torchkeep pack: a name alone is no proof.
-    Deletes go through a descriptor of the real ``packs/`` folder, so a link swapped in for the
-    folder cannot send them elsewhere.
+    The storage deletes through a descriptor of the real ``packs/`` folder, so a link swapped in
+    for the folder cannot send the deletes elsewhere.
     """
     used = {ref.pack for m in manifests for ref in m.tensors.values()}
-    try:
-        folder = open_folder(root, PACK_DIR)
-    except FileNotFoundError:
-        return
-    try:
-        for name in os.listdir(folder):
-            if name in used or not is_pack_name(name):
-                continue
-            try:
-                st = os.stat(name, dir_fd=folder, follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and is_pack(folder, name):
-                    os.unlink(name, dir_fd=folder)
-            except FileNotFoundError:
-                continue
-        _fsync_folder(folder)
-    except OSError as exc:
-        raise storage_error(exc, root / PACK_DIR, "delete unused packs") from exc
-    finally:
-        os.close(folder)
+    folder = str(root / PACK_DIR)
+    store = storage_for(folder)
+    unused = [name for name in store.list(folder) if name not in used and is_pack_name(name)]
+    if unused:
+        store.delete_files(folder, unused, check=is_pack, action="delete unused packs")
 
 
 def delete_manifests(root: Path, manifests: Iterable[Manifest]) -> None:
     """Delete committed manifests (retention), through the real ``checkpoints/`` folder."""
-    folder = open_folder(root, MANIFEST_DIR)
-    try:
-        for manifest in manifests:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(manifest_name(manifest.step), dir_fd=folder)
-        _fsync_folder(folder)
-    except OSError as exc:
-        raise storage_error(exc, root / MANIFEST_DIR, "delete pruned checkpoints") from exc
-    finally:
-        os.close(folder)
-
-
-def _fsync_folder(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # as storage.fsync_dir: some filesystems cannot fsync a directory
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
+    folder = str(root / MANIFEST_DIR)
+    names = [manifest_name(manifest.step) for manifest in manifests]
+    storage_for(folder).delete_files(folder, names, action="delete pruned checkpoints")
 
 
 def sweep(root: Path, manifests: Iterable[Manifest]) -> None:
@@ -88,10 +54,9 @@ def sweep(root: Path, manifests: Iterable[Manifest]) -> None:
     Refuses a run whose folders are links first: the sweep must never reach outside the run.
     """
     check_layout(root)
+    store = storage_for(root)
     for folder in (root, root / MANIFEST_DIR, root / PACK_DIR):
-        for entry in os.listdir(folder):
-            if ".tkp-" in entry and entry.startswith("."):
-                sweep_temporaries(folder / entry.split(".tkp-")[0][1:])
+        store.sweep_temporaries(str(folder))
     collect_packs(root, manifests)
 
 

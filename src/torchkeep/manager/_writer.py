@@ -36,7 +36,7 @@ from torchkeep.format import (
     write_pack,
 )
 from torchkeep.format._dtypes import dtype_name
-from torchkeep.storage import atomic_write
+from torchkeep.storage import atomic_write, storage_for
 
 # A small tensor equal to one in an older pack is written again rather than referenced: it
 # costs next to nothing, and a reference would keep the whole older pack alive on disk.
@@ -155,7 +155,7 @@ def write_checkpoint(
             # A pack in place is no commit: the save failed, and nothing refers to the pack.
             exc.committed = False
             with contextlib.suppress(OSError):
-                pack_path.unlink()
+                storage_for(pack_path).delete(str(pack_path))
             raise
     manifest = Manifest(
         path=root / MANIFEST_DIR / manifest_name(step),
@@ -175,7 +175,7 @@ def write_checkpoint(
         # Once renamed into place the manifest is committed, and its pack must stay.
         if not (isinstance(exc, StorageError) and exc.committed):
             with contextlib.suppress(OSError):
-                pack_path.unlink()
+                storage_for(pack_path).delete(str(pack_path))
         raise
     return manifest
 

@@ -14,11 +14,12 @@ import re
 import secrets
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
-from torchkeep.errors import CheckpointNotFoundError
+from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.format._artifact import METADATA_KEY, PACK_KIND
 from torchkeep.format._confine import lstat_inside
-from torchkeep.format._safetensors import HEADER_LIMIT
+from torchkeep.format._safetensors import HEADER_LIMIT, parse_json
 from torchkeep.storage import local_path
 
 RUN_FILE = "torchkeep_run.json"
@@ -28,7 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 # ASCII digits, at most 19 (an int64 step): \d alone also matches "٤" and runs int() refuses
 _MANIFEST_NAME = re.compile(r"^([0-9]{10,19})\.json$", re.ASCII)
-_PACK_NAME = re.compile(r"^\d{10,}-[0-9a-f]{8}\.safetensors$")  # as pack_name() names them
+_PACK_NAME = re.compile(r"^[0-9]{10,}-[0-9a-f]{8}\.safetensors$", re.ASCII)  # as pack_name() names
 _REFERENCE = re.compile(r"^(?P<run>.+)@(?P<which>latest|best|[0-9]{1,19})$", re.ASCII)
 # Packs written before the "kind" marker: exactly these fields (tk.save's files add "hashes").
 _LEGACY_PACK_FIELDS = {
@@ -117,25 +118,23 @@ def steps_text(steps: list[int]) -> str:
     return shown if len(steps) <= 10 else f"... {shown}"
 
 
-def is_pack(folder: int, name: str) -> bool:
-    """Whether ``folder/name`` (``folder`` an open descriptor) is a pack a run wrote: its header
-    says ``"kind": "torchkeep-pack"`` (or has exactly the fields packs had before that marker).
+def is_pack(f: BinaryIO) -> bool:
+    """Whether the open file ``f`` is a pack a run wrote: its header says
+    ``"kind": "torchkeep-pack"`` (or has exactly the fields packs had before that marker).
 
-    The file is opened without following a link; the caller checked it is a regular file.
+    The storage opens the file without following a link, once it found a regular file.
     """
-    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=folder)
-    with os.fdopen(fd, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return False
-        (n,) = struct.unpack("<Q", head)
-        if n > HEADER_LIMIT:
-            return False
-        try:
-            header = json.loads(f.read(n))
-            document = json.loads(header["__metadata__"][METADATA_KEY])
-        except (ValueError, KeyError, TypeError):
-            return False
+    head = f.read(8)
+    if len(head) < 8:
+        return False
+    (n,) = struct.unpack("<Q", head)
+    if n > HEADER_LIMIT:
+        return False
+    try:
+        header = parse_json(f.read(n), what="pack header", path=getattr(f, "name", "pack"))
+        document = json.loads(header["__metadata__"][METADATA_KEY])
+    except (ValueError, KeyError, TypeError, RecursionError, TorchkeepError):
+        return False
     if not isinstance(document, dict):
         return False
     legacy = set(document) == _LEGACY_PACK_FIELDS and document.get("metadata") == {}
