@@ -7,14 +7,13 @@ whole model (weights plus how to rebuild it) without pickle; ``inspect`` describ
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import json
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,17 +37,12 @@ from torchkeep.format import (
     Manifest,
     MapLocation,
     RunReader,
-    SafetensorsFile,
-    detect,
+    RunSource,
     flatten,
-    inspect_file,
-    load_file,
     load_reference,
     model_description,
-    parse_reference,
-    read_into,
+    open_source,
     read_model_description,
-    resolve_path,
     seal_json,
     write_artifact,
     write_torch,
@@ -58,15 +52,12 @@ from torchkeep.state import (
     LoadReport,
     adapt_keys,
     allowed_modules,
-    apply,
     captured_config,
-    check,
     checked_model_class,
     class_path,
     find_state,
     import_model_class,
-    plan,
-    renamed_state,
+    load_module,
 )
 from torchkeep.storage import atomic_write, local_path
 
@@ -148,7 +139,9 @@ def load(
         CorruptCheckpointError: the file is damaged or in no format torchkeep reads.
         UnsafeCheckpointError: the file needs globals the safe unpickler refuses (names them).
     """
-    return load_file(path, map_location=map_location, dtype=dtype, trust=trust, verify=verify)
+    return open_source(path).load(
+        map_location=map_location, dtype=dtype, trust=trust, verify=verify
+    )
 
 
 def inspect(path: PathLike) -> CheckpointInfo:
@@ -159,30 +152,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
     ``info.files`` lists each with its kind (checkpoint, side file...), format and size, and
     ``info.tensors`` holds every tensor as ``<file>/<name>``.
     """
-    return inspect_file(path)
-
-
-@contextlib.contextmanager
-def _direct_reader(reader: SafetensorsFile | None) -> Iterator[tuple[Any, Any]]:
-    """Functions that copy file bytes straight into a parameter, and release mapped pages."""
-    if reader is None:
-        yield None, None
-        return
-    with open(reader.path, "rb") as f:
-        st = os.fstat(f.fileno())
-        same_file = (st.st_dev, st.st_ino) == reader.mapped.identity
-        fd = f.fileno()
-
-        def direct(src: torch.Tensor, dst: torch.Tensor) -> bool:
-            if not same_file or dst.device.type != "cpu" or not dst.is_contiguous():
-                return False
-            offset = reader.mapped.offset_of(src)
-            if offset is None or src.dtype != dst.dtype or src.shape != dst.shape:
-                return False
-            read_into(fd, offset, src.numel() * src.element_size(), dst, path=reader.path)
-            return True
-
-        yield direct, reader.mapped.release
+    return open_source(path).info()
 
 
 def load_into(
@@ -221,57 +191,25 @@ def load_into(
     Raises:
         IncompatibleStateError: the state does not fit; the message has a table of differences.
     """
-    reader: SafetensorsFile | None = None
-    name: str | None = None
     if isinstance(source, Mapping):
-        obj: Any = source
-    elif parse_reference(source) is not None:
-        name = os.fspath(source)
-        obj = load_file(source, verify=verify)
-    else:
-        p = resolve_path(source)
-        name = str(source)
-        fmt = detect(p)
-        if fmt is Format.MODEL_DIR:
-            p = p / WEIGHTS_FILE
-            fmt = detect(p)
-        if fmt is Format.SAFETENSORS:
-            reader = SafetensorsFile(str(p))
-            obj = reader.load(verify=verify)
-        else:
-            obj = load_file(p, verify=verify)
-    return _fill(
+        return load_module(
+            module,
+            source,
+            source=None,
+            strict=strict,
+            skip_mismatched=skip_mismatched,
+            rename=rename,
+        )
+    obj = open_source(source).load(verify=verify)
+    return load_module(
         module,
         obj,
-        name=name,
+        source=os.fspath(source),
         strict=strict,
         skip_mismatched=skip_mismatched,
         rename=rename,
-        reader=reader,
+        direct=True,  # just loaded, mapped from its files: read straight into the parameters
     )
-
-
-def _fill(
-    module: nn.Module,
-    obj: Any,
-    *,
-    name: str | None,
-    strict: bool,
-    skip_mismatched: bool = False,
-    rename: Mapping[str, str] | None = None,
-    reader: SafetensorsFile | None = None,
-) -> LoadReport:
-    """:func:`load_into` once the checkpoint is read: find the state, check, then copy."""
-    module_keys = set(module.state_dict().keys())
-    state, entry = find_state(module_keys, obj, rename)
-    mapping, renamed = adapt_keys(list(state.keys()), module_keys, rename, path=name)
-    if any(old != new for old, new in mapping.items()):
-        state = renamed_state(state, mapping)
-    report = dataclasses.replace(plan(module, state, source=name, entry=entry), renamed=renamed)
-    check(report, module, strict=strict, skip_mismatched=skip_mismatched)
-    with _direct_reader(reader) as (direct, release):
-        apply(module, state, report, direct_read=direct, release=release)
-    return report
 
 
 def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | None = None) -> None:
@@ -380,26 +318,24 @@ def load_model(
         >>> ema = torchkeep.load_model("runs/exp1@best", key="ema", allow_import="mypkg")
     """
     chooser = _ClassChooser(model_class, allow_import)
-    if parse_reference(path) is not None:
+    source = open_source(path)
+    if isinstance(source, RunSource):
         name = os.fspath(path)
         model: nn.Module = load_reference(
             path, lambda run, m: _rebuild_from_run(m, run, name, key, chooser)
         )
+    elif source.format is Format.MODEL_DIR:
+        model = _rebuild(source.path, chooser)
     else:
-        p = resolve_path(path)
-        fmt = detect(p)
-        if fmt is Format.MODEL_DIR:
-            model = _rebuild(p, chooser)
-        else:
-            obj = load_file(p, map_location=map_location, trust=trust)
-            if not isinstance(obj, nn.Module):
-                raise ModelClassError(
-                    "the file holds weights, not a model",
-                    path=str(p),
-                    hint="build the model and call torchkeep.load_into(model, path), "
-                    "or save it with torchkeep.save_model",
-                )
-            model = obj
+        obj = source.load(map_location=map_location, trust=trust)
+        if not isinstance(obj, nn.Module):
+            raise ModelClassError(
+                "the file holds weights, not a model",
+                path=str(source.path),
+                hint="build the model and call torchkeep.load_into(model, path), "
+                "or save it with torchkeep.save_model",
+            )
+        model = obj
     if map_location is not None:
         model = model.to(map_location)
     return model.eval()
@@ -491,7 +427,7 @@ def _rebuild_from_run(
             path=str(manifest.path),
             key=entry,
         )
-    _fill(model, state[entry], name=name, strict=True)
+    load_module(model, state[entry], source=name, strict=True, direct=True)
     return model
 
 

@@ -29,95 +29,23 @@ from typing import Any
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.format import (
     PACK_DIR,
-    WEIGHTS_FILE,
-    Format,
+    DirectorySource,
+    FileCheck,
     Manifest,
     RunReader,
+    RunSource,
     SafetensorsFile,
-    describe,
-    detect,
+    check_file,
     file_hash,
     hash_matches,
-    load_file,
+    locate,
+    open_source,
     parse_reference,
-    resolve_path,
-    tensor_hash,
-    tensors_by_path,
 )
-from torchkeep.format._directory import (
-    PICKLE_FORMATS,
-    Entry,
-    entries,
-    is_checkpoint_dir,
-    side_file_summary,
-    unsafe_summary,
-)
+from torchkeep.format._directory import PICKLE_FORMATS, Entry, entries, side_file_summary
 from torchkeep.format._pickle_scan import PickleScan, scan_file
-from torchkeep.format._reader import _shard_files as shard_files
-from torchkeep.format._torchfile import (
-    damaged_members,
-    damaged_records,
-    damaged_tensors,
-    is_hashed,
-    load_torch,
-    read_document,
-)
 
 __all__ = ["DirectoryScan", "FileCheck", "PickleScan", "VerifyReport", "scan", "verify"]
-
-
-#: How a file's tensor bytes were checked: against xxh3-128 hashes torchkeep recorded, against
-#: the CRC-32 a zip archive records for every member, or not at all (structure only).
-CHECKS = ("xxh3_128", "crc32", None)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class FileCheck:
-    """What :func:`verify` checked in one file.
-
-    Attributes:
-        path: the file (its name, inside a checkpoint directory).
-        format: the format detected from its bytes; ``"json"`` for a side file.
-        status: ``"ok"``, ``"damaged"``, ``"unsafe"`` (a pickle torchkeep will not load),
-            ``"side-file"`` (JSON beside the checkpoint, parsed) or ``"skipped"`` (not a
-            checkpoint: listed, not checked).
-        check: how tensor bytes were checked: ``"xxh3_128"`` (hashes torchkeep recorded),
-            ``"crc32"`` (the zip's checksums of a torch file from elsewhere) or ``None``.
-        tensors: stored tensors read.
-        hashed: tensors whose bytes matched a stored hash (or CRC-32, see ``check``).
-        structural: tensors checked for structure only (dtype, shape, bounds): the format stores
-            no checksum for them (plain safetensors, legacy torch files).
-        damaged: tensors (or, for ``crc32``, storage members) whose bytes failed their check.
-        problems: every problem found in the file.
-    """
-
-    path: str
-    format: str | None
-    status: str
-    check: str | None = None
-    tensors: int = 0
-    hashed: int = 0
-    structural: int = 0
-    damaged: int = 0
-    problems: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("ok", "side-file", "skipped")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "format": self.format,
-            "status": self.status,
-            "ok": self.ok,
-            "check": self.check,
-            "tensors": self.tensors,
-            "hashed": self.hashed,
-            "structural": self.structural,
-            "damaged": self.damaged,
-            "problems": list(self.problems),
-        }
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -297,171 +225,17 @@ def _verify_run(text: str) -> VerifyReport:
     )
 
 
-def _damaged(shown: str, fmt: str | None, *problems: str) -> FileCheck:
-    return FileCheck(path=shown, format=fmt, status="damaged", problems=problems)
-
-
-def _check_safetensors(p: Path, shown: str) -> FileCheck:
-    try:
-        st = SafetensorsFile(str(p))
-        hashes = st.hashes
-        bad = st.damaged()
-    except TorchkeepError as exc:
-        return _damaged(shown, Format.SAFETENSORS.value, exc.message)
-    problems = [f"tensor {k!r} does not match its hash" for k in bad]
-    unhashed = [k for k in st.header.entries if k not in hashes]
-    try:
-        for key in unhashed:  # plain safetensors: read every byte, check what the layout allows
-            t = st.tensor(key)
-            tensor_hash(t)
-            st.mapped.release(t)
-        st.load(verify=False)  # the structure must rebuild (skeleton, views)
-    except TorchkeepError as exc:
-        problems.append(exc.message)
-    stored = len(st.header.entries)
-    return FileCheck(
-        path=shown,
-        format=st.format,
-        status="damaged" if problems else "ok",
-        check="xxh3_128" if hashes else None,
-        tensors=stored,
-        hashed=len(hashes) - len(bad),
-        structural=len(unhashed),
-        damaged=len(bad),
-        problems=tuple(problems),
-    )
-
-
-def _stored_tensors(obj: Any) -> int:
-    return sum(t.shared_with is None for t in describe(obj))
-
-
-def _check_torch(p: Path, shown: str, fmt: Format) -> FileCheck:
-    path, is_zip = str(p), fmt is Format.TORCH_ZIP
-    try:
-        found = scan_file(p)
-        doc = read_document(path) if is_zip else None
-    except TorchkeepError as exc:
-        return _damaged(shown, fmt.value, exc.message)
-    hashed_file = is_hashed(doc)
-    problems: list[str] = []
-    if is_zip:  # bytes first: a damaged pickle is damage, not danger
-        problems = damaged_records(path, doc) if doc is not None and hashed_file else []
-        problems += damaged_members(path, skip_storages=hashed_file)
-        problems = list(dict.fromkeys(problems))  # a bad CRC is found by both
-    if not found.is_safe:
-        return FileCheck(
-            path=shown,
-            format=fmt.value,
-            status="damaged" if problems else "unsafe",
-            check="crc32" if is_zip else None,
-            problems=(*problems, unsafe_summary(found.unsafe)),
-        )
-    try:
-        obj = load_torch(path, map_location="cpu", trust=False, zip_format=is_zip)
-    except TorchkeepError as exc:
-        return _damaged(shown, fmt.value, *problems, exc.message)
-    check: str | None
-    if doc is not None and hashed_file:
-        good, bad = damaged_tensors(obj, doc, path=path)
-        problems += bad
-        stored, hashed, damaged, check = good + len(bad), good, len(bad), "xxh3_128"
-    else:
-        stored = _stored_tensors(obj)
-        damaged = sum("/data/" in x for x in problems)  # storage members failing their CRC
-        hashed = max(stored - damaged, 0) if is_zip else 0
-        check = "crc32" if is_zip else None
-        if not is_zip:  # legacy: no checksum; torch.load read every byte, touch them anyway
-            for t in tensors_by_path(obj).values():
-                tensor_hash(t)
-    return FileCheck(
-        path=shown,
-        format=fmt.value,
-        status="damaged" if problems else "ok",
-        check=check,
-        tensors=stored,
-        hashed=hashed,
-        structural=0 if is_zip else stored,
-        damaged=damaged,
-        problems=tuple(problems),
-    )
-
-
-def _check_archive(p: Path, shown: str, fmt: Format) -> FileCheck:
-    """A TorchScript or torch.export archive: a program; its zip checksums are what we check."""
-    problems = damaged_members(str(p))
-    return FileCheck(
-        path=shown,
-        format=fmt.value,
-        status="damaged" if problems else "ok",
-        check="crc32",
-        problems=tuple(problems),
-    )
-
-
-def _check_sharded(index: Path, shown: str) -> FileCheck:
-    """A Hugging Face sharded checkpoint: every shard, then the index against the shards."""
-    try:
-        weight_map, _ = shard_files(index)
-    except TorchkeepError as exc:
-        return _damaged(shown, Format.HF_SHARDED.value, exc.message)
-    parts: list[FileCheck] = []
-    problems: list[str] = []
-    for name in dict.fromkeys(weight_map.values()):
-        if (index.parent / name).is_file():
-            parts.append(_check_file(index.parent / name, name))
-        else:
-            problems.append(f"shard {name} listed in the index is missing")
-    problems += [f"{c.path}: {x}" for c in parts for x in c.problems]
-    if not problems:
-        try:
-            load_file(index, verify=False)  # every indexed tensor is in its shard
-        except TorchkeepError as exc:
-            problems.append(exc.message)
-    checks = {c.check for c in parts}
-    return FileCheck(
-        path=shown,
-        format=Format.HF_SHARDED.value,
-        status="damaged" if problems else "ok",
-        check=checks.pop() if len(checks) == 1 else None,
-        tensors=sum(c.tensors for c in parts),
-        hashed=sum(c.hashed for c in parts),
-        structural=sum(c.structural for c in parts),
-        damaged=sum(c.damaged for c in parts),
-        problems=tuple(problems),
-    )
-
-
-def _check_file(p: Path, shown: str) -> FileCheck:
-    """Verify one checkpoint file of any format (or a save_model directory), every problem."""
-    try:
-        fmt = detect(p)
-    except TorchkeepError as exc:
-        return _damaged(shown, None, exc.message)
-    except OSError as exc:
-        return _damaged(shown, None, f"cannot read the file: {exc}")
-    if fmt is Format.MODEL_DIR:
-        return _check_safetensors(p / WEIGHTS_FILE, shown)
-    if fmt is Format.SAFETENSORS:
-        return _check_safetensors(p, shown)
-    if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
-        return _check_torch(p, shown, fmt)
-    if fmt is Format.HF_SHARDED:
-        return _check_sharded(p, shown)
-    return _check_archive(p, shown, fmt)  # TorchScript, torch.export: programs in a zip
-
-
 def _check_entry(e: Entry) -> FileCheck:
     if e.kind == "side-file":
         _, problem = side_file_summary(e.path)
         if problem:
-            return _damaged(e.name, "json", problem)
+            return FileCheck(path=e.name, format="json", status="damaged", problems=(problem,))
         return FileCheck(path=e.name, format="json", status="side-file")
     if e.kind != "checkpoint":
         return FileCheck(path=e.name, format=None, status="skipped")
     if e.error is not None:
-        return _damaged(e.name, None, e.error.message)
-    return _check_file(e.path, e.name)
+        return FileCheck(path=e.name, format=None, status="damaged", problems=(e.error.message,))
+    return check_file(e.path, e.name)
 
 
 def _report(text: str, kind: str, files: list[FileCheck], notes: list[str]) -> VerifyReport:
@@ -495,24 +269,25 @@ def verify(target: str | os.PathLike[str]) -> VerifyReport:
         A :class:`VerifyReport`; ``report.ok`` is False when anything is damaged or unsafe.
     """
     text = os.fspath(target)
-    if parse_reference(text) is not None:
+    parse_reference(text)  # an unknown selector (RUN@bset) raises, naming the valid ones
+    try:
+        source = locate(text)
+    except TorchkeepError as exc:
+        return VerifyReport(
+            target=text, kind="file", checkpoints=0, tensors=0, problems=(str(exc),)
+        )
+    if isinstance(source, RunSource):
         try:
             return _verify_run(text)
         except TorchkeepError as exc:
             return VerifyReport(
                 target=text, kind="run", checkpoints=0, tensors=0, problems=(str(exc),)
             )
-    if is_checkpoint_dir(text):
-        found = entries(Path(text))
+    if isinstance(source, DirectorySource):
+        found = entries(source.path)
         notes = [f"{e.name}/: a directory, not checked" for e in found if e.kind == "directory"]
         return _report(text, "directory", [_check_entry(e) for e in found], notes)
-    try:
-        p = resolve_path(text)
-    except TorchkeepError as exc:
-        return VerifyReport(
-            target=text, kind="file", checkpoints=0, tensors=0, problems=(str(exc),)
-        )
-    return _report(text, "file", [_check_file(p, text)], [])
+    return _report(text, "file", [check_file(source, text)], [])
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -600,9 +375,7 @@ def scan(path: str | os.PathLike[str]) -> PickleScan | DirectoryScan:
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: nothing, or no checkpoint, at ``path``.
     """
-    if is_checkpoint_dir(path):
-        return _scan_directory(Path(path))
-    p = resolve_path(path)
-    if not p.is_dir() and detect(Path(p)) in (Format.SAFETENSORS, Format.HF_SHARDED):
-        return PickleScan(path=str(p), records=(), globals=(), unsafe=())
-    return scan_file(p)
+    source = open_source(path)
+    if isinstance(source, DirectorySource):
+        return _scan_directory(source.path)
+    return source.scan()
