@@ -12,6 +12,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchkeep._export import _inputs, _onnx, _pt2, _torchscript
+from torchkeep._export._compare import compare, flat_outputs, median_ms
+from torchkeep._export._diagnose import diagnose
+from torchkeep._export._inputs import Inputs
+from torchkeep._export._quiet import quiet
+from torchkeep._export._report import ExportReport, OutputCheck
 from torchkeep.errors import (
     CheckpointNotFoundError,
     ExportError,
@@ -20,13 +26,8 @@ from torchkeep.errors import (
     TorchkeepError,
     UnsafeCheckpointError,
 )
-from torchkeep.export import _inputs, _onnx, _pt2, _torchscript
-from torchkeep.export._compare import compare, flat_outputs, median_ms
-from torchkeep.export._diagnose import diagnose
-from torchkeep.export._inputs import Inputs
-from torchkeep.export._quiet import quiet
-from torchkeep.export._report import ExportReport, OutputCheck
 from torchkeep.format import Format, detect
+from torchkeep.io import load_model
 from torchkeep.storage import local_path, publish, staging_directory
 
 __all__ = ["FORMATS", "export", "load_exported"]
@@ -66,9 +67,7 @@ def _resolve(
     if isinstance(model_or_ref, nn.Module):
         return model_or_ref, type(model_or_ref).__qualname__
     if isinstance(model_or_ref, str | os.PathLike):
-        # the same layer's single-artifact API: a save_model directory, RUN@best, a trusted file
-        from torchkeep.io import load_model
-
+        # the layer below's single-artifact API: a save_model directory, RUN@best, a trusted file
         model = load_model(model_or_ref, trust=trust, allow_import=allow_import)
         return model, f"{os.fspath(model_or_ref)} ({type(model).__qualname__})"
     raise InvalidArgumentError(
