@@ -6,7 +6,8 @@ place; :class:`ExportReport` holds the numbers. :func:`load_exported` loads an a
 the model's code, refusing files that would run code unless trusted.
 """
 
-from torchkeep._export._api import export, load_exported
+from torchkeep._export._api import export
+from torchkeep._export._load import load_exported
 from torchkeep._export._onnx import OnnxModel
 from torchkeep._export._report import ExportReport, InputSpec, OutputCheck
 
