@@ -10,7 +10,7 @@ from torch import nn
 
 import torchkeep as tk
 from torchkeep.format import READERS, DirectorySource, Format, RunSource, open_source
-from torchkeep.format._sources import SafetensorsSource, TorchSource
+from torchkeep.format._readers import SafetensorsSource, TorchSource
 
 
 def test_every_format_has_exactly_one_reader() -> None:

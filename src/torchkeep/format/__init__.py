@@ -29,6 +29,7 @@ from torchkeep.format._hash import (
 )
 from torchkeep.format._info import CheckpointInfo, FileCheck, FileInfo, TensorInfo
 from torchkeep.format._location import MapLocation, map_tensors, relocate
+from torchkeep.format._readers import Source
 from torchkeep.format._run import (
     LOCK_FILE,
     MANIFEST_DIR,
@@ -52,7 +53,6 @@ from torchkeep.format._sources import (
     READERS,
     DirectorySource,
     RunSource,
-    Source,
     check_file,
     inspect_file,
     load_file,
