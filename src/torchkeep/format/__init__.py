@@ -48,7 +48,7 @@ from torchkeep.format._run import (
     rank_by_metric,
 )
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
-from torchkeep.format._skeleton import Flattened, flatten, unflatten
+from torchkeep.format._skeleton import Flattened, flatten
 from torchkeep.format._sources import (
     READERS,
     DirectorySource,
@@ -61,6 +61,7 @@ from torchkeep.format._sources import (
     open_source,
 )
 from torchkeep.format._torchfile import write_torch
+from torchkeep.format._unflatten import unflatten
 
 __all__ = [
     "LOCK_FILE",

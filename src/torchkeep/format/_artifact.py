@@ -35,7 +35,8 @@ from torchkeep.format._safetensors import (
     read_header,
     write_safetensors,
 )
-from torchkeep.format._skeleton import flatten, unflatten
+from torchkeep.format._skeleton import flatten
+from torchkeep.format._unflatten import unflatten
 
 FORMAT_VERSION = "1.0"
 METADATA_KEY = "torchkeep"

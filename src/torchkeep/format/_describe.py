@@ -21,7 +21,7 @@ from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._hash import seal_ok
 from torchkeep.format._info import TensorInfo
 from torchkeep.format._safetensors import parse_json
-from torchkeep.format._skeleton import unflatten
+from torchkeep.format._unflatten import unflatten
 from torchkeep.format._values import optimizer_tensor_paths
 
 WEIGHTS_FILE = "model.safetensors"
