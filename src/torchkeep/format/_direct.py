@@ -117,8 +117,12 @@ class DirectReads:
         if found is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         _, m, offset = found
-        start = offset - offset % mmap.PAGESIZE
-        m.madvise(mmap.MADV_DONTNEED, start, offset + src.numel() * src.element_size() - start)
+        # Only pages wholly inside ``src``: a neighbour in the same page (another app entry of
+        # a run's pack) may have been written to since, and dropping its page would lose that.
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + src.numel() * src.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def __enter__(self) -> DirectReads:
         return self
