@@ -75,10 +75,17 @@ def _find(t: torch.Tensor) -> tuple[_Live, mmap.mmap, int] | None:
 
 
 class DirectReads:
-    """``read(src, dst)`` and ``release(src)`` for one load; files stay open until it ends."""
+    """``read(src, dst)`` and ``release(src)`` for one load; files stay open until it ends.
 
-    def __init__(self) -> None:
+    With ``read=False`` nothing is read from the files: the caller copies from the mapping
+    (``copy_`` uses several cores, one ``preadv`` one) and ``release`` then drops the pages,
+    so the peak is one copy plus one tensor. ``restore`` does that: a run's packs were just
+    hashed (``verify``), their pages are in memory already, and copying them is faster.
+    """
+
+    def __init__(self, *, read: bool = True) -> None:
         self._files: dict[str, int | None] = {}
+        self._read = read
 
     def _fd(self, entry: _Live) -> int | None:
         if entry.path not in self._files:
@@ -97,7 +104,7 @@ class DirectReads:
 
     def read(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
         """Read ``src``'s bytes from its file into ``dst``; False when that cannot be done."""
-        if dst.device.type != "cpu" or not dst.is_contiguous():
+        if not self._read or dst.device.type != "cpu" or not dst.is_contiguous():
             return False
         if src.dtype != dst.dtype or src.shape != dst.shape:
             return False

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from torchkeep.format import (
+    RunSource,
     open_source,
 )
 from torchkeep.io._save import PathLike
@@ -66,7 +67,8 @@ def load_into(
             skip_mismatched=skip_mismatched,
             rename=rename,
         )
-    obj = open_source(source).load(verify=verify)
+    reader = open_source(source)
+    obj = reader.load(verify=verify)
     return load_module(
         module,
         obj,
@@ -74,5 +76,8 @@ def load_into(
         strict=strict,
         skip_mismatched=skip_mismatched,
         rename=rename,
-        direct=True,  # just loaded, mapped from its files: read straight into the parameters
+        direct=True,  # just loaded, mapped from its files: no second copy of the weights
+        # A file's tensors are read from it into the parameters; a run's packs, hashed just
+        # now, are copied from their mapping (faster), pages dropped after (as restore does).
+        read_files=not isinstance(reader, RunSource),
     )

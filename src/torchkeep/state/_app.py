@@ -258,8 +258,8 @@ def restore_app(
             with ``strict=False`` those are skipped with a warning.
         source: the checkpoint, for messages.
         direct: ``state`` was just loaded from files and not changed since (as
-            ``CheckpointManager.restore`` does): model tensors are read from the files straight
-            into the parameters, keeping memory near one copy. ``False`` copies them.
+            ``CheckpointManager.restore`` does): each model tensor's mapped pages are dropped
+            once copied, keeping memory near one copy. ``False`` leaves them.
 
     Returns:
         The plain values: those written back into ``app``, and the entries of ``state`` that
@@ -311,7 +311,7 @@ def restore_app(
                 "the rest",
             ) from exc
     for key, (saved, report) in modules.items():  # read from the packs into the parameters
-        copy_into(present[key], saved, report, direct=direct)
+        copy_into(present[key], saved, report, direct=direct, read_files=False)
     values: dict[str, Any] = {}
     for key, saved in state.items():
         if key not in app:

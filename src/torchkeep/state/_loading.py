@@ -323,18 +323,24 @@ def prepare(
 
 
 def copy_into(
-    module: nn.Module, state: Mapping[str, Any], report: LoadReport, *, direct: bool
+    module: nn.Module,
+    state: Mapping[str, Any],
+    report: LoadReport,
+    *,
+    direct: bool,
+    read_files: bool = True,
 ) -> None:
     """:func:`apply` a prepared load; with ``direct``, bytes go from the file to the parameter.
 
     ``direct`` is for a state the caller has just loaded from files and not changed (its mapped
     pages are what the files hold, see ``format/_direct.py``); tensors of other origins are
-    copied as usual either way.
+    copied as usual either way. ``read_files=False`` copies from the mapping and drops its
+    pages after each tensor (see ``DirectReads``).
     """
     if not direct:
         apply(module, state, report)
         return
-    with DirectReads() as reads:
+    with DirectReads(read=read_files) as reads:
         apply(module, state, report, direct_read=reads.read, release=reads.release)
 
 
@@ -347,10 +353,11 @@ def load_module(
     skip_mismatched: bool = False,
     rename: Mapping[str, str] | None = None,
     direct: bool = False,
+    read_files: bool = True,
 ) -> LoadReport:
     """Find the module's state in ``obj``, check it, then copy it in: ``load_into``'s core."""
     state, report = prepare(
         module, obj, source=source, strict=strict, skip_mismatched=skip_mismatched, rename=rename
     )
-    copy_into(module, state, report, direct=direct)
+    copy_into(module, state, report, direct=direct, read_files=read_files)
     return report
