@@ -201,3 +201,11 @@ def test_run_locked_error_lives_in_errors() -> None:
 
     assert torchkeep.RunLockedError is RunLockedError is from_manager
     assert RunLockedError.__module__ == "torchkeep.errors"
+
+
+@pytest.mark.parametrize("name", ["export", "diff", "verify", "scan", "inspect", "convert"])
+def test_verbs_are_functions_and_no_module_hides_behind_them(name: str) -> None:
+    """``torchkeep.export`` is the function; the modules that implement verbs are private."""
+    assert inspect.isfunction(getattr(torchkeep, name))
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"torchkeep.{name}")

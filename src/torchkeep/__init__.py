@@ -6,8 +6,8 @@ Example:
     >>> report = tk.load_into(model, "ckpt.safetensors")
 """
 
+from torchkeep._export import ExportReport, OutputCheck, export, load_exported
 from torchkeep._version import __version__
-from torchkeep.diff import DiffReport, TensorDiff, diff
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointPrunedError,
@@ -26,9 +26,25 @@ from torchkeep.errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from torchkeep.export import ExportReport, OutputCheck, export, load_exported
 from torchkeep.format import CheckpointInfo, FileInfo, TensorInfo
-from torchkeep.io import convert, inspect, load, load_into, load_model, save, save_model
+from torchkeep.io import (
+    DiffReport,
+    DirectoryScan,
+    FileCheck,
+    PickleScan,
+    TensorDiff,
+    VerifyReport,
+    convert,
+    diff,
+    inspect,
+    load,
+    load_into,
+    load_model,
+    save,
+    save_model,
+    scan,
+    verify,
+)
 from torchkeep.manager import (
     CheckpointManager,
     CheckpointRecord,
@@ -47,7 +63,6 @@ from torchkeep.state import (
     trainable_param_groups,
     unfreeze,
 )
-from torchkeep.verify import DirectoryScan, FileCheck, PickleScan, VerifyReport, scan, verify
 
 __all__ = [
     "CheckpointInfo",

@@ -10,9 +10,9 @@ import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torchkeep._export._compare import compare, flat_outputs, tolerance
+from torchkeep._export._inputs import Inputs, cases, dynamic_dims, ensure_batch, input_names
 from torchkeep.cli._export import parse_dynamic_dims, parse_shape
-from torchkeep.export._compare import compare, flat_outputs, tolerance
-from torchkeep.export._inputs import Inputs, cases, dynamic_dims, ensure_batch, input_names
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 

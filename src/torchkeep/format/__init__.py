@@ -9,7 +9,15 @@ from torchkeep.format._artifact import (
     write_artifact,
     write_pack,
 )
+from torchkeep.format._describe import (
+    WEIGHTS_FILE,
+    describe,
+    model_description,
+    read_model_description,
+    tensors_by_path,
+)
 from torchkeep.format._detect import MODEL_FILE, Format, detect, resolve_path
+from torchkeep.format._direct import DirectReads
 from torchkeep.format._hash import (
     HashingWriter,
     file_hash,
@@ -18,17 +26,9 @@ from torchkeep.format._hash import (
     seal_ok,
     tensor_hash,
 )
-from torchkeep.format._info import CheckpointInfo, FileInfo, TensorInfo
+from torchkeep.format._info import CheckpointInfo, FileCheck, FileInfo, TensorInfo
 from torchkeep.format._location import MapLocation, map_tensors, relocate
-from torchkeep.format._reader import (
-    WEIGHTS_FILE,
-    describe,
-    inspect_file,
-    load_file,
-    model_description,
-    read_model_description,
-    tensors_by_path,
-)
+from torchkeep.format._readers import Source
 from torchkeep.format._run import (
     LOCK_FILE,
     MANIFEST_DIR,
@@ -54,8 +54,20 @@ from torchkeep.format._run import (
     system_info,
 )
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
-from torchkeep.format._skeleton import Flattened, flatten, unflatten
+from torchkeep.format._skeleton import Flattened, flatten
+from torchkeep.format._sources import (
+    READERS,
+    DirectorySource,
+    RunSource,
+    check_file,
+    inspect_file,
+    load_file,
+    locate,
+    open_path,
+    open_source,
+)
 from torchkeep.format._torchfile import write_torch
+from torchkeep.format._unflatten import unflatten
 from torchkeep.format._versions import FORMAT_VERSION, version_block
 
 __all__ = [
@@ -96,6 +108,16 @@ __all__ = [
     "WEIGHTS_FILE",
     "model_description",
     "CheckpointInfo",
+    "DirectReads",
+    "FileCheck",
+    "READERS",
+    "Source",
+    "DirectorySource",
+    "RunSource",
+    "check_file",
+    "locate",
+    "open_path",
+    "open_source",
     "FileInfo",
     "Flattened",
     "Format",

@@ -21,6 +21,7 @@ import torch
 
 from torchkeep._version import __version__
 from torchkeep.errors import CorruptCheckpointError, FormatVersionError, UnsupportedValueError
+from torchkeep.format._direct import track
 from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import hash_matches, tensor_hash
 from torchkeep.format._location import MapLocation, cast, relocate
@@ -34,7 +35,8 @@ from torchkeep.format._safetensors import (
     read_header,
     write_safetensors,
 )
-from torchkeep.format._skeleton import flatten, unflatten
+from torchkeep.format._skeleton import flatten
+from torchkeep.format._unflatten import unflatten
 from torchkeep.format._versions import FORMAT_VERSION, version_block
 
 METADATA_KEY = "torchkeep"
@@ -142,6 +144,7 @@ class SafetensorsFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self.mapped = MappedFile(path)
+        track(self.mapped)  # for loads that read its tensors straight into parameters
         self.header = read_header(self.mapped)
         self.document: dict[str, Any] | None = None
         text = self.header.metadata.get(METADATA_KEY)

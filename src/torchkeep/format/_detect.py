@@ -14,6 +14,8 @@ torchscript         a zip holding ``constants.pkl`` or ``code/`` (``torch.jit.sa
 torch-export        a zip holding ``archive_format`` or ``models/`` (``torch.export.save``)
 hf-sharded          JSON with a ``weight_map`` (``*.safetensors.index.json``, ``*.bin.index.json``)
 torchkeep-model     a directory with ``torchkeep_model.json`` (``torchkeep.save_model``)
+torchkeep-run       a run reference (``RUN@best``), told by ``_sources.open_source``
+checkpoint-dir      a directory of checkpoint files (``checkpoint-N/``), told by ``_sources``
 ==================  =========================================================================
 
 Safetensors is tried first, because its first bytes are a number and can be anything: a header
@@ -53,6 +55,9 @@ class Format(StrEnum):
     TORCH_EXPORT = "torch-export"
     HF_SHARDED = "hf-sharded"
     MODEL_DIR = "torchkeep-model"
+    # Not told by detect(), which reads one file: open_source() recognises these first.
+    RUN = "torchkeep-run"
+    CHECKPOINT_DIR = "checkpoint-dir"
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:

@@ -1,4 +1,4 @@
-"""What `torchkeep.inspect` reports about a file: its format, tensors, sharing and metadata."""
+"""What `torchkeep.inspect` and `torchkeep.verify` report about a file: format, tensors, checks."""
 
 from __future__ import annotations
 
@@ -138,3 +138,57 @@ class FileInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: How a file's tensor bytes were checked: against xxh3-128 hashes torchkeep recorded, against
+#: the CRC-32 a zip archive records for every member, or not at all (structure only).
+CHECKS = ("xxh3_128", "crc32", None)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileCheck:
+    """What :func:`verify` checked in one file.
+
+    Attributes:
+        path: the file (its name, inside a checkpoint directory).
+        format: the format detected from its bytes; ``"json"`` for a side file.
+        status: ``"ok"``, ``"damaged"``, ``"unsafe"`` (a pickle torchkeep will not load),
+            ``"side-file"`` (JSON beside the checkpoint, parsed) or ``"skipped"`` (not a
+            checkpoint: listed, not checked).
+        check: how tensor bytes were checked: ``"xxh3_128"`` (hashes torchkeep recorded),
+            ``"crc32"`` (the zip's checksums of a torch file from elsewhere) or ``None``.
+        tensors: stored tensors read.
+        hashed: tensors whose bytes matched a stored hash (or CRC-32, see ``check``).
+        structural: tensors checked for structure only (dtype, shape, bounds): the format stores
+            no checksum for them (plain safetensors, legacy torch files).
+        damaged: tensors (or, for ``crc32``, storage members) whose bytes failed their check.
+        problems: every problem found in the file.
+    """
+
+    path: str
+    format: str | None
+    status: str
+    check: str | None = None
+    tensors: int = 0
+    hashed: int = 0
+    structural: int = 0
+    damaged: int = 0
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "side-file", "skipped")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "status": self.status,
+            "ok": self.ok,
+            "check": self.check,
+            "tensors": self.tensors,
+            "hashed": self.hashed,
+            "structural": self.structural,
+            "damaged": self.damaged,
+            "problems": list(self.problems),
+        }

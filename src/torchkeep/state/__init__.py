@@ -13,7 +13,15 @@ from torchkeep.state._config import (
 )
 from torchkeep.state._freeze import freeze, trainable_param_groups, unfreeze
 from torchkeep.state._keys import adapt_keys, renamed_state, unwrap_module
-from torchkeep.state._loading import apply, check, find_state, plan
+from torchkeep.state._loading import (
+    apply,
+    check,
+    copy_into,
+    find_state,
+    load_module,
+    plan,
+    prepare,
+)
 from torchkeep.state._report import LoadReport, Mismatch, Tie
 from torchkeep.state._rng import RNGState
 
@@ -31,13 +39,16 @@ __all__ = [
     "capture_config",
     "captured_config",
     "check",
+    "copy_into",
     "checked_model_class",
     "describe_models",
     "class_path",
     "find_state",
     "freeze",
     "import_model_class",
+    "load_module",
     "plan",
+    "prepare",
     "renamed_state",
     "restore_app",
     "trainable_param_groups",

@@ -61,8 +61,8 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 from torchkeep.errors import IncompatibleStateError, TorchkeepError, UnsupportedValueError
 from torchkeep.format._skeleton import flatten
 from torchkeep.state._config import captured_config, class_path
-from torchkeep.state._keys import adapt_keys, renamed_state, unwrap_module
-from torchkeep.state._loading import apply, check, plan
+from torchkeep.state._keys import unwrap_module
+from torchkeep.state._loading import copy_into, prepare
 from torchkeep.state._report import LoadReport
 from torchkeep.state._rng import RNGState
 
@@ -188,11 +188,7 @@ def _plan_module(
 ) -> tuple[Mapping[str, Any], LoadReport]:
     if not isinstance(saved, Mapping) or not all(isinstance(k, str) for k in saved):
         raise _incompatible(key, f"the checkpoint holds a {type(saved).__name__}", source)
-    mapping, renamed = adapt_keys(list(saved), module.state_dict().keys(), path=source)
-    if any(old != new for old, new in mapping.items()):
-        saved = renamed_state(saved, mapping)
-    report = plan(module, saved, source=source, entry=key)
-    check(report, module, strict=strict, skip_mismatched=False)
+    saved, report = prepare(module, saved, source=source, strict=strict, entry=key)
     if not report.ok:
         warnings.warn(
             f"app entry {key!r} loaded partially (strict=False):\n{report.table()}",
@@ -251,6 +247,7 @@ def restore_app(
     *,
     strict: bool = True,
     source: str | None = None,
+    direct: bool = True,
 ) -> dict[str, Any]:
     """Load ``state`` (from :func:`capture_app`) into ``app`` in place.
 
@@ -260,6 +257,9 @@ def restore_app(
         strict: raise when an app entry is absent from ``state`` or a model's keys differ;
             with ``strict=False`` those are skipped with a warning.
         source: the checkpoint, for messages.
+        direct: ``state`` was just loaded from files and not changed since (as
+            ``CheckpointManager.restore`` does): each model tensor's mapped pages are dropped
+            once copied, keeping memory near one copy. ``False`` leaves them.
 
     Returns:
         The plain values: those written back into ``app``, and the entries of ``state`` that
@@ -310,8 +310,8 @@ def restore_app(
                 hint="build it as it was when saving, or leave it out of the app to restore "
                 "the rest",
             ) from exc
-    for key, (saved, report) in modules.items():
-        apply(present[key], saved, report)
+    for key, (saved, report) in modules.items():  # read from the packs into the parameters
+        copy_into(present[key], saved, report, direct=direct, read_files=False)
     values: dict[str, Any] = {}
     for key, saved in state.items():
         if key not in app:

@@ -6,6 +6,10 @@ contiguous CPU tensor of the same dtype, its bytes are read from the file straig
 parameter's memory (``os.preadv``), so loading needs no second copy of the weights. Otherwise the
 mapped source tensor is copied and its pages are released at once.
 
+``load_into`` and ``CheckpointManager.restore`` both go through :func:`prepare` (find the state,
+adapt its keys, plan, check) and :func:`copy_into` (apply, reading straight from the file), so
+that renames, ties and the memory bound cannot drift apart between them.
+
 Modules that customise loading (``_load_from_state_dict`` overrides other than the norm layers',
 load hooks, extra state) are loaded through their own ``load_state_dict`` instead, so their
 semantics are kept.
@@ -13,6 +17,7 @@ semantics are kept.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,7 +27,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from torchkeep.errors import IncompatibleStateError, TorchkeepError
-from torchkeep.state._keys import adapt_keys, no_match_hint
+from torchkeep.format._direct import DirectReads
+from torchkeep.state._keys import adapt_keys, no_match_hint, renamed_state
 from torchkeep.state._report import LoadReport, Mismatch, Tie
 
 # Names under which checkpoints commonly keep a model's state, tried first when scores tie.
@@ -278,3 +284,80 @@ def _with_metadata(subset: dict[str, Any], meta: Any) -> dict[str, Any]:
     out: OrderedDict[str, Any] = OrderedDict(subset)
     out._metadata = meta  # type: ignore[attr-defined]  # torch's state-dict _metadata
     return out
+
+
+def prepare(
+    module: nn.Module,
+    obj: Any,
+    *,
+    source: str | None,
+    strict: bool,
+    skip_mismatched: bool = False,
+    rename: Mapping[str, str] | None = None,
+    entry: str | None = None,
+) -> tuple[Mapping[str, Any], LoadReport]:
+    """Plan and check the load of ``obj`` into ``module``, copying nothing.
+
+    Args:
+        obj: a checkpoint holding the module's state somewhere (:func:`find_state` picks it),
+            or, with ``entry``, the module's state itself (an app entry of a run).
+        entry: where ``obj`` was found, for the report, when the caller already knows.
+
+    Returns:
+        The state with its keys adapted to the module's, and the report.
+
+    Raises:
+        IncompatibleStateError: the state breaks ``strict``/``skip_mismatched`` (see :func:`check`).
+    """
+    module_keys = set(module.state_dict().keys())
+    if entry is None:
+        state, entry = find_state(module_keys, obj, rename)
+    else:
+        state = obj
+    mapping, renamed = adapt_keys(list(state.keys()), module_keys, rename, path=source)
+    if any(old != new for old, new in mapping.items()):
+        state = renamed_state(state, mapping)
+    report = dataclasses.replace(plan(module, state, source=source, entry=entry), renamed=renamed)
+    check(report, module, strict=strict, skip_mismatched=skip_mismatched)
+    return state, report
+
+
+def copy_into(
+    module: nn.Module,
+    state: Mapping[str, Any],
+    report: LoadReport,
+    *,
+    direct: bool,
+    read_files: bool = True,
+) -> None:
+    """:func:`apply` a prepared load; with ``direct``, bytes go from the file to the parameter.
+
+    ``direct`` is for a state the caller has just loaded from files and not changed (its mapped
+    pages are what the files hold, see ``format/_direct.py``); tensors of other origins are
+    copied as usual either way. ``read_files=False`` copies from the mapping and drops its
+    pages after each tensor (see ``DirectReads``).
+    """
+    if not direct:
+        apply(module, state, report)
+        return
+    with DirectReads(read=read_files) as reads:
+        apply(module, state, report, direct_read=reads.read, release=reads.release)
+
+
+def load_module(
+    module: nn.Module,
+    obj: Any,
+    *,
+    source: str | None,
+    strict: bool,
+    skip_mismatched: bool = False,
+    rename: Mapping[str, str] | None = None,
+    direct: bool = False,
+    read_files: bool = True,
+) -> LoadReport:
+    """Find the module's state in ``obj``, check it, then copy it in: ``load_into``'s core."""
+    state, report = prepare(
+        module, obj, source=source, strict=strict, skip_mismatched=skip_mismatched, rename=rename
+    )
+    copy_into(module, state, report, direct=direct, read_files=read_files)
+    return report

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep._export._inputs import Inputs
 from torchkeep.errors import ExportError
-from torchkeep.export._inputs import Inputs
 
 __all__ = ["EXTERNAL_DATA_BYTES", "OnnxModel", "check_file", "require", "write"]
 

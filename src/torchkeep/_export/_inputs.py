@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from torchkeep._export._report import InputSpec
 from torchkeep.errors import ExportError, InvalidArgumentError, UnsupportedValueError
-from torchkeep.export._report import InputSpec
 
 __all__ = ["BATCH", "Inputs", "normalize"]
 

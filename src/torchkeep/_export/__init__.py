@@ -6,8 +6,9 @@ place; :class:`ExportReport` holds the numbers. :func:`load_exported` loads an a
 the model's code, refusing files that would run code unless trusted.
 """
 
-from torchkeep.export._api import export, load_exported
-from torchkeep.export._onnx import OnnxModel
-from torchkeep.export._report import ExportReport, InputSpec, OutputCheck
+from torchkeep._export._api import export
+from torchkeep._export._load import load_exported
+from torchkeep._export._onnx import OnnxModel
+from torchkeep._export._report import ExportReport, InputSpec, OutputCheck
 
 __all__ = ["ExportReport", "InputSpec", "OnnxModel", "OutputCheck", "export", "load_exported"]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchkeep.export._inputs import Inputs
+from torchkeep._export._inputs import Inputs
 
 __all__ = ["DEPRECATION", "Method", "build", "load", "save"]
 

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkeep._export._inputs import Inputs
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     ExportError,
     UnsafeCheckpointError,
 )
-from torchkeep.export._inputs import Inputs
 from torchkeep.format._pickle_scan import is_compiled_code, read_member
 
 __all__ = ["capture", "check_archive", "load", "static_dims"]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from torchkeep.export._report import OutputCheck
+from torchkeep._export._report import OutputCheck
 
 __all__ = ["compare", "flat_outputs", "median_ms", "tolerance"]
 

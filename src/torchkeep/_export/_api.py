@@ -1,37 +1,34 @@
-"""``torchkeep.export`` and ``torchkeep.load_exported``."""
+"""``torchkeep.export``: write an artifact into staging, load it back, compare, then publish."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from torchkeep._export import _inputs, _onnx, _pt2, _torchscript
+from torchkeep._export._compare import compare, flat_outputs, median_ms
+from torchkeep._export._diagnose import diagnose
+from torchkeep._export._inputs import Inputs
+from torchkeep._export._load import ExportFormat, loader
+from torchkeep._export._quiet import quiet
+from torchkeep._export._report import ExportReport, OutputCheck
 from torchkeep.errors import (
-    CheckpointNotFoundError,
     ExportError,
     ExportVerificationError,
     InvalidArgumentError,
     TorchkeepError,
-    UnsafeCheckpointError,
 )
-from torchkeep.export import _inputs, _onnx, _pt2, _torchscript
-from torchkeep.export._compare import compare, flat_outputs, median_ms
-from torchkeep.export._diagnose import diagnose
-from torchkeep.export._inputs import Inputs
-from torchkeep.export._quiet import quiet
-from torchkeep.export._report import ExportReport, OutputCheck
-from torchkeep.format import Format, detect
+from torchkeep.io import load_model
 from torchkeep.storage import local_path, publish, staging_directory
 
-__all__ = ["FORMATS", "export", "load_exported"]
+__all__ = ["FORMATS", "export"]
 
-ExportFormat = Literal["onnx", "pt2", "torchscript"]
 FORMATS: dict[str, ExportFormat] = {
     ".onnx": "onnx",
     ".pt2": "pt2",
@@ -66,9 +63,7 @@ def _resolve(
     if isinstance(model_or_ref, nn.Module):
         return model_or_ref, type(model_or_ref).__qualname__
     if isinstance(model_or_ref, str | os.PathLike):
-        # the same layer's single-artifact API: a save_model directory, RUN@best, a trusted file
-        from torchkeep.io import load_model
-
+        # the layer below's single-artifact API: a save_model directory, RUN@best, a trusted file
         model = load_model(model_or_ref, trust=trust, allow_import=allow_import)
         return model, f"{os.fspath(model_or_ref)} ({type(model).__qualname__})"
     raise InvalidArgumentError(
@@ -241,18 +236,6 @@ def _build(
     return files, opset
 
 
-def _loader(fmt: ExportFormat, path: Path) -> tuple[Callable[..., Any], str]:
-    """The artifact loaded back from its file, and what runs it."""
-    if fmt == "onnx":
-        model = _onnx.OnnxModel(path, spinning=False)
-        _, ort = _onnx.require()
-        provider = model.session.get_providers()[0]
-        return model, f"onnxruntime {ort.__version__} ({provider})"
-    if fmt == "pt2":
-        return _pt2.load(path, trust=True).module(), f"torch {torch.__version__} (torch.export)"
-    return _torchscript.load(path), f"torch {torch.__version__} (TorchScript)"
-
-
 def export(
     model_or_ref: nn.Module | str | os.PathLike[str],
     example_inputs: Any,
@@ -366,7 +349,7 @@ def export(
                 files, opset_written = _build(
                     fmt, model, inputs, target, names, dims, options, notes
                 )
-                runner, runtime = _loader(fmt, target)
+                runner, runtime = loader(fmt, target)
                 checks = []
                 for (label, case), want in zip(cases, expected, strict=True):
                     try:
@@ -414,33 +397,3 @@ def export(
             if fmt == "onnx" and len(files) == 1 and stale.is_file():
                 stale.unlink()  # the previous export's weights, referred to by nothing now
     return report
-
-
-def load_exported(path: str | os.PathLike[str], *, trust: bool = False) -> Callable[..., Any]:
-    """Load an exported artifact as a callable taking the model's inputs, without its code.
-
-    * ``.onnx``: an ONNX Runtime session (:class:`OnnxModel`), returning the list of outputs.
-    * ``.pt2``: ``torch.export.load(path).module()``, after checking the archive holds no
-      pickled objects or compiled code (those need ``trust=True``).
-    * TorchScript: ``torch.jit.load``, only with ``trust=True``: the archive carries
-      TorchScript code and pickles that ``torch.jit.load`` runs.
-
-    Raises:
-        UnsafeCheckpointError: the file would run code and ``trust`` is False.
-        CheckpointNotFoundError: nothing at ``path``.
-    """
-    p = local_path(path)
-    if not p.is_file():
-        raise CheckpointNotFoundError(f"no file at {p}", path=str(p))
-    suffix = p.suffix.lower()
-    if suffix == ".onnx":
-        return _onnx.OnnxModel(p)
-    if suffix == ".pt2" or (zipfile.is_zipfile(p) and detect(p) is not Format.TORCHSCRIPT):
-        return _pt2.load(p, trust=trust).module()
-    if not trust:
-        raise UnsafeCheckpointError(
-            "a TorchScript archive carries code and pickles that torch.jit.load runs",
-            path=str(p),
-            hint="pass trust=True if you trust its origin, or export to .pt2 or .onnx",
-        )
-    return _torchscript.load(p)
