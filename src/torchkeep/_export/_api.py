@@ -25,7 +25,7 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.io import load_model
-from torchkeep.storage import local_path, publish, staging_directory
+from torchkeep.storage import local_path, publish, staging_directory, storage_for
 
 __all__ = ["FORMATS", "export"]
 
@@ -395,5 +395,6 @@ def export(
             stale = dest.with_name(dest.name + ".data")
             publish(sorted(files, key=lambda f: f == target), dest.parent)
             if fmt == "onnx" and len(files) == 1 and stale.is_file():
-                stale.unlink()  # the previous export's weights, referred to by nothing now
+                # the previous export's weights, referred to by nothing now
+                storage_for(stale).delete(str(stale))
     return report
