@@ -139,3 +139,17 @@ def test_the_scan_sees_each_kind_of_call(tmp_path: Path) -> None:
             "os.fdopen(write)",
         ]
     )
+
+
+def test_every_storage_error_comes_from_the_errno_table() -> None:
+    """``StorageError(...)`` is built in one place, ``storage.storage_error``: the errno-to-hint
+    table. Anywhere else, a new one would bypass the hints."""
+    built = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel in ("storage/_errors.py", "errors.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "StorageError":
+                built.append(f"{rel}:{node.lineno}")
+    assert not built, "use storage_error(exc, path, action) instead:\n" + "\n".join(built)

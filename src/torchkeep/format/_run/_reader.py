@@ -49,7 +49,7 @@ from torchkeep.format._run._layout import (
     steps_text,
 )
 from torchkeep.format._run._manifest import Manifest, bad_manifest, read_manifest, read_run_file
-from torchkeep.storage import local_path
+from torchkeep.storage import local_path, storage_error
 
 # How many times a reader resolves ``latest``/``best`` again after a prune took its checkpoint.
 READ_ATTEMPTS = 4
@@ -347,13 +347,7 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 
 
 def _storage_error(exc: OSError, manifest: Manifest) -> StorageError:
-    err = StorageError(
-        f"could not read checkpoint {manifest.step}: {exc.strerror or exc}",
-        path=str(manifest.path),
-        hint="check that the run's files are readable and the disk healthy",
-    )
-    err.errno = exc.errno
-    return err
+    return storage_error(exc, manifest.path, f"read checkpoint {manifest.step}")
 
 
 def load_reference(
