@@ -12,12 +12,12 @@ import typer
 from typer.testing import CliRunner
 
 import torchkeep as tk
+from torchkeep.cli._errors import handle_errors
 from torchkeep.cli._output import (
     Column,
     compact_json,
     emit_json,
     format_shape,
-    handle_errors,
     human_bytes,
     print_kv,
     print_table,

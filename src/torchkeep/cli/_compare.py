@@ -8,12 +8,11 @@ import torch
 import typer
 
 import torchkeep as tk
+from torchkeep.cli._errors import fail, handle_errors
 from torchkeep.cli._output import (
     Column,
     emit_json,
-    fail,
     format_shape,
-    handle_errors,
     human_bytes,
     print_line,
     print_table,

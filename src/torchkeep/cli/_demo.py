@@ -30,12 +30,11 @@ from torchkeep.cli._demo_resume import (
     step_resume,
     step_stop,
 )
+from torchkeep.cli._errors import fail, handle_errors
 from torchkeep.cli._export import render_report
 from torchkeep.cli._inspect import render_info
 from torchkeep.cli._output import (
     Column,
-    fail,
-    handle_errors,
     human_bytes,
     is_terminal,
     print_heading,

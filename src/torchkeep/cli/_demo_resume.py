@@ -30,7 +30,8 @@ import torch
 import torchkeep as tk
 from torchkeep.cli._demo_common import DemoRun
 from torchkeep.cli._demo_model import DemoMLP, make_data, train_epoch
-from torchkeep.cli._output import fail, human_bytes, print_kv, print_line
+from torchkeep.cli._errors import fail
+from torchkeep.cli._output import human_bytes, print_kv, print_line
 from torchkeep.cli._plot import write_plot
 from torchkeep.cli._run import render_run
 from torchkeep.storage import storage_for

@@ -11,12 +11,12 @@ from typing import Annotated
 import typer
 
 import torchkeep as tk
+from torchkeep.cli._errors import handle_errors
 from torchkeep.cli._output import (
     Column,
     compact_json,
     emit_json,
     format_shape,
-    handle_errors,
     human_bytes,
     is_terminal,
     print_kv,

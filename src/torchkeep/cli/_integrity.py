@@ -7,13 +7,8 @@ from typing import Annotated
 import typer
 
 import torchkeep as tk
-from torchkeep.cli._output import (
-    emit_json,
-    handle_errors,
-    print_heading,
-    print_line,
-    print_table,
-)
+from torchkeep.cli._errors import handle_errors
+from torchkeep.cli._output import emit_json, print_heading, print_line, print_table
 
 __all__ = ["register"]
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 import torchkeep as tk
-from torchkeep.cli._output import fail, handle_errors, print_line
+from torchkeep.cli._errors import fail, handle_errors
+from torchkeep.cli._output import print_line
 from torchkeep.cli._run import RUN_ARGUMENT, metric_names, run_name
 
 if TYPE_CHECKING:

@@ -17,11 +17,11 @@ from typing import Annotated, Any, TypedDict
 import typer
 
 import torchkeep as tk
+from torchkeep.cli._errors import handle_errors
 from torchkeep.cli._output import (
     Column,
     compact_json,
     emit_json,
-    handle_errors,
     human_bytes,
     print_kv,
     print_line,
