@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from torchkeep._export._compare import compare, flat_outputs, tolerance
 from torchkeep._export._inputs import Inputs, cases, dynamic_dims, ensure_batch, input_names
-from torchkeep.cli._export import parse_dynamic_dims, parse_shape
+from torchkeep.cli._export_inputs import parse_dynamic_dims, parse_shape
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
@@ -104,7 +104,7 @@ def test_dynamic_dims_round_trip(items: list[tuple[int | str, int, str]]) -> Non
 
 
 def test_dtypes_shape_the_random_example_inputs() -> None:
-    from torchkeep.cli._export import _dtypes, example_inputs
+    from torchkeep.cli._export_inputs import _dtypes, example_inputs
 
     dtypes = _dtypes(["int64", "bool", "float64"], 3)
     ids, mask, x = example_inputs([(2, 5), (2, 5), (2, 3)], dtypes)

@@ -2,8 +2,8 @@
 
 One module per command group, each with a ``register(app)`` function; adding a group is one
 line in :data:`_COMMANDS`. Commands call only ``torchkeep``'s public names and print through
-:mod:`torchkeep.cli._output`, which also turns torchkeep's errors into ``ErrorName: message``
-and exit code 1.
+:mod:`torchkeep.cli._output`; :mod:`torchkeep.cli._errors` turns torchkeep's errors into
+``ErrorName: message`` and exit code 1 (usage errors: 2).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``torchkeep plot``: the metric curves of a run, with its kept and best checkpoints.
 
 matplotlib is an optional extra (``plot``): it is imported inside :func:`write_plot`, so that a
-missing install is reported by :func:`~torchkeep.cli._output.handle_errors` with the
+missing install is reported by :func:`~torchkeep.cli._errors.handle_errors` with the
 ``pip install 'torchkeep[plot]'`` line. The figure is drawn with the Agg canvas directly (no
 pyplot, no global backend switch), so it works without a display and inside other programs.
 """
