@@ -14,7 +14,7 @@ import torch
 
 import torchkeep as tk
 from tests.export import _models as m
-from torchkeep.format._pickle_scan import COMPILED_CODE
+from torchkeep.format._pickle_files import COMPILED_CODE
 
 
 class _Payload:

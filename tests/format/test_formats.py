@@ -454,7 +454,7 @@ def test_scanner_bypass_still_meets_the_weights_only_gate(
 ) -> None:
     """The static scan is a tripwire; with it blinded, torch's safe unpickler must still refuse,
     and torchkeep must not fall back to weights_only=False."""
-    from torchkeep.format._pickle_scan import PickleScan
+    from torchkeep.format._pickle_files import PickleScan
 
     canary = tmp_path / "canary"
     path = tmp_path / "evil.pt"

@@ -24,14 +24,9 @@ from hypothesis import strategies as st
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from torchkeep.format import _pickle_scan
-from torchkeep.format._pickle_scan import (
-    TAR_FORMAT,
-    UNRESOLVED,
-    PickleScan,
-    is_allowed_global,
-    scan_file,
-    scan_pickle_bytes,
-)
+from torchkeep.format._pickle_allow import is_allowed_global
+from torchkeep.format._pickle_files import TAR_FORMAT, PickleScan, scan_file
+from torchkeep.format._pickle_scan import UNRESOLVED, scan_pickle_bytes
 
 TORCH_GLOBALS = {
     "collections.OrderedDict",

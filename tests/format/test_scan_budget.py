@@ -20,7 +20,8 @@ import torch
 
 import torchkeep as tk
 from torchkeep.format import _pickle_scan
-from torchkeep.format._pickle_scan import scan_file, scan_pickle_bytes
+from torchkeep.format._pickle_files import scan_file
+from torchkeep.format._pickle_scan import scan_pickle_bytes
 
 MIB = 1 << 20
 

@@ -26,7 +26,7 @@ from torchkeep.errors import (
     ExportError,
     UnsafeCheckpointError,
 )
-from torchkeep.format._pickle_scan import is_compiled_code, read_member
+from torchkeep.format._pickle_files import is_compiled_code, read_member
 
 __all__ = ["capture", "check_archive", "load", "static_dims"]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import torch
@@ -24,7 +23,8 @@ from torchkeep.errors import CorruptCheckpointError, FormatVersionError, Unsuppo
 from torchkeep.format._direct import track
 from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import hash_matches, tensor_hash
-from torchkeep.format._location import MapLocation, cast, relocate
+from torchkeep.format._location import MapLocation
+from torchkeep.format._rebuild import rebuild
 from torchkeep.format._safetensors import (
     MappedFile,
     canonical_header,
@@ -36,7 +36,6 @@ from torchkeep.format._safetensors import (
     write_safetensors,
 )
 from torchkeep.format._skeleton import flatten
-from torchkeep.format._unflatten import unflatten
 from torchkeep.format._versions import FORMAT_VERSION, version_block
 
 METADATA_KEY = "torchkeep"
@@ -318,84 +317,3 @@ def _in_writer_order(header: dict[str, Any]) -> bool:
         return False
     offsets = [tuple(e["data_offsets"]) for e in entries]
     return offsets == sorted(offsets)
-
-
-def rebuild(
-    skeleton: Any,
-    fetch: Callable[[str], torch.Tensor],
-    *,
-    map_location: MapLocation = None,
-    dtype: torch.dtype | None = None,
-    source: str | None = None,
-) -> Any:
-    """Rebuild the tree of ``skeleton`` with the stored tensors that ``fetch(key)`` returns.
-
-    Places each tensor per ``map_location``, rebuilds views on their (placed) base so that
-    aliasing survives, casts floating tensors to ``dtype``, and returns one object per tied tensor.
-    """
-    bases: dict[tuple[str, str], torch.Tensor] = {}
-    done: dict[str, torch.Tensor] = {}
-
-    def tensor_for(node: dict[str, Any]) -> torch.Tensor:
-        key, location, view = str(node.get("k")), str(node.get("dev", "cpu")), node.get("view")
-        if view is None and "view" in node:  # the writer omits "view" for a whole tensor
-            raise CorruptCheckpointError(
-                f"tensor node {key!r} has a null view",
-                path=source,
-                key=key,
-                hint="the file was altered or written by another tool; restore it from a copy",
-            )
-        ident = json.dumps([key, location, view, node.get("param"), node.get("rg")])
-        if ident in done:
-            return done[ident]
-        if (key, location) not in bases:
-            base = fetch(key)
-            if view is not None and base.data_ptr() % 16:
-                base = base.clone()  # views of any dtype need an aligned base
-            bases[(key, location)] = relocate(base, location, map_location, key=key, path=source)
-        t = bases[(key, location)]
-        if view is not None:
-            t = _view_of(t, view, key=key, path=source)
-        t = cast(t, dtype)
-        if node.get("param"):
-            t = torch.nn.Parameter(t, requires_grad=bool(node.get("rg", True)))
-        elif node.get("rg") and (t.is_floating_point() or t.is_complex()):
-            t = t.requires_grad_(True)
-        done[ident] = t
-        return t
-
-    return unflatten(skeleton, tensor_for, source=source)
-
-
-def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str | None) -> torch.Tensor:
-    """Rebuild a view recorded as byte offset, shape, stride and dtype within ``base``."""
-    try:
-        offset, shape, stride = view["offset"], view["shape"], view["stride"]
-        dtype = tensor_dtype_from_name(view["dtype"], path=path, key=key)
-        ok = (
-            type(offset) is int
-            and shape_numel(shape) is not None
-            and isinstance(stride, list)
-            and len(shape) == len(stride)
-            and all(type(st) is int and 0 <= st < 1 << 63 for st in stride)
-        )
-    except CorruptCheckpointError:
-        raise  # the dtype's own message says more than "bad view"
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok or offset < 0 or offset % dtype.itemsize:
-        raise CorruptCheckpointError(f"bad view of tensor {key!r}: {view!r}", path=path, key=key)
-    extent = 0
-    if all(shape):
-        extent = (
-            sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
-        ) * dtype.itemsize
-    base_bytes = base.numel() * base.element_size()
-    if offset + extent > base_bytes:
-        raise CorruptCheckpointError(
-            f"a view of tensor {key!r} reaches past its {base_bytes} bytes", path=path, key=key
-        )
-    start = base.storage_offset() * base.element_size() + offset
-    return torch.empty(0, dtype=dtype, device=base.device).set_(
-        base.untyped_storage(), start // dtype.itemsize, shape, stride
-    )

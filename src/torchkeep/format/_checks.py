@@ -18,7 +18,7 @@ from torchkeep.format._detect import Format
 from torchkeep.format._directory import unsafe_summary
 from torchkeep.format._hash import tensor_hash
 from torchkeep.format._info import FileCheck
-from torchkeep.format._pickle_scan import scan_file
+from torchkeep.format._pickle_files import scan_file
 from torchkeep.format._torchfile import (
     damaged_members,
     damaged_records,

@@ -18,15 +18,10 @@ import zipfile
 from typing import IO, Any
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
+from torchkeep.format._pickle_files import LEGACY_PICKLES, read_member
 
 # The scanner's model of the pickle stack: the same markers, so the same opcodes mean the same
-from torchkeep.format._pickle_scan import (
-    _MARK,
-    _UNKNOWN,
-    LEGACY_PICKLES,
-    _apply_stack_effect,
-    read_member,
-)
+from torchkeep.format._pickle_scan import _MARK, _UNKNOWN, _apply_stack_effect
 from torchkeep.storage import storage_for
 
 __all__ = ["check_codecs"]

@@ -30,7 +30,7 @@ from torchkeep.format._describe import (
 from torchkeep.format._detect import Format, resolve_path
 from torchkeep.format._info import CheckpointInfo, FileCheck
 from torchkeep.format._location import MapLocation, cast, map_tensors
-from torchkeep.format._pickle_scan import PickleScan, scan_file
+from torchkeep.format._pickle_files import PickleScan, scan_file
 from torchkeep.format._torchfile import load_torch, read_document
 from torchkeep.format._values import plain_values
 

@@ -30,7 +30,7 @@ from torchkeep.format._detect import Format, detect, resolve_path
 from torchkeep.format._directory import inspect_directory, is_checkpoint_dir
 from torchkeep.format._info import CheckpointInfo, FileCheck
 from torchkeep.format._location import MapLocation
-from torchkeep.format._pickle_scan import PickleScan, scan_file
+from torchkeep.format._pickle_files import PickleScan, scan_file
 from torchkeep.format._readers import (
     ExportedSource,
     LegacyTorchSource,

@@ -9,7 +9,7 @@ registry of readers (``format/_sources.py``).
 """
 
 from torchkeep.format import FileCheck
-from torchkeep.format._pickle_scan import PickleScan
+from torchkeep.format._pickle_files import PickleScan
 from torchkeep.io._convert import CONVERT_SUFFIXES, convert
 from torchkeep.io._diff import DiffReport, TensorDiff, diff
 from torchkeep.io._inspect import inspect

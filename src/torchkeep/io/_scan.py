@@ -17,7 +17,7 @@ from torchkeep.format import (
     open_source,
 )
 from torchkeep.format._directory import PICKLE_FORMATS, entries
-from torchkeep.format._pickle_scan import PickleScan, scan_file
+from torchkeep.format._pickle_files import PickleScan, scan_file
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -34,10 +34,11 @@ from torchkeep.errors import (
     StorageError,
     TorchkeepError,
 )
-from torchkeep.format._artifact import SafetensorsFile, rebuild
+from torchkeep.format._artifact import SafetensorsFile
 from torchkeep.format._confine import lstat_inside
 from torchkeep.format._hash import hash_matches
 from torchkeep.format._location import MapLocation
+from torchkeep.format._rebuild import rebuild
 from torchkeep.format._run._layout import (
     MANIFEST_DIR,
     PACK_DIR,
