@@ -1,7 +1,7 @@
 """``torchkeep.testing``: comparing runs bit for bit, naming functions, reporting child failures.
 
 The ``tiny_*`` functions below are module-level train functions that the subprocess tests run in
-fresh interpreters (as ``tests.test_testing:<name>``).
+fresh interpreters (as ``tests.testing.test_resume:<name>``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torchkeep.testing._child import _resolve
 from torchkeep.testing._exact import _loss_divergence, _StateComparison, _tensor_difference
 from torchkeep.testing._resume import _stop_points
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # -- train functions run in child processes ------------------------------------------------------
 
@@ -252,8 +252,11 @@ def test_tensors_are_compared_bit_for_bit() -> None:
 
 
 def test_a_function_and_its_string_name_resolve_alike() -> None:
-    assert _resolve(tiny_train) == ("tests.test_testing:tiny_train", ROOT)
-    assert _resolve("tests.test_testing:tiny_train") == ("tests.test_testing:tiny_train", ROOT)
+    assert _resolve(tiny_train) == ("tests.testing.test_resume:tiny_train", ROOT)
+    assert _resolve("tests.testing.test_resume:tiny_train") == (
+        "tests.testing.test_resume:tiny_train",
+        ROOT,
+    )
     assert _resolve("torchkeep.testing:assert_resumes_exactly")[0] == (
         "torchkeep.testing:assert_resumes_exactly"
     )
@@ -276,15 +279,15 @@ def test_functions_a_fresh_process_cannot_import_are_refused() -> None:
     with pytest.raises(tk.InvalidArgumentError, match="does not name the train_fn given"):
         _resolve(copy)
     with pytest.raises(tk.InvalidArgumentError, match="must be written 'package.module:function'"):
-        _resolve("tests.test_testing.tiny_train")
+        _resolve("tests.testing.test_resume.tiny_train")
     with pytest.raises(
         tk.InvalidArgumentError, match="cannot import train_fn's module 'tests.nowhere'"
     ):
         _resolve("tests.nowhere:train")
     with pytest.raises(tk.InvalidArgumentError, match="has no 'missing'"):
-        _resolve("tests.test_testing:missing")
+        _resolve("tests.testing.test_resume:missing")
     with pytest.raises(tk.InvalidArgumentError, match="is not callable"):
-        _resolve("tests.test_testing:ROOT")
+        _resolve("tests.testing.test_resume:ROOT")
 
 
 def test_stop_points_are_checked() -> None:
@@ -308,10 +311,10 @@ def test_a_used_workdir_is_refused(tmp_path: Path) -> None:
 
 def test_an_exact_resume_passes_by_string_name(tmp_path: Path) -> None:
     report = assert_resumes_exactly(
-        "tests.test_testing:tiny_train", stop_at=[0, 2], workdir=tmp_path
+        "tests.testing.test_resume:tiny_train", stop_at=[0, 2], workdir=tmp_path
     )
     assert isinstance(report, ResumeReport)
-    assert report.train_fn == "tests.test_testing:tiny_train"
+    assert report.train_fn == "tests.testing.test_resume:tiny_train"
     assert (report.stop_at, report.resumed_losses, report.steps_compared) == ((0, 2), (1, 2, 1), 4)
     assert (report.tensors_compared, report.values_compared, report.final_step) == (1, 2, 3)
     assert (report.straight_dir, report.resumed_dir) == (
@@ -347,7 +350,7 @@ def test_a_crash_reports_the_childs_stderr(tmp_path: Path) -> None:
     with pytest.raises(TrainProcessError) as caught:
         assert_resumes_exactly(tiny_train_crashing, stop_at=1, workdir=tmp_path, parallel=False)
     message = str(caught.value)
-    assert message.startswith("the straight run: tests.test_testing:tiny_train_crashing(")
+    assert message.startswith("the straight run: tests.testing.test_resume:tiny_train_crashing(")
     assert "stop_at=None) failed (exit status 1)" in message
     assert "about to fail on purpose" in message
     assert "RuntimeError: boom: the data file is missing" in message
