@@ -74,7 +74,7 @@ class _Tidy:
 
     def get_params(self, ctx: Any) -> list[Any]:
         # Every parameter help shows, including --help and the completion options typer adds.
-        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]  # typer stubs type get_params loosely
         for param in params:
             _no_flag_type(param)
         return params
