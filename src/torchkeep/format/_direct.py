@@ -41,6 +41,19 @@ class _Live:
 
 _LIVE: dict[int, _Live] = {}
 _LOCK = threading.Lock()
+# Addresses whose mapping was collected. The weakref callback only appends here (atomic, no
+# lock): the collector may run it on a thread that holds _LOCK, and taking _LOCK there would
+# deadlock. Entries are purged under _LOCK by the next track or lookup.
+_DEAD: list[int] = []
+
+
+def _purge() -> None:
+    """Forget the entries whose mapping is gone; the caller holds ``_LOCK``."""
+    while _DEAD:
+        addr = _DEAD.pop()
+        entry = _LIVE.get(addr)
+        if entry is not None and entry.map() is None:  # not a new mapping at the same address
+            del _LIVE[addr]
 
 
 def track(mapped: MappedFile) -> None:
@@ -52,12 +65,10 @@ def track(mapped: MappedFile) -> None:
     addr = mapped._addr
 
     def gone(_: object) -> None:
-        with _LOCK:
-            entry = _LIVE.get(addr)
-            if entry is not None and entry.map() is None:
-                del _LIVE[addr]
+        _DEAD.append(addr)
 
     with _LOCK:
+        _purge()
         _LIVE[addr] = _Live(mapped.path, identity, addr, mapped.size, weakref.ref(m, gone))
 
 
@@ -67,6 +78,7 @@ def _find(t: torch.Tensor) -> tuple[_Live, mmap.mmap, int] | None:
         return None
     ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
     with _LOCK:
+        _purge()
         entries = list(_LIVE.values())
     for entry in entries:
         m = entry.map()
