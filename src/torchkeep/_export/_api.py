@@ -371,7 +371,7 @@ def export(
                 path=str(dest),
                 format=fmt,
                 files=[str(dest.parent / f.name) for f in files] if verified else [],
-                size_bytes=sum(f.stat().st_size for f in files),
+                size_bytes=sum(storage_for(f).size(str(f)) for f in files),
                 source=source,
                 inputs=_inputs.specs(inputs, names, dims),
                 outputs=[name for name, _ in expected[0]],

@@ -90,10 +90,11 @@ def detect(path: Path) -> Format:
     """The format of the file (or model directory) at ``path``, from its content."""
     if path.is_dir():
         return Format.MODEL_DIR
-    size = path.stat().st_size
+    store = storage_for(path)
+    size = store.size(str(path))
     if size == 0:
         raise CorruptCheckpointError("the file is empty (0 bytes)", path=str(path), hint=_HINT)
-    with storage_for(path).open_read(str(path)) as f:
+    with store.open_read(str(path)) as f:
         head = f.read(64)
         if _is_safetensors(f, head):
             return Format.SAFETENSORS  # torchkeep or plain: the reader validates the header

@@ -20,6 +20,7 @@ from torchkeep.format import (
     parse_reference,
 )
 from torchkeep.io._verify_report import VerifyReport
+from torchkeep.storage import storage_for
 
 
 def _check_manifest(run: RunReader, manifest: Manifest, packs: dict[str, Any]) -> list[str]:
@@ -30,7 +31,7 @@ def _check_manifest(run: RunReader, manifest: Manifest, packs: dict[str, Any]) -
         size, digest = manifest.pack_digests[name]
         try:
             path = run.pack_path(name, manifest)
-            actual = path.stat().st_size
+            actual = storage_for(path).size(str(path))
             if actual != size:
                 problems.append(
                     f"step {manifest.step}: pack {name} has {actual} bytes, the manifest says {size}"
