@@ -92,7 +92,8 @@ def unsafe_summary(globals_: tuple[str, ...] | list[str], fallback: str = "") ->
 def side_file_summary(path: Path) -> tuple[str, str | None]:
     """One line on a JSON side file, and the problem when it is not valid JSON."""
     try:
-        doc = json.loads(path.read_bytes())
+        with storage_for(path).open_read(str(path)) as f:
+            doc = json.loads(f.read())
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         return "", f"not valid JSON ({exc})"
     if isinstance(doc, dict):

@@ -255,6 +255,7 @@ class ModelDirSource(Source):
         p = self.path
         inner = _open(resolve_path(p / WEIGHTS_FILE), self.name).info()
         class_path, config = read_model_description(p)
+        store = storage_for(p)
         meta = {
             "class": class_path,
             "config": json.loads(json.dumps(config, default=str)),
@@ -264,7 +265,7 @@ class ModelDirSource(Source):
             path=str(p),
             format=self.format.value,
             tensors=inner.tensors,
-            file_bytes=sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
+            file_bytes=sum(store.size(str(p / n)) for n in store.list(str(p)) if (p / n).is_file()),
             metadata=meta,
             format_version=inner.format_version,
             values=inner.values,

@@ -130,9 +130,8 @@ def verify_run(text: str) -> VerifyReport:
         )
     folder = run.root / PACK_DIR
     if not single and not pruned and folder.is_dir():
-        stray = sorted(
-            p.name for p in folder.iterdir() if p.name not in used and not p.name.startswith(".")
-        )
+        listed = storage_for(folder).list(str(folder))
+        stray = [n for n in listed if n not in used and not n.startswith(".")]
         if stray:
             notes.append(
                 f"{len(stray)} pack(s) no checkpoint uses (left by an interrupted save, or being "

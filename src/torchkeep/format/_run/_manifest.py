@@ -164,7 +164,9 @@ def encode_run_file(policy: Mapping[str, Any], history: list[dict[str, Any]]) ->
 
 def read_run_file(root: Path) -> dict[str, Any]:
     """The run description of the run at ``root``, its format version checked."""
-    doc = parse_json((root / RUN_FILE).read_bytes(), what="run description", path=str(root))
+    with storage_for(root).open_read(str(root / RUN_FILE)) as f:
+        data = f.read()
+    doc = parse_json(data, what="run description", path=str(root))
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{RUN_FILE} is not a JSON object", path=str(root))
     check_format_version(doc.get("format_version"), path=str(root / RUN_FILE))
