@@ -24,7 +24,7 @@ from torchkeep.format import (
 )
 from torchkeep.manager._retention import RetentionPolicy
 from torchkeep.manager._writer import write_bytes
-from torchkeep.storage import atomic_write, storage_for
+from torchkeep.storage import storage_for
 from torchkeep.storage._local import storage_error
 
 
@@ -67,7 +67,7 @@ def open_policy(root: Path, given: Mapping[str, Any]) -> RetentionPolicy:
         history.append({"time": time.time(), "from": before.to_dict(), "to": policy.to_dict()})
     if existing is None or stored != policy.to_dict():
         text = encode_run_file(policy.to_dict(), history)
-        atomic_write(root / RUN_FILE, lambda f: write_bytes(f, text))
+        storage_for(root).write_atomic(str(root / RUN_FILE), lambda f: write_bytes(f, text))
     return policy
 
 
