@@ -116,9 +116,9 @@ def test_crash_before_commit_leaves_no_checkpoint_and_is_swept(
     app = make_app()
     with tk.CheckpointManager(run) as mgr:
         mgr.save(0, app)
-    import torchkeep.manager._writer as manager_module
+    import torchkeep.storage._local as storage_module  # where LocalStorage.write_atomic commits
 
-    real = manager_module.atomic_write
+    real = storage_module.atomic_write
 
     def failing(path: Any, write: Any) -> None:
         if Path(path).parent.name == "checkpoints":
@@ -127,11 +127,11 @@ def test_crash_before_commit_leaves_no_checkpoint_and_is_swept(
 
     train_step(app)
     mgr = tk.CheckpointManager(run)
-    monkeypatch.setattr(manager_module, "atomic_write", failing)
+    monkeypatch.setattr(storage_module, "atomic_write", failing)
     with pytest.raises(OSError):
         mgr.save(1, app)
     mgr.close()
-    monkeypatch.setattr(manager_module, "atomic_write", real)
+    monkeypatch.setattr(storage_module, "atomic_write", real)
     # simulate a pack orphaned by a kill between the pack's rename and the manifest's (a real
     # pack: the sweep deletes only files whose header says they are torchkeep packs)
     (run / "packs" / "0000000009-deadbeef.safetensors").write_bytes(
@@ -289,7 +289,7 @@ def test_async_staging_buffers_are_allocated_once(tmp_path: Path) -> None:
 def test_async_writer_error_surfaces_at_the_next_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torchkeep.manager._writer as manager_module
+    import torchkeep.storage._local as storage_module  # where LocalStorage.write_atomic commits
 
     def disk_full(path: Any, write: Any) -> None:
         raise tk.StorageError("could not write the file: No space left on device", path=str(path))
@@ -298,7 +298,7 @@ def test_async_writer_error_surfaces_at_the_next_call(
     mgr = tk.CheckpointManager(tmp_path / "run", async_save=True)
     mgr.save(0, app)
     mgr.wait()
-    monkeypatch.setattr(manager_module, "atomic_write", disk_full)
+    monkeypatch.setattr(storage_module, "atomic_write", disk_full)
     assert mgr.save(1, app) is None  # returns at once; the failure happens in the writer
     with pytest.raises(tk.StorageError, match="No space left"):
         mgr.save(2, app)  # the next call raises the writer's error

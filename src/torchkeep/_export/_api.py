@@ -25,7 +25,7 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.io import load_model
-from torchkeep.storage import local_path, publish, staging_directory, storage_for
+from torchkeep.storage import local_path, storage_for
 
 __all__ = ["FORMATS", "export"]
 
@@ -343,8 +343,9 @@ def export(
                 return model(*inputs.args, **inputs.kwargs)
 
         eager_ms, runs = median_ms(eager, latency_runs)
-        with staging_directory(dest) as stage:
-            target = stage / dest.name
+        store = storage_for(dest)
+        with store.staging_directory(str(dest)) as staged:
+            target = Path(staged) / dest.name
             with quiet(notes):
                 files, opset_written = _build(
                     fmt, model, inputs, target, names, dims, options, notes
@@ -371,7 +372,7 @@ def export(
                 path=str(dest),
                 format=fmt,
                 files=[str(dest.parent / f.name) for f in files] if verified else [],
-                size_bytes=sum(f.stat().st_size for f in files),
+                size_bytes=sum(storage_for(f).size(str(f)) for f in files),
                 source=source,
                 inputs=_inputs.specs(inputs, names, dims),
                 outputs=[name for name, _ in expected[0]],
@@ -393,7 +394,9 @@ def export(
                     "differences are rounding, pass looser rtol/atol",
                 )
             stale = dest.with_name(dest.name + ".data")
-            publish(sorted(files, key=lambda f: f == target), dest.parent)
+            store.publish(
+                [str(f) for f in sorted(files, key=lambda f: f == target)], str(dest.parent)
+            )
             if fmt == "onnx" and len(files) == 1 and stale.is_file():
                 # the previous export's weights, referred to by nothing now
                 storage_for(stale).delete(str(stale))

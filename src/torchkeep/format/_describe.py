@@ -23,12 +23,15 @@ from torchkeep.format._info import TensorInfo
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._unflatten import unflatten
 from torchkeep.format._values import optimizer_tensor_paths
+from torchkeep.storage import storage_for
 
 WEIGHTS_FILE = "model.safetensors"
 
 
 def shard_files(index: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    doc = parse_json(index.read_bytes(), what="sharded index", path=str(index))
+    with storage_for(index).open_read(str(index)) as f:
+        data = f.read()
+    doc = parse_json(data, what="sharded index", path=str(index))
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -58,7 +61,8 @@ def read_model_description(directory: Path) -> tuple[str, dict[str, Any]]:
     changed byte is detected, even one that leaves valid JSON (a digit of the config).
     """
     source = str(directory)
-    data = (directory / MODEL_FILE).read_bytes()
+    with storage_for(directory).open_read(str(directory / MODEL_FILE)) as f:
+        data = f.read()
     doc = parse_json(data, what="model description", path=source)
     if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
         raise CorruptCheckpointError(f"{MODEL_FILE} names no class", path=source)

@@ -66,7 +66,8 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         hint = "check the path"
         if p.parent.is_dir():
-            names = [q.name for q in p.parent.iterdir() if not q.name.startswith(".")]
+            listed = storage_for(p.parent).list(str(p.parent))
+            names = [n for n in listed if not n.startswith(".")]
             near = difflib.get_close_matches(p.name, names, n=5, cutoff=0.5)
             if near:
                 hint = f"check the path; did you mean {' or '.join(near)} in {p.parent}?"
@@ -90,10 +91,11 @@ def detect(path: Path) -> Format:
     """The format of the file (or model directory) at ``path``, from its content."""
     if path.is_dir():
         return Format.MODEL_DIR
-    size = path.stat().st_size
+    store = storage_for(path)
+    size = store.size(str(path))
     if size == 0:
         raise CorruptCheckpointError("the file is empty (0 bytes)", path=str(path), hint=_HINT)
-    with storage_for(path).open_read(str(path)) as f:
+    with store.open_read(str(path)) as f:
         head = f.read(64)
         if _is_safetensors(f, head):
             return Format.SAFETENSORS  # torchkeep or plain: the reader validates the header
@@ -102,8 +104,10 @@ def detect(path: Path) -> Format:
     if (head[:1] == b"\x80" and head[1:2] in _PICKLE_PROTOCOLS) or head.startswith(_TEXT_MAGIC):
         return Format.TORCH_LEGACY
     if head.lstrip()[:1] == b"{" and size < 64 * 1024 * 1024:
+        with store.open_read(str(path)) as f:
+            data = f.read()
         try:
-            doc = json.loads(path.read_bytes())
+            doc = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):  # "{" + "[" * 10**5
             doc = None
         if isinstance(doc, dict) and "weight_map" in doc:

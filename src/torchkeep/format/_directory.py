@@ -24,6 +24,7 @@ from torchkeep.errors import TorchkeepError, UnsafeCheckpointError
 from torchkeep.format._detect import HF_INDEX_NAMES, MODEL_FILE, Format, detect
 from torchkeep.format._info import CheckpointInfo, FileInfo, TensorInfo
 from torchkeep.format._run import is_run
+from torchkeep.storage import storage_for
 
 CHECKPOINT_DIR = "checkpoint-dir"
 CHECKPOINT_SUFFIXES = frozenset(
@@ -46,7 +47,7 @@ class Entry:
 
     @property
     def size(self) -> int:
-        return 0 if self.kind == "directory" else self.path.stat().st_size
+        return 0 if self.kind == "directory" else storage_for(self.path).size(str(self.path))
 
 
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
@@ -91,7 +92,8 @@ def unsafe_summary(globals_: tuple[str, ...] | list[str], fallback: str = "") ->
 def side_file_summary(path: Path) -> tuple[str, str | None]:
     """One line on a JSON side file, and the problem when it is not valid JSON."""
     try:
-        doc = json.loads(path.read_bytes())
+        with storage_for(path).open_read(str(path)) as f:
+            doc = json.loads(f.read())
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         return "", f"not valid JSON ({exc})"
     if isinstance(doc, dict):

@@ -33,6 +33,7 @@ from torchkeep.format._location import MapLocation, cast, map_tensors
 from torchkeep.format._pickle_files import PickleScan, scan_file
 from torchkeep.format._torchfile import load_torch, read_document
 from torchkeep.format._values import plain_values
+from torchkeep.storage import storage_for
 
 
 def _open(path: Path, name: str) -> Source:
@@ -119,7 +120,7 @@ class SafetensorsSource(Source):
 
     def info(self) -> CheckpointInfo:
         st = SafetensorsFile(str(self.path))
-        obj, size = st.load(verify=False), self.path.stat().st_size
+        obj, size = st.load(verify=False), storage_for(self.path).size(str(self.path))
         return self._info(obj, st.metadata, st.format_version, size, Format(st.format).value)
 
     def check(self, shown: str) -> FileCheck:
@@ -159,7 +160,7 @@ class TorchSource(Source):
         version = None
         if doc is not None:
             metadata, version = dict(doc.get("metadata") or {}), str(doc["format_version"])
-        return self._info(obj, metadata, version, self.path.stat().st_size)
+        return self._info(obj, metadata, version, storage_for(self.path).size(str(self.path)))
 
     def check(self, shown: str) -> FileCheck:
         return _checks.check_torch(self.path, shown, self.format)
@@ -217,8 +218,9 @@ class ShardedSource(Source):
     def info(self) -> CheckpointInfo:
         weight_map, metadata = shard_files(self.path)
         obj = self.load(map_location="cpu", verify=False)
-        size = self.path.stat().st_size
-        size += sum((self.path.parent / n).stat().st_size for n in set(weight_map.values()))
+        size = storage_for(self.path).size(str(self.path))
+        store = storage_for(self.path.parent)
+        size += sum(store.size(str(self.path.parent / n)) for n in set(weight_map.values()))
         return self._info(obj, metadata, None, size)
 
     def check(self, shown: str) -> FileCheck:
@@ -253,6 +255,7 @@ class ModelDirSource(Source):
         p = self.path
         inner = _open(resolve_path(p / WEIGHTS_FILE), self.name).info()
         class_path, config = read_model_description(p)
+        store = storage_for(p)
         meta = {
             "class": class_path,
             "config": json.loads(json.dumps(config, default=str)),
@@ -262,7 +265,7 @@ class ModelDirSource(Source):
             path=str(p),
             format=self.format.value,
             tensors=inner.tensors,
-            file_bytes=sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
+            file_bytes=sum(store.size(str(p / n)) for n in store.list(str(p)) if (p / n).is_file()),
             metadata=meta,
             format_version=inner.format_version,
             values=inner.values,

@@ -43,6 +43,7 @@ from torchkeep.format._readers import (
 )
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
 from torchkeep.format._values import plain_values
+from torchkeep.storage import storage_for
 
 
 class RunSource(Source):
@@ -188,7 +189,8 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
 def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
     obj = run.load(manifest, verify=False)  # refuses missing packs first
     try:
-        sizes = {p: run.pack_path(p, manifest).stat().st_size for p in manifest.packs}
+        store = storage_for(run.root)
+        sizes = {p: store.size(str(run.pack_path(p, manifest))) for p in manifest.packs}
     except OSError as exc:  # a pack that only an unused tensor entry names
         raise CorruptCheckpointError(
             f"a pack of the checkpoint is missing: {exc.filename}",
@@ -202,7 +204,7 @@ def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
         format=Format.RUN.value,
         tensors=tuple(describe(obj)),
         values=plain_values(obj),
-        file_bytes=manifest.path.stat().st_size + sum(sizes.values()),
+        file_bytes=store.size(str(manifest.path)) + sum(sizes.values()),
         metadata={
             "step": manifest.step,
             "metrics": manifest.metrics,

@@ -49,7 +49,7 @@ from torchkeep.state import (
     import_model_class,
     load_module,
 )
-from torchkeep.storage import atomic_write, local_path
+from torchkeep.storage import local_path, storage_for
 
 
 def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | None = None) -> None:
@@ -112,7 +112,7 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
     def write_description(f: BinaryIO) -> None:
         f.write(text)
 
-    atomic_write(directory / MODEL_FILE, write_description)
+    storage_for(directory).write_atomic(str(directory / MODEL_FILE), write_description)
 
 
 def load_model(

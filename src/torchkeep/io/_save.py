@@ -12,7 +12,7 @@ from torchkeep.format import (
     write_artifact,
     write_torch,
 )
-from torchkeep.storage import atomic_write, local_path
+from torchkeep.storage import local_path, storage_for
 
 PathLike = str | os.PathLike[str]
 #: Suffixes that get torch's zip format (``torch.load`` reads them); any other gets safetensors.
@@ -46,11 +46,12 @@ def save(obj: Any, path: PathLike, *, metadata: dict[str, Any] | None = None) ->
         ...                metadata={"lr": 1e-3})
     """
     target = local_path(path)
+    store = storage_for(target)
     try:
         if target.suffix.lower() in TORCH_SUFFIXES:
-            atomic_write(target, lambda f: write_torch(obj, f, metadata))
+            store.write_atomic(str(target), lambda f: write_torch(obj, f, metadata))
         else:
-            atomic_write(target, lambda f: write_artifact(obj, f, metadata))
+            store.write_atomic(str(target), lambda f: write_artifact(obj, f, metadata))
     except UnsupportedValueError as err:
         if err.path is None:  # the flattener knows the key, not the file
             err.path = str(target)

@@ -20,6 +20,7 @@ from torchkeep.format import (
     parse_reference,
 )
 from torchkeep.io._verify_report import VerifyReport
+from torchkeep.storage import storage_for
 
 
 def _check_manifest(run: RunReader, manifest: Manifest, packs: dict[str, Any]) -> list[str]:
@@ -30,7 +31,7 @@ def _check_manifest(run: RunReader, manifest: Manifest, packs: dict[str, Any]) -
         size, digest = manifest.pack_digests[name]
         try:
             path = run.pack_path(name, manifest)
-            actual = path.stat().st_size
+            actual = storage_for(path).size(str(path))
             if actual != size:
                 problems.append(
                     f"step {manifest.step}: pack {name} has {actual} bytes, the manifest says {size}"
@@ -129,9 +130,8 @@ def verify_run(text: str) -> VerifyReport:
         )
     folder = run.root / PACK_DIR
     if not single and not pruned and folder.is_dir():
-        stray = sorted(
-            p.name for p in folder.iterdir() if p.name not in used and not p.name.startswith(".")
-        )
+        listed = storage_for(folder).list(str(folder))
+        stray = [n for n in listed if n not in used and not n.startswith(".")]
         if stray:
             notes.append(
                 f"{len(stray)} pack(s) no checkpoint uses (left by an interrupted save, or being "

@@ -80,7 +80,9 @@ class MetricsHistory:
         if not self.path.is_file():
             return []
         records = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with storage_for(self.path).open_read(str(self.path)) as f:
+            text = f.read().decode("utf-8", errors="replace")
+        for line in text.splitlines():
             with contextlib.suppress(ValueError, RecursionError):
                 record = json.loads(line)
                 if isinstance(record, dict) and isinstance(record.get("step"), int):

@@ -24,7 +24,7 @@ from torchkeep.format import (
 )
 from torchkeep.manager._retention import RetentionPolicy
 from torchkeep.manager._writer import write_bytes
-from torchkeep.storage import atomic_write
+from torchkeep.storage import storage_for
 from torchkeep.storage._local import storage_error
 
 
@@ -33,11 +33,13 @@ def create_run(root: Path) -> None:
     anything is written, locked or swept, and again after."""
     if root.is_dir():
         check_layout(root)
+    store = storage_for(root)
     try:
-        (root / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
-        (root / PACK_DIR).mkdir(exist_ok=True)
-    except OSError as exc:
-        raise storage_error(exc, root, "create the run directory") from exc
+        store.makedirs(str(root / MANIFEST_DIR))
+        store.makedirs(str(root / PACK_DIR))
+    except OSError as exc:  # the system's error, not the store's: this message names the run
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        raise storage_error(cause, root, "create the run directory") from cause
     check_layout(root)
 
 
@@ -65,7 +67,7 @@ def open_policy(root: Path, given: Mapping[str, Any]) -> RetentionPolicy:
         history.append({"time": time.time(), "from": before.to_dict(), "to": policy.to_dict()})
     if existing is None or stored != policy.to_dict():
         text = encode_run_file(policy.to_dict(), history)
-        atomic_write(root / RUN_FILE, lambda f: write_bytes(f, text))
+        storage_for(root).write_atomic(str(root / RUN_FILE), lambda f: write_bytes(f, text))
     return policy
 
 

@@ -36,7 +36,7 @@ from torchkeep.format import (
     write_pack,
 )
 from torchkeep.format._dtypes import dtype_name
-from torchkeep.storage import atomic_write, storage_for
+from torchkeep.storage import storage_for
 
 # A small tensor equal to one in an older pack is written again rather than referenced: it
 # costs next to nothing, and a reference would keep the whole older pack alive on disk.
@@ -150,7 +150,7 @@ def write_checkpoint(
             digests[pack] = (hashing.nbytes, hashing.digest)
 
         try:
-            atomic_write(pack_path, write)
+            storage_for(pack_path).write_atomic(str(pack_path), write)
         except StorageError as exc:
             # A pack in place is no commit: the save failed, and nothing refers to the pack.
             exc.committed = False
@@ -170,7 +170,8 @@ def write_checkpoint(
     )
     try:
         text = encode_manifest(manifest, system=system)
-        atomic_write(manifest.path, lambda f: write_bytes(f, text))  # the commit point
+        store = storage_for(manifest.path)
+        store.write_atomic(str(manifest.path), lambda f: write_bytes(f, text))  # the commit point
     except BaseException as exc:
         # Once renamed into place the manifest is committed, and its pack must stay.
         if not (isinstance(exc, StorageError) and exc.committed):

@@ -20,7 +20,7 @@ from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.format._artifact import METADATA_KEY, PACK_KIND
 from torchkeep.format._confine import lstat_inside
 from torchkeep.format._safetensors import HEADER_LIMIT, parse_json
-from torchkeep.storage import local_path
+from torchkeep.storage import local_path, storage_for
 
 RUN_FILE = "torchkeep_run.json"
 MANIFEST_DIR = "checkpoints"
@@ -76,10 +76,7 @@ def committed_steps(root: Path) -> list[int]:
     """Steps of the committed manifests of the run at ``root``, ascending (by their names)."""
     if lstat_inside(root, MANIFEST_DIR, kind="dir") is None:
         return []
-    try:
-        names = os.listdir(root / MANIFEST_DIR)
-    except FileNotFoundError:
-        return []
+    names = storage_for(root).list(str(root / MANIFEST_DIR))  # a missing directory has none
     found = (_MANIFEST_NAME.match(name) for name in names)
     return sorted(int(m[1]) for m in found if m)
 

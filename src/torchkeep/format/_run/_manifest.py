@@ -34,6 +34,7 @@ from torchkeep.format._hash import seal_json, seal_ok
 from torchkeep.format._run._layout import RUN_FILE
 from torchkeep.format._safetensors import JSON_LIMIT, parse_json
 from torchkeep.format._versions import FORMAT_VERSION, version_block
+from torchkeep.storage import storage_for
 
 RUN_KIND = "torchkeep-run"
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -163,7 +164,9 @@ def encode_run_file(policy: Mapping[str, Any], history: list[dict[str, Any]]) ->
 
 def read_run_file(root: Path) -> dict[str, Any]:
     """The run description of the run at ``root``, its format version checked."""
-    doc = parse_json((root / RUN_FILE).read_bytes(), what="run description", path=str(root))
+    with storage_for(root).open_read(str(root / RUN_FILE)) as f:
+        data = f.read()
+    doc = parse_json(data, what="run description", path=str(root))
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{RUN_FILE} is not a JSON object", path=str(root))
     check_format_version(doc.get("format_version"), path=str(root / RUN_FILE))
@@ -187,9 +190,12 @@ def read_manifest(path: Path) -> Manifest:
     one that leaves valid JSON (a digit of a metric, a pack name).
     """
     _bad = bad_manifest
-    if path.stat().st_size > JSON_LIMIT:  # refused before it is read into memory
-        raise _bad(path, f"{path.stat().st_size} bytes, over the {JSON_LIMIT}-byte limit")
-    data = path.read_bytes()
+    store = storage_for(path)
+    size = store.size(str(path))
+    if size > JSON_LIMIT:  # refused before it is read into memory
+        raise _bad(path, f"{size} bytes, over the {JSON_LIMIT}-byte limit")
+    with store.open_read(str(path)) as f:  # raw OSError: a pruned manifest stays FileNotFoundError
+        data = f.read()
     doc = parse_json(data, what="manifest", path=str(path))
     if not isinstance(doc, dict):
         raise _bad(path, "not a JSON object")
