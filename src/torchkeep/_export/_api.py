@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +13,7 @@ from torch import nn
 from torchkeep._export import _inputs, _onnx, _pt2, _torchscript
 from torchkeep._export._compare import compare, flat_outputs, median_ms
 from torchkeep._export._diagnose import diagnose
+from torchkeep._export._eager import attention_slow_path, eval_mode
 from torchkeep._export._inputs import Inputs
 from torchkeep._export._load import ExportFormat, loader
 from torchkeep._export._quiet import quiet
@@ -70,42 +70,6 @@ def _resolve(
         f"cannot export a {type(model_or_ref).__name__}",
         hint="pass an nn.Module, a save_model directory or a checkpoint reference (RUN@best)",
     )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-@contextlib.contextmanager
-def _attention_slow_path(model: nn.Module, notes: list[str]) -> Iterator[None]:
-    """Run nn.MultiheadAttention and nn.TransformerEncoderLayer on their plain path.
-
-    In eval mode their "fast path" packs padded sequences into nested tensors and returns 0 at
-    padded positions, where an exported graph computes values: every export of a padded batch
-    would fail verification on positions nothing reads. The plain path computes the same
-    values elsewhere.
-    """
-    kinds = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    if not enabled or not any(isinstance(m, kinds) for m in model.modules()):
-        yield
-        return
-    torch.backends.mha.set_fastpath_enabled(False)
-    notes.append(
-        "the eager model ran without the attention fast path (torch.backends.mha), which "
-        "returns 0 at padded positions where exported graphs compute values"
-    )
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _run_eager(model: nn.Module, case: str, inputs: Inputs) -> list[tuple[str, Any]]:
@@ -318,7 +282,7 @@ def export(
         "opset": opset,
         "external_data": external_data,
     }
-    with _eval_mode(model), _attention_slow_path(model, notes):
+    with eval_mode(model), attention_slow_path(model, notes):
         if dynamic_batch and _inputs.batch_size(inputs) == 1:
             inputs = _inputs.ensure_batch(inputs)
             notes.append("the example batch of 1 was tiled to 2: torch.export fixes a batch of 1")
