@@ -14,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import atheris  # noqa: F401  # a dev dependency: missing is a broken install, not a skip
 import pytest
 
 import torchkeep
-
-pytest.importorskip("atheris")
 
 ROOT = Path(__file__).resolve().parents[2]
 SECONDS = int(os.environ.get("TORCHKEEP_ATHERIS_SECONDS", "20"))
