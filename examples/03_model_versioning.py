@@ -73,19 +73,30 @@ def main(workdir: Path) -> None:
     )
     print(f"registered classifier version {v2.version} (parent {v1.version})")
 
-    again = registry.register("classifier", model)  # the same weights once more
-    print(f"registering identical weights returns version {again.version}")
+    # The same weights once more, from a torch.save file: the fingerprint ignores the layout.
+    torch.save(model.state_dict(), workdir / "classifier.pt")
+    again = registry.register("classifier", workdir / "classifier.pt")
+    print(
+        f"registering identical weights returns version {again.version} "
+        f"(duplicate: {again.duplicate})"
+    )
 
     print("== history and lineage")
     for record in registry.versions("classifier"):
-        print(f"  {record}")
-    print(f"lineage of version {v2.version}: {registry.lineage('classifier', v2.version)}")
+        print(
+            f"  version {record.version}: parent {record.parent}, config {record.config}, "
+            f"metrics {record.metrics}, torch {record.system.get('torch_version')}"
+        )
+    lineage = registry.lineage("classifier", v1.version)
+    print(
+        f"lineage of version {v1.version}: descendants {[d.version for d in lineage.descendants]}"
+    )
 
     print("== aliases")
     registry.set_alias("classifier", "production", v1.version)
     registry.set_alias("classifier", "production", v2.version)  # promote the fine-tune
     for move in registry.alias_history("classifier", "production"):
-        print(f"  {move}")
+        print(f"  production: {move.from_version} -> {move.to_version} by {move.user}")
     production = registry.get("classifier", "production")
     assert isinstance(production, nn.Module)
     production.eval()
@@ -97,8 +108,13 @@ def main(workdir: Path) -> None:
     print(f"tk.load('models/classifier@production'): {len(by_reference)} entries")
 
     print("== compare, integrity, JSON metadata")
-    print(registry.compare("classifier", v1.version, v2.version))
-    print(f"verify: {registry.verify('classifier', v2.version)}")
+    comparison = registry.compare("classifier", v1.version, v2.version)
+    print(f"identical in versions 1 and 2 (frozen): {', '.join(comparison.identical)}")
+    for t in comparison.tensors:
+        if not t.identical:
+            print(f"  changed {t.name}: relative L2 {t.relative_l2:.3f}, cosine {t.cosine:.3f}")
+    report = registry.verify("classifier", v2.version)
+    print(f"verify version {v2.version}: {'ok' if report.ok else report.problems}")
     registry.export_metadata("classifier", v2.version, workdir / "classifier-v2.json")
     exported = json.loads((workdir / "classifier-v2.json").read_text())
     print(f"metadata JSON keys: {sorted(exported)}")

@@ -207,3 +207,23 @@ def test_the_readme_links_every_tutorial_example() -> None:
         assert f"](examples/{example.name})" in section, example.name
     for target in re.findall(r"\]\(((?:examples|docs)/[^)#]+)\)", text):
         assert (ROOT / target).exists(), f"README links to a missing {target}"
+
+
+def test_the_conventions_catch_what_they_promise(tmp_path: Path) -> None:
+    """A documented output line that is not printed, or printed out of order, fails; a shell
+    command that would silently not run fails; ``# exits N`` sets the expected status."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "```python\nprint('one')\nprint('two')\n```\n\n```text output\ntwo\none\n```\n\n"
+        "```bash\n$ torchkeep diff a b   # exits 1\nmake test\n```\n\n```bash\nrm -rf x\n```\n"
+    )
+    found = blocks(doc)
+    assert [b.info for b in found] == ["python", "text output", "bash", "bash"]
+    assert found[1].line == 6
+    check_output(doc, [], "anything")
+    with pytest.raises(AssertionError, match="'one'"):
+        check_output(doc, [found[1]], "one\ntwo\n")  # out of order
+    check_output(doc, [found[1]], "\x1b[1mtwo\x1b[0m \none\n")  # ANSI and trailing spaces
+    assert shell_commands(found[2]) == [(["diff", "a", "b"], 1)]
+    with pytest.raises(AssertionError, match="neither a torchkeep command nor in NOT_RUN"):
+        shell_commands(found[3])

@@ -102,7 +102,10 @@ def test_02_checkpoint_manager(tmp_path: Path) -> None:
 def test_03_model_versioning(tmp_path: Path) -> None:
     out = run_example("03_model_versioning.py", tmp_path)
     assert "registered classifier version 1" in out
-    assert "registering identical weights returns version 2" in out
+    assert "registering identical weights returns version 2 (duplicate: True)" in out
+    assert "production: 1 -> 2" in out
+    assert "identical in versions 1 and 2 (frozen): backbone.0.weight, backbone.0.bias" in out
+    assert "verify version 2: ok" in out
     assert "get('classifier', 'production') predictions identical: yes" in out
     assert "metadata JSON fingerprint matches: yes" in out
     assert (tmp_path / "classifier-v2.json").is_file()
