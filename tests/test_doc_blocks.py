@@ -4,9 +4,10 @@ The convention, by the fence's info string:
 
 - ```` ```python ````: run. A document's Python blocks run in order, as one script, in a fresh
   process and a fresh directory (so later blocks see what earlier ones defined and wrote).
-- ```` ```text output ````: what the blocks above print. Each of its lines (trailing spaces
-  ignored) must be found, in order, within the lines of the script's output, after the output
-  of any earlier such block (ANSI colour codes stripped, as a terminal shows them).
+- ```` ```text output ````: what the code block above it prints (the nearest Python or shell
+  block before it). Each of its lines (trailing spaces ignored) must be found, in order, within
+  the lines of that kind's output (the Python script's, or the shell commands'), after the lines
+  matched by any earlier such block (ANSI colour codes stripped, as a terminal shows them).
 - ```` ```bash ````, ```` ```console ````, ```` ```sh ````, ```` ```shell ````: commands, one a
   line (an optional ``$ `` prompt; ``# ...`` comments). A ``torchkeep ...`` command runs, after
   the document's Python blocks and in their directory, and must exit 0, or the status its comment
@@ -150,13 +151,20 @@ def check_output(path: Path, expected_blocks: list[Block], output: str) -> None:
 def test_every_doc_block_runs(path: Path, tmp_path: Path) -> None:
     all_blocks = blocks(path)
     python = [b for b in all_blocks if b.kind == "python"]
-    expected = [b for b in all_blocks if b.info.split() == ["text", "output"]]
+    expected: dict[str, list[Block]] = {"python": [], "shell": []}
+    last = ""
+    for b in all_blocks:
+        if b.kind == "python" or b.kind in SHELL:
+            last = "python" if b.kind == "python" else "shell"
+        elif b.info.split() == ["text", "output"]:
+            assert last, f"{path.name}:{b.line}: an output block before any code block"
+            expected[last].append(b)
     commands = [c for b in all_blocks if b.kind in SHELL for c in shell_commands(b)]
     if path.name == "README.md":
         assert len(python) >= 3, "the README lost its examples"
     if not python and not commands:
         pytest.skip(f"{path.name} has no code to run")
-    output = ""
+    output, shell_output = "", ""
     if python:
         script = tmp_path / f"{path.stem}_blocks.py"
         script.write_text(script_of(path, python))
@@ -179,8 +187,9 @@ def test_every_doc_block_runs(path: Path, tmp_path: Path) -> None:
             f"{path.name}: torchkeep {shlex.join(args)} exited {result.returncode}, "
             f"documented {status}:\n{result.stdout}\n{result.stderr}"
         )
-        output += result.stdout
-    check_output(path, expected, output)
+        shell_output += result.stdout
+    check_output(path, expected["python"], output)
+    check_output(path, expected["shell"], shell_output)
     if path.name == "README.md":  # the Quickstart's printed report, and the files it writes
         assert "LoadReport: 4 loaded, 0 missing, 0 unexpected, 0 mismatched" in output
         assert (tmp_path / "ckpt.safetensors").is_file() and (tmp_path / "net").is_dir()
