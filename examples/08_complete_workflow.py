@@ -3,7 +3,7 @@
 Train and validate a small classifier with dropout, a learning-rate schedule and a shuffling
 DataLoader; checkpoint every epoch with metrics and metadata. The training stops after 3 epochs
 (its process exits), a new process resumes at the 4th and finishes, and the result is compared
-with an uninterrupted run in yet another process: the same weights bit for bit and the same
+with an uninterrupted run of the same script: the same weights bit for bit and the same
 metrics. The plain tutorial checkpoint (model, optimizer, epoch, loss) would resume with another
 shuffle order, other dropout masks and a reset scheduler. Then: reload the best model, predict,
 plot the curves (matplotlib, to a PNG).
@@ -169,7 +169,7 @@ def main(workdir: Path) -> None:
     print(f"== resume at epoch {STOP_AFTER + 1} in a new process")
     in_new_process(resumed)
     print("== the same training, uninterrupted, for comparison")
-    in_new_process(uninterrupted)
+    train(uninterrupted)  # here, in this process: every generator is seeded in train()
 
     print("== resumed against uninterrupted")
     report = tk.diff(f"{resumed}@latest", f"{uninterrupted}@latest")
