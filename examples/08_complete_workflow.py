@@ -152,6 +152,7 @@ def plot(history: list[dict[str, Any]], best_step: int, path: Path) -> None:
     for name in ("train_loss", "val_loss"):
         ax_loss.plot(steps, [h["metrics"][name] for h in history], marker="o", label=name)
     ax_loss.axvline(best_step, color="grey", linestyle="--", label="best")
+    ax_loss.axvline(STOP_AFTER - 0.5, color="red", linestyle=":", label="stopped, resumed")
     ax_acc.plot(steps, [h["metrics"]["val_acc"] for h in history], marker="o", label="val_acc")
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
