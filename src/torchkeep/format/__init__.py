@@ -53,6 +53,18 @@ from torchkeep.format._run import (
     set_default_ranking,
     system_info,
 )
+from torchkeep.format._registry import (
+    INDEX_FILE,
+    REGISTRY_FILE,
+    REGISTRY_KIND,
+    SCHEMA,
+    ModelVersion,
+    RegistryIndex,
+    RegistrySource,
+    fingerprint,
+    is_registry,
+    parse_registry_reference,
+)
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
 from torchkeep.format._skeleton import Flattened, flatten
 from torchkeep.format._sources import (
@@ -71,6 +83,16 @@ from torchkeep.format._unflatten import unflatten
 from torchkeep.format._versions import FORMAT_VERSION, version_block
 
 __all__ = [
+    "INDEX_FILE",
+    "REGISTRY_FILE",
+    "REGISTRY_KIND",
+    "SCHEMA",
+    "ModelVersion",
+    "RegistryIndex",
+    "RegistrySource",
+    "fingerprint",
+    "is_registry",
+    "parse_registry_reference",
     "LOCK_FILE",
     "MANIFEST_DIR",
     "METRICS_FILE",

@@ -28,6 +28,7 @@ from torchkeep.errors import TorchkeepError
 from torchkeep.format import (
     DirectorySource,
     FileCheck,
+    RegistrySource,
     RunSource,
     check_file,
     locate,
@@ -96,6 +97,8 @@ def verify(target: str | os.PathLike[str]) -> VerifyReport:
             return VerifyReport(
                 target=text, kind="run", checkpoints=0, tensors=0, problems=(str(exc),)
             )
+    if isinstance(source, RegistrySource):
+        return _report(text, "registry", [source.check(text)], [])
     if isinstance(source, DirectorySource):
         found = entries(source.path)
         notes = [f"{e.name}/: a directory, not checked" for e in found if e.kind == "directory"]
