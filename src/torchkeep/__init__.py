@@ -18,8 +18,8 @@ from torchkeep.errors import (
     FormatVersionError,
     IncompatibleStateError,
     InvalidArgumentError,
-    RegistryError,
     ModelClassError,
+    RegistryError,
     RunLockedError,
     StorageError,
     TorchkeepError,
@@ -46,6 +46,13 @@ from torchkeep.io import (
     scan,
     verify,
 )
+from torchkeep.manager import (
+    CheckpointManager,
+    CheckpointRecord,
+    PrunePlan,
+    RestoreInfo,
+    RetentionPolicy,
+)
 from torchkeep.registry import (
     AliasMove,
     Comparison,
@@ -54,13 +61,6 @@ from torchkeep.registry import (
     Registry,
     RegistryReport,
     TensorComparison,
-)
-from torchkeep.manager import (
-    CheckpointManager,
-    CheckpointRecord,
-    PrunePlan,
-    RestoreInfo,
-    RetentionPolicy,
 )
 from torchkeep.state import (
     ConfigMixin,

@@ -50,19 +50,36 @@ def test_versions_number_themselves_and_take_semantic_versions(tmp_path: Path, m
 def test_a_version_records_config_metrics_versions_commit_time(tmp_path: Path, model) -> None:
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run(
-        ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit",
-         "-q", "--allow-empty", "-m", "x"],
+        [
+            "git",
+            "-C",
+            str(tmp_path),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
         check=True,
     )
     head = subprocess.run(
-        ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+        ["git", "-C", str(tmp_path), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout.strip()
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         v = tk.Registry("models").register(
-            "clf", model, config={"lr": 3e-4}, metrics={"acc": torch.tensor(0.75)},
+            "clf",
+            model,
+            config={"lr": 3e-4},
+            metrics={"acc": torch.tensor(0.75)},
             metadata={"data": "v3"},
         )
     finally:

@@ -30,13 +30,22 @@ def test_registry_commands(tmp_path: Path) -> None:
     reg = str(tmp_path / "models")
     # register and list in a real process: the installed command
     done = run_torchkeep(
-        "registry", "register", reg, "clf", str(tmp_path / "a.safetensors"),
-        "--config", '{"lr": 0.001}', "--metrics", '{"acc": 0.8}', "--json",
+        "registry",
+        "register",
+        reg,
+        "clf",
+        str(tmp_path / "a.safetensors"),
+        "--config",
+        '{"lr": 0.001}',
+        "--metrics",
+        '{"acc": 0.8}',
+        "--json",
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["version"] == "1"
-    code, out = _invoke("registry", "register", reg, "clf", str(tmp_path / "b.safetensors"),
-                        "--parent", "1")
+    code, out = _invoke(
+        "registry", "register", reg, "clf", str(tmp_path / "b.safetensors"), "--parent", "1"
+    )
     assert code == 0 and "registered" in out and "clf@2" in out
     code, out = _invoke("registry", "register", reg, "clf", str(tmp_path / "b.safetensors"))
     assert code == 0 and "already" in out
@@ -51,8 +60,10 @@ def test_registry_commands(tmp_path: Path) -> None:
     code, out = _invoke("registry", "show", f"{reg}/clf@production")
     assert code == 0 and "fingerprint" in out and "acc=0.8" in out and "torch" in out
     code, out = _invoke("registry", "history", reg, "clf", "production", "--json")
-    assert [(m["from_version"], m["to_version"]) for m in json.loads(out)] == [(None, "2"),
-                                                                              ("2", "1")]
+    assert [(m["from_version"], m["to_version"]) for m in json.loads(out)] == [
+        (None, "2"),
+        ("2", "1"),
+    ]
     code, out = _invoke("registry", "lineage", reg, "clf", "1")
     assert code == 0 and "clf@2" in out and "descendant" in out
     code, out = _invoke("registry", "compare", reg, "clf", "1", "2", "--json")

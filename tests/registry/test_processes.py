@@ -82,9 +82,7 @@ def test_sigkill_during_register_and_delete_leaves_a_consistent_registry(tmp_pat
             assert set(reg.get("clf", v.version)) == {"frozen", "head"}
     assert len(reg.versions("clf")) >= 3
     reg.collect()  # what the killed writers left: their pending packs and temporaries
-    used = {
-        r[0] for r in reg.conn.execute("SELECT DISTINCT pack FROM tensors")
-    }
+    used = {r[0] for r in reg.conn.execute("SELECT DISTINCT pack FROM tensors")}
     assert _packs(root) == used
     assert not [p for p in (root / "packs").iterdir() if p.name.startswith(".")]
     assert reg.conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0] == 0

@@ -94,11 +94,25 @@ def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
 
 def _versions_table(versions: list[tk.ModelVersion], title: str) -> None:
     print_table(
-        ["version", Column("#", "right"), "created (UTC)", "fingerprint", "parent", "aliases",
-         "metrics"],
         [
-            (v.version, v.number, _when(v.created), v.fingerprint[7:19], v.parent,
-             ", ".join(v.aliases) or None, _metrics(v.metrics) or None)
+            "version",
+            Column("#", "right"),
+            "created (UTC)",
+            "fingerprint",
+            "parent",
+            "aliases",
+            "metrics",
+        ],
+        [
+            (
+                v.version,
+                v.number,
+                _when(v.created),
+                v.fingerprint[7:19],
+                v.parent,
+                ", ".join(v.aliases) or None,
+                _metrics(v.metrics) or None,
+            )
             for v in versions
         ],
         title=title,
@@ -112,15 +126,19 @@ def list_command(args: _ARGS, json_out: _JSON = False) -> None:
     if name is None:
         rows = [(n, reg.versions(n), reg.aliases(n)) for n in reg.names()]
         if json_out:
-            emit_json([
-                {"name": n, "versions": len(vs), "latest": vs[-1].version, "aliases": a}
-                for n, vs, a in rows
-            ])
+            emit_json(
+                [
+                    {"name": n, "versions": len(vs), "latest": vs[-1].version, "aliases": a}
+                    for n, vs, a in rows
+                ]
+            )
             return
         print_table(
             ["model", Column("versions", "right"), "latest", "aliases"],
-            [(n, len(vs), vs[-1].version,
-              ", ".join(f"{k}->{v}" for k, v in a.items()) or None) for n, vs, a in rows],
+            [
+                (n, len(vs), vs[-1].version, ", ".join(f"{k}->{v}" for k, v in a.items()) or None)
+                for n, vs, a in rows
+            ],
         )
         return
     versions = reg.versions(name)
@@ -170,11 +188,17 @@ def register_command(
     registry: Annotated[str, typer.Argument(help="The registry's folder (created if new).")],
     name: Annotated[str, typer.Argument(help="The model's name, e.g. classifier.")],
     source: Annotated[str, typer.Argument(help="A checkpoint file, model directory or RUN@best.")],
-    version: Annotated[str | None, typer.Option(help="A semantic version (default: next number).")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="A semantic version (default: next number).")
+    ] = None,
     metadata: Annotated[str | None, typer.Option(help="JSON object of metadata.")] = None,
-    config: Annotated[str | None, typer.Option(help="JSON object: config, hyperparameters.")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="JSON object: config, hyperparameters.")
+    ] = None,
     metrics: Annotated[str | None, typer.Option(help="JSON object of metrics.")] = None,
-    parent: Annotated[str | None, typer.Option(help="Fine-tuned from: VERSION or NAME@VERSION.")] = None,
+    parent: Annotated[
+        str | None, typer.Option(help="Fine-tuned from: VERSION or NAME@VERSION.")
+    ] = None,
     allow_duplicate: Annotated[
         bool, typer.Option("--allow-duplicate", help="Register identical weights again.")
     ] = False,
@@ -195,8 +219,10 @@ def register_command(
     if json_out:
         emit_json(v.to_dict())
     elif v.duplicate:
-        print_line(f"identical weights are already {v.reference}: not registered again "
-                   "(--allow-duplicate registers them anyway)")
+        print_line(
+            f"identical weights are already {v.reference}: not registered again "
+            "(--allow-duplicate registers them anyway)"
+        )
     else:
         print_line(f"registered {v.reference} ({v.fingerprint[:19]})")
 
@@ -229,8 +255,10 @@ def history_command(args: _ARGS, json_out: _JSON = False) -> None:
         return
     print_table(
         ["time (UTC)", "from", "to", "by"],
-        [(_when(m.time), m.from_version, m.to_version, f"{m.user}@{m.host} pid {m.pid}")
-         for m in moves],
+        [
+            (_when(m.time), m.from_version, m.to_version, f"{m.user}@{m.host} pid {m.pid}")
+            for m in moves
+        ],
         title=f"{name}@{alias}",
     )
 
@@ -266,8 +294,10 @@ def lineage_command(args: _ARGS, json_out: _JSON = False) -> None:
     rows += [("this", lin.version)] + [("descendant", v) for v in lin.descendants]
     print_table(
         ["", "version", "parent", "aliases", "created (UTC)"],
-        [(k, f"{v.name}@{v.version}", v.parent, ", ".join(v.aliases) or None, _when(v.created))
-         for k, v in rows],
+        [
+            (k, f"{v.name}@{v.version}", v.parent, ", ".join(v.aliases) or None, _when(v.created))
+            for k, v in rows
+        ],
     )
     for ref in lin.missing:
         print_line(f"parent {ref} was deleted")
@@ -293,11 +323,23 @@ def compare_command(args: _ARGS, json_out: _JSON = False) -> None:
         return None if x is None else f"{x:.4g}"
 
     print_table(
-        ["tensor", Column("rel. L2", "right"), Column("cosine", "right"),
-         Column("changed", "right"), "identical"],
-        [(t.name, num(t.relative_l2), num(t.cosine),
-          None if t.changed is None else f"{t.changed:.1%}", "yes" if t.identical else t.note)
-         for t in c.tensors],
+        [
+            "tensor",
+            Column("rel. L2", "right"),
+            Column("cosine", "right"),
+            Column("changed", "right"),
+            "identical",
+        ],
+        [
+            (
+                t.name,
+                num(t.relative_l2),
+                num(t.cosine),
+                None if t.changed is None else f"{t.changed:.1%}",
+                "yes" if t.identical else t.note,
+            )
+            for t in c.tensors
+        ],
         title=f"{name}: {c.v1} -> {c.v2}",
     )
     print_line(f"{len(c.identical)} identical (frozen), {len(c.changed)} changed")

@@ -29,6 +29,18 @@ from torchkeep.format._hash import (
 from torchkeep.format._info import CheckpointInfo, FileCheck, FileInfo, TensorInfo
 from torchkeep.format._location import MapLocation, map_tensors, relocate
 from torchkeep.format._readers import Source
+from torchkeep.format._registry import (
+    INDEX_FILE,
+    REGISTRY_FILE,
+    REGISTRY_KIND,
+    SCHEMA,
+    ModelVersion,
+    RegistryIndex,
+    fingerprint,
+    is_registry,
+    parse_registry_reference,
+)
+from torchkeep.format._registry_source import RegistrySource
 from torchkeep.format._run import (
     LOCK_FILE,
     MANIFEST_DIR,
@@ -52,18 +64,6 @@ from torchkeep.format._run import (
     parse_reference,
     set_default_ranking,
     system_info,
-)
-from torchkeep.format._registry import (
-    INDEX_FILE,
-    REGISTRY_FILE,
-    REGISTRY_KIND,
-    SCHEMA,
-    ModelVersion,
-    RegistryIndex,
-    RegistrySource,
-    fingerprint,
-    is_registry,
-    parse_registry_reference,
 )
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
 from torchkeep.format._skeleton import Flattened, flatten

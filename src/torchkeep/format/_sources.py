@@ -41,8 +41,9 @@ from torchkeep.format._readers import (
     TorchExportSource,
     TorchSource,
 )
+from torchkeep.format._registry import parse_registry_reference
+from torchkeep.format._registry_source import RegistrySource
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
-from torchkeep.format._registry import RegistrySource, parse_registry_reference
 from torchkeep.format._values import plain_values
 from torchkeep.storage import storage_for
 

@@ -174,7 +174,10 @@ def _history(run: RunReader, step: int) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            if record["step"] <= step:
-                out.append(record)
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] <= step
+        ):
+            out.append(record)
     return out

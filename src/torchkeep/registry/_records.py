@@ -136,14 +136,21 @@ def compare_tensor(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorCompari
     if a.dtype == torch.bool or not (a.is_floating_point() or a.is_complex()):
         af, bf = a.double(), b.double()
     else:
-        af, bf = a.detach().to(torch.complex128 if a.is_complex() else torch.float64), b.detach().to(
-            torch.complex128 if b.is_complex() else torch.float64
+        af, bf = (
+            a.detach().to(torch.complex128 if a.is_complex() else torch.float64),
+            b.detach().to(torch.complex128 if b.is_complex() else torch.float64),
         )
     af, bf = af.flatten(), bf.flatten()
     na, nb, nd = af.norm().item(), bf.norm().item(), (bf - af).norm().item()
     rel = 0.0 if nd == 0 else (nd / na if na else math.inf)
-    cos = 1.0 if na == 0 and nb == 0 else 0.0 if na == 0 or nb == 0 else float(
-        (torch.vdot(af, bf).real if af.is_complex() else torch.dot(af, bf)).item() / (na * nb)
+    cos = (
+        1.0
+        if na == 0 and nb == 0
+        else 0.0
+        if na == 0 or nb == 0
+        else float(
+            (torch.vdot(af, bf).real if af.is_complex() else torch.dot(af, bf)).item() / (na * nb)
+        )
     )
     return TensorComparison(
         name=name, identical=identical, relative_l2=rel, cosine=cos, changed=changed

@@ -9,11 +9,13 @@ How packs and the index stay consistent through a crash is ``_store.py``'s docst
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
 import secrets
 import socket
+import sqlite3
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +25,6 @@ import torch
 from torch import nn
 
 from torchkeep.errors import (
-    CheckpointNotFoundError,
     InvalidArgumentError,
     RegistryError,
     TorchkeepError,
@@ -34,7 +35,6 @@ from torchkeep.format import (
     REGISTRY_KIND,
     SCHEMA,
     ModelVersion,
-    RegistryIndex,
     clean_metrics,
     fingerprint,
     flatten,
@@ -43,7 +43,6 @@ from torchkeep.format import (
     metadata_json,
     system_info,
     tensor_hash,
-    tensors_by_path,
 )
 from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._registry import NAME_PATTERN
@@ -51,12 +50,9 @@ from torchkeep.format._versions import FORMAT_VERSION
 from torchkeep.io import load_model
 from torchkeep.registry import _store
 from torchkeep.registry._inputs import resolve
+from torchkeep.registry._reading import Reading
 from torchkeep.registry._records import (
     AliasMove,
-    Comparison,
-    Lineage,
-    RegistryReport,
-    compare_tensor,
 )
 from torchkeep.state import AllowImport
 from torchkeep.storage import connect_sqlite, local_path, storage_for, transaction
@@ -80,7 +76,7 @@ def _user() -> str:
         return os.environ.get("USER", "unknown")
 
 
-class Registry(RegistryIndex):
+class Registry(Reading):
     """A model registry in a folder: versions, aliases, lineage; no server.
 
     Example:
@@ -218,7 +214,7 @@ class Registry(RegistryIndex):
         if row is None:
             return None
         v = self.resolve(name, row[0])
-        return ModelVersion(**{**_fields(v), "duplicate": True})
+        return dataclasses.replace(v, duplicate=True)
 
     def _parent(self, name: str, parent: str | ModelVersion | None) -> str | None:
         if parent is None:
@@ -266,8 +262,16 @@ class Registry(RegistryIndex):
         nbytes = {k: t.numel() * t.element_size() for k, t in flat.tensors.items()}
         self.conn.execute(
             "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, number, version, fp, time.time(), parent, json.dumps(doc),
-             json.dumps(flat.skeleton)),
+            (
+                name,
+                number,
+                version,
+                fp,
+                time.time(),
+                parent,
+                json.dumps(doc),
+                json.dumps(flat.skeleton),
+            ),
         )
         self.conn.executemany(
             "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -282,10 +286,8 @@ class Registry(RegistryIndex):
                 _store.drop_pending(self.conn, token)
             if pack is not None:
                 _store.delete_pack(self.root, pack)
-        except (TorchkeepError, OSError):
+        except (TorchkeepError, OSError, sqlite3.Error):
             pass  # left for the next collection
-        except Exception:  # sqlite3.Error: the next collection deletes what is left
-            pass
 
     def set_alias(self, name: str, alias: str, version: str | None) -> AliasMove:
         """Point ``alias`` of ``name`` at ``version`` (a version or another alias), atomically,
@@ -306,9 +308,7 @@ class Registry(RegistryIndex):
             ).fetchone()
             now = time.time()
             if target is None:
-                self.conn.execute(
-                    "DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias)
-                )
+                self.conn.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
             else:
                 self.conn.execute(
                     "INSERT INTO aliases VALUES (?, ?, ?, ?) ON CONFLICT (name, alias) "
@@ -328,8 +328,16 @@ class Registry(RegistryIndex):
             self.conn.execute(
                 "INSERT INTO alias_history (name, alias, from_version, to_version, user, host, "
                 "pid, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, alias, move.from_version, move.to_version, move.user, move.host,
-                 move.pid, move.time),
+                (
+                    name,
+                    alias,
+                    move.from_version,
+                    move.to_version,
+                    move.user,
+                    move.host,
+                    move.pid,
+                    move.time,
+                ),
             )
         return move
 
@@ -384,121 +392,6 @@ class Registry(RegistryIndex):
                 allow_import=allow_import,
             )
         return self.load(v, map_location=map_location)
-
-    def alias_history(self, name: str, alias: str) -> list[AliasMove]:
-        """Every move of ``alias``, oldest first.
-
-        Raises:
-            CheckpointNotFoundError: the alias was never set.
-        """
-        rows = self.conn.execute(
-            "SELECT name, alias, from_version, to_version, user, host, pid, time "
-            "FROM alias_history WHERE name = ? AND alias = ? ORDER BY id",
-            (name, alias),
-        ).fetchall()
-        if not rows:
-            self.versions(name)  # an unknown name says so
-            raise CheckpointNotFoundError(
-                f"model {name!r} has no alias {alias!r}",
-                path=str(self.root),
-                key=alias,
-                hint=f"aliases: {', '.join(self.aliases(name)) or 'none'}",
-            )
-        keys = ("name", "alias", "from_version", "to_version", "user", "host", "pid", "time")
-        return [AliasMove(**dict(zip(keys, r, strict=True))) for r in rows]
-
-    def lineage(self, name: str, version: str) -> Lineage:
-        """A version's ancestors (parent first) and descendants (children first)."""
-        v = self.resolve(name, str(version))
-        ancestors, missing, seen = [], [], {f"{v.name}@{v.version}"}
-        parent = v.parent
-        while parent and parent not in seen:
-            seen.add(parent)
-            other, _, which = parent.rpartition("@")
-            try:
-                p = self.resolve(other, which)
-            except CheckpointNotFoundError:
-                missing.append(parent)
-                break
-            ancestors.append(p)
-            parent = p.parent
-        descendants, queue = [], [f"{v.name}@{v.version}"]
-        while queue:
-            ref = queue.pop(0)
-            for child_name, child in self.conn.execute(
-                "SELECT name, version FROM versions WHERE parent = ? ORDER BY number", (ref,)
-            ).fetchall():
-                key = f"{child_name}@{child}"
-                if key not in seen:
-                    seen.add(key)
-                    descendants.append(self.resolve(child_name, child))
-                    queue.append(key)
-        return Lineage(
-            version=v,
-            ancestors=tuple(ancestors),
-            descendants=tuple(descendants),
-            missing=tuple(missing),
-        )
-
-    def verify(self, name: str | None = None, version: str | None = None) -> RegistryReport:
-        """Recompute every tensor hash and the fingerprint of a version, of every version of
-        ``name``, or (with no argument) of the whole registry; also checks the index itself."""
-        problems: list[str] = []
-        (status,) = self.conn.execute("PRAGMA quick_check").fetchone()
-        if status != "ok":
-            problems.append(f"{self.root / INDEX_FILE}: {status}")
-        if version is not None and name is not None:
-            chosen = [self.resolve(name, str(version))]
-        elif name is not None:
-            chosen = self.versions(name)
-        else:
-            chosen = [v for n in self.names() for v in self.versions(n)]
-        for v in chosen:
-            problems.extend(self.check(v))
-        return RegistryReport(
-            registry=str(self.root),
-            versions=len(chosen),
-            tensors=sum(v.tensors for v in chosen),
-            problems=tuple(problems),
-        )
-
-    def export_metadata(
-        self, name: str, version: str, path: str | os.PathLike[str]
-    ) -> Path:
-        """Write a version's record (config, metrics, history, system, fingerprint, aliases,
-        lineage and tensor table) as JSON to ``path``; returns the path."""
-        v = self.resolve(name, str(version))
-        m = self.manifest(v)
-        doc = {
-            **v.to_dict(),
-            "lineage": self.lineage(name, v.version).to_dict() | {"version": v.reference},
-            "tensor_table": {
-                k: {"dtype": r.dtype, "shape": list(r.shape), "nbytes": r.nbytes, "hash": r.hash}
-                for k, r in sorted(m.tensors.items())
-            },
-        }
-        text = json.dumps(doc, indent=2).encode()
-        dest = local_path(path)
-        storage_for(dest).write_atomic(str(dest), lambda f: _write(f, text))
-        return dest
-
-    def compare(self, name: str, v1: str, v2: str) -> Comparison:
-        """Per-tensor comparison of two versions (relative L2, cosine, share changed, frozen)."""
-        a, b = self.resolve(name, str(v1)), self.resolve(name, str(v2))
-        ta, tb = tensors_by_path(self.load(a)), tensors_by_path(self.load(b))
-        both = [k for k in ta if k in tb]
-        return Comparison(
-            name=name,
-            v1=a.version,
-            v2=b.version,
-            tensors=tuple(compare_tensor(k, ta[k], tb[k]) for k in both),
-            only_in_v1=tuple(k for k in ta if k not in tb),
-            only_in_v2=tuple(k for k in tb if k not in ta),
-        )
-
-
-def _fields(v: ModelVersion) -> dict[str, Any]:
-    return {f: getattr(v, f) for f in v.__dataclass_fields__}
 
 
 def _write(f: BinaryIO, data: bytes) -> None:
