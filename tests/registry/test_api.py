@@ -187,6 +187,8 @@ def test_references_work_wherever_a_checkpoint_reference_does(tmp_path: Path, mo
     diff = tk.diff(old, ref)
     assert [d.key for d in diff.changed] == ["head.weight"]
     assert tk.verify(ref).ok
+    whole = tk.verify(tmp_path / "models")  # a registry folder: every version
+    assert whole.ok and whole.kind == "registry" and len(whole.files) == 2
     assert tk.load(f"{tmp_path}/models/clf")["head.weight"].equal(sd["head.weight"])  # latest
     out = tmp_path / "clf.pt2"
     tk.export(ref, (torch.randn(2, 8),), out)

@@ -71,6 +71,8 @@ def test_a_corrupted_pack_is_reported_and_refused(reg: tk.Registry) -> None:
     assert any("clf@1" in p and "'w'" in p for p in report.problems)
     assert any("clf@2" in p and "'w'" in p for p in report.problems)
     assert not tk.verify(f"{reg.root}/clf@1").ok
+    whole = tk.verify(reg.root)
+    assert not whole.ok and whole.damaged == 2
 
 
 def test_a_missing_pack_is_reported(reg: tk.Registry) -> None:

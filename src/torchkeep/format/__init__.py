@@ -40,7 +40,7 @@ from torchkeep.format._registry import (
     is_registry,
     parse_registry_reference,
 )
-from torchkeep.format._registry_source import RegistrySource
+from torchkeep.format._registry_source import RegistrySource, registry_checks
 from torchkeep.format._run import (
     LOCK_FILE,
     MANIFEST_DIR,
@@ -93,6 +93,7 @@ __all__ = [
     "fingerprint",
     "is_registry",
     "parse_registry_reference",
+    "registry_checks",
     "LOCK_FILE",
     "MANIFEST_DIR",
     "METRICS_FILE",

@@ -6,6 +6,7 @@ as metadata), ``check`` the version's tensor hashes and fingerprint (``verify``)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,3 +113,13 @@ class RegistrySource(Source):
 
     def scan(self) -> PickleScan:
         return PickleScan(path=self.name, records=(), globals=(), unsafe=())  # packs: no pickle
+
+
+def registry_checks(root: str) -> list[FileCheck]:
+    """The check of every version of every model of the registry at ``root``."""
+    index = RegistryIndex(root)
+    try:
+        refs = [v.reference for name in index.names() for v in index.versions(name)]
+    finally:
+        index.close()
+    return [RegistrySource(Path(ref), ref).check(ref) for ref in refs]

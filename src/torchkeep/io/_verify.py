@@ -31,8 +31,10 @@ from torchkeep.format import (
     RegistrySource,
     RunSource,
     check_file,
+    is_registry,
     locate,
     parse_reference,
+    registry_checks,
 )
 from torchkeep.format._directory import Entry, entries, side_file_summary
 from torchkeep.io._verify_report import VerifyReport
@@ -84,6 +86,8 @@ def verify(target: str | os.PathLike[str]) -> VerifyReport:
     """
     text = os.fspath(target)
     parse_reference(text)  # an unknown selector (RUN@bset) raises, naming the valid ones
+    if is_registry(text):  # a whole model registry: every version of every model
+        return _report(text, "registry", registry_checks(text), [])
     try:
         source = locate(text)
     except TorchkeepError as exc:

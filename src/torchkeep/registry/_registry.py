@@ -10,8 +10,8 @@ How packs and the index stay consistent through a crash is ``_store.py``'s docst
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import json
+import logging
 import os
 import secrets
 import socket
@@ -57,6 +57,8 @@ from torchkeep.registry._records import (
 from torchkeep.state import AllowImport
 from torchkeep.storage import connect_sqlite, local_path, storage_for, transaction
 
+_log = logging.getLogger("torchkeep.registry")
+
 
 def _check_name(what: str, value: str) -> str:
     if not isinstance(value, str) or not NAME_PATTERN.match(value):
@@ -67,13 +69,6 @@ def _check_name(what: str, value: str) -> str:
             hint=f"a {what} is letters, digits, '.', '_' or '-' (at most 128), e.g. 'classifier'",
         )
     return value
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return os.environ.get("USER", "unknown")
 
 
 class Registry(Reading):
@@ -163,7 +158,7 @@ class Registry(Reading):
             "metrics": clean_metrics({**found.metrics, **dict(metrics or {})}),
             "history": metadata_json({"h": found.history})["h"],
             "metadata": metadata_json(dict(metadata or {})),
-            "system": {**system_info(), "user": _user()},
+            "system": {**system_info(), "user": _store.user()},
             "source": found.source,
             "model": found.model,
         }
@@ -214,6 +209,7 @@ class Registry(Reading):
         if row is None:
             return None
         v = self.resolve(name, row[0])
+        _log.info("%s: identical weights are already %s; not registered again", name, v.reference)
         return dataclasses.replace(v, duplicate=True)
 
     def _parent(self, name: str, parent: str | ModelVersion | None) -> str | None:
@@ -320,7 +316,7 @@ class Registry(Reading):
                 alias=alias,
                 from_version=row[0] if row else None,
                 to_version=target,
-                user=_user(),
+                user=_store.user(),
                 host=socket.gethostname(),
                 pid=os.getpid(),
                 time=now,

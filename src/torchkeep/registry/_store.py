@@ -18,6 +18,7 @@ deletes. Versions never lose a pack: a tensor table only names packs durable bef
 
 from __future__ import annotations
 
+import getpass
 import os
 import socket
 import sqlite3
@@ -96,3 +97,10 @@ def delete_pack(root: Path, name: str) -> None:
     """Remove a pack this process wrote and no row names (a register that failed)."""
     folder = str(root / PACK_DIR)
     storage_for(folder).delete_files(folder, [name], check=is_pack, action="delete the new pack")
+
+
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return os.environ.get("USER", "unknown")
