@@ -82,3 +82,14 @@ def test_a_missing_pack_is_reported(reg: tk.Registry) -> None:
         reg.get("clf", "2")
     problems = reg.verify("clf").problems
     assert len(problems) == 4 and all("missing" in p for p in problems)
+
+
+def test_a_damaged_index_is_refused(tmp_path: Path) -> None:
+    tk.Registry(tmp_path / "models").close()
+    (tmp_path / "models" / "index.sqlite").write_bytes(b"not a database" * 100)
+    for name in ("index.sqlite-wal", "index.sqlite-shm"):
+        (tmp_path / "models" / name).unlink(missing_ok=True)
+    with pytest.raises(tk.CorruptCheckpointError, match="not a SQLite database"):
+        tk.Registry(tmp_path / "models")
+    with pytest.raises(tk.CorruptCheckpointError, match="not a SQLite database"):
+        tk.load(f"{tmp_path}/models/clf@1")

@@ -81,7 +81,8 @@ def test_sigkill_during_register_and_delete_leaves_a_consistent_registry(tmp_pat
         for v in reg.versions("clf"):  # every version loads, every tensor hash checked
             assert set(reg.get("clf", v.version)) == {"frozen", "head"}
     assert len(reg.versions("clf")) >= 3
-    reg.collect()  # what the killed writers left: their pending packs and temporaries
+    reg.close()
+    reg = tk.Registry(root)  # opening collects what the killed writers left, as runs do
     used = {r[0] for r in reg.conn.execute("SELECT DISTINCT pack FROM tensors")}
     assert _packs(root) == used
     assert not [p for p in (root / "packs").iterdir() if p.name.startswith(".")]

@@ -101,6 +101,7 @@ class Registry(Reading):
             text = json.dumps(doc, indent=2).encode()
             store.create_exclusive(str(root / REGISTRY_FILE), lambda f: _write(f, text))
         super().__init__(root, conn)
+        _store.collect(conn, root)  # what crashed writers left, as a run's writer does on open
 
     def __enter__(self) -> Registry:
         return self

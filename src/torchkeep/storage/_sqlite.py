@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.storage._errors import storage_error
 from torchkeep.storage._location import local_path
 
@@ -44,7 +45,13 @@ def connect_sqlite(path: str | os.PathLike[str], *, create: bool = False) -> sql
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or not isinstance(exc, sqlite3.OperationalError):
+            raise CorruptCheckpointError(
+                f"not a SQLite database: {exc}",
+                path=str(p),
+                hint="the index was overwritten or damaged; restore it from a copy",
+            ) from exc
         raise storage_error(OSError(5, str(exc), str(p)), p, "open the database") from exc
     return conn
 
