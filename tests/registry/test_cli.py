@@ -44,7 +44,15 @@ def test_registry_commands(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["version"] == "1"
     code, out = _invoke(
-        "registry", "register", reg, "clf", str(tmp_path / "b.safetensors"), "--parent", "1"
+        "registry",
+        "register",
+        reg,
+        "clf",
+        str(tmp_path / "b.safetensors"),
+        "--parent",
+        "1",
+        "--metadata",
+        "data=v3,epochs=4",
     )
     assert code == 0 and "registered" in out and "clf@2" in out
     code, out = _invoke("registry", "register", reg, "clf", str(tmp_path / "b.safetensors"))
@@ -73,6 +81,11 @@ def test_registry_commands(tmp_path: Path) -> None:
     assert code == 0 and "5 identical (frozen), 1 changed" in out
     code, out = _invoke("registry", "export", f"{reg}/clf@2", str(tmp_path / "m.json"))
     assert code == 0 and json.loads((tmp_path / "m.json").read_text())["parent"] == "clf@1"
+    code, out = _invoke("registry", "export", reg, "clf", "2", "-o", str(tmp_path / "n.json"))
+    assert code == 0 and json.loads((tmp_path / "n.json").read_text())["metadata"] == {
+        "data": "v3",
+        "epochs": 4,
+    }
     code, out = _invoke("registry", "verify", reg)
     assert code == 0 and "2 version(s), 12 tensors checked: ok" in out
     code, out = _invoke("inspect", f"{reg}/clf@production")

@@ -81,15 +81,26 @@ def _metrics(m: dict[str, Any]) -> str:
 
 
 def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """A JSON object, or ``key=value[,key=value]`` (each value JSON when it parses)."""
     if text is None:
         return None
+    if not text.lstrip().startswith("{") and "=" in text:
+        pairs = [part.partition("=") for part in text.split(",")]
+        return {k.strip(): _value(v.strip()) for k, _, v in pairs}
     try:
         value = json.loads(text)
     except ValueError as exc:
         fail(f"{option}: not JSON ({exc})", code=2)
     if not isinstance(value, dict):
-        fail(f"{option}: give a JSON object, e.g. '{{\"lr\": 0.001}}'", code=2)
+        fail(f"{option}: give a JSON object, e.g. '{{\"lr\": 0.001}}', or lr=0.001", code=2)
     return value
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _versions_table(versions: list[tk.ModelVersion], title: str) -> None:
@@ -350,13 +361,19 @@ def compare_command(args: _ARGS, json_out: _JSON = False) -> None:
 
 
 @handle_errors
-def export_command(args: _ARGS, json_out: _JSON = False) -> None:
+def export_command(
+    args: _ARGS,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="The JSON file.")] = None,
+    json_out: _JSON = False,
+) -> None:
     """Write a version's record as JSON: REGISTRY NAME VERSION OUT.json (or REF OUT.json)."""
     reg, name, which, rest = _split(args)
-    if not rest:
-        fail("give the output file: torchkeep registry export REF OUT.json", code=2)
-    version = which or (rest[0] if len(rest) > 1 else "latest")
-    path = reg.export_metadata(_need(name, "NAME"), version, rest[-1])
+    if output is None:
+        if not rest:
+            fail("give the output file: torchkeep registry export REF -o OUT.json", code=2)
+        output, rest = rest[-1], rest[:-1]
+    version = which or (rest[0] if rest else "latest")
+    path = reg.export_metadata(_need(name, "NAME"), version, output)
     if json_out:
         emit_json({"path": str(path)})
     else:
