@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,26 @@ def test_delete_keeps_other_versions_and_refuses_aliased_ones(tmp_path: Path, mo
     db = sqlite3.connect(tmp_path / "models" / "index.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+def test_threads_share_one_registry(tmp_path: Path) -> None:
+    reg = tk.Registry(tmp_path / "models")
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(5):
+                reg.register("clf", {"w": torch.full((8,), float(seed * 10 + i))})
+                reg.set_alias("clf", "staging", "1")
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [v.number for v in reg.versions("clf")] == list(range(1, 21))
+    assert len(reg.alias_history("clf", "staging")) == 20
+    reg.close()

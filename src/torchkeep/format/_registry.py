@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,10 +181,29 @@ class RegistryIndex:
                     path=str(self.root),
                     hint="the index was deleted; restore it from a copy",
                 ) from exc
-        self.conn = conn
+        # One connection per thread: threads then share the index as processes do (each
+        # transaction its own, serialised by SQLite), never one transaction between two threads.
+        self._local = threading.local()
+        self._local.conn = conn
+        self._opened = [conn]
+        self._opened_lock = threading.Lock()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection to the index (opened on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect_sqlite(self.root / INDEX_FILE)
+            self._local.conn = conn
+            with self._opened_lock:
+                self._opened.append(conn)
+        return conn
 
     def close(self) -> None:
-        self.conn.close()
+        with self._opened_lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
 
     def names(self) -> list[str]:
         rows = self.conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")
