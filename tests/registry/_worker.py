@@ -3,7 +3,7 @@
 ``python _worker.py both REGISTRY NAME SEED COUNT V1,V2,...``: COUNT versions of NAME (distinct
 weights), printing each version, each followed by a move of ``base@production`` to one of the
 versions. ``churn REGISTRY NAME MB``: registers and deletes versions with
-an MB-sized frozen part until killed. Every process waits for ``REGISTRY.go`` to exist before
+an MB-sized frozen part (stored once) and a new 1 MB head each, until killed. Every process waits for ``REGISTRY.go`` to exist before
 it starts, so that they all start writing at once.
 """
 
@@ -39,7 +39,8 @@ def main(argv: list[str]) -> None:
         print("ready", flush=True)
         i = 0
         while True:
-            v = reg.register(name, {"frozen": frozen, "head": torch.full((16,), float(i))})
+            head = torch.full((2**18,), float(i))  # 1 MB written by every register
+            v = reg.register(name, {"frozen": frozen, "head": head})
             if i % 2:
                 reg.delete(name, v.version)
             i += 1
