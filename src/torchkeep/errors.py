@@ -44,6 +44,7 @@ __all__ = [
     "IncompatibleStateError",
     "InvalidArgumentError",
     "ModelClassError",
+    "RegistryError",
     "RunLockedError",
     "StorageError",
     "TorchkeepError",
@@ -173,6 +174,10 @@ class StorageError(TorchkeepError, OSError):
     """
 
     committed: bool = False
+
+
+class RegistryError(TorchkeepError):
+    """A model registry refuses a change: a version that exists, one an alias points to."""
 
 
 class RunLockedError(TorchkeepError):

@@ -13,7 +13,19 @@ from torchkeep.cli import app
 
 from ._helpers import run_torchkeep
 
-COMMANDS = ("inspect", "diff", "convert", "verify", "scan", "export", "ls", "prune", "plot", "demo")
+COMMANDS = (
+    "inspect",
+    "diff",
+    "convert",
+    "verify",
+    "scan",
+    "export",
+    "ls",
+    "prune",
+    "plot",
+    "registry",
+    "demo",
+)
 
 
 def test_version(runner: CliRunner) -> None:

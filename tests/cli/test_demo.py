@@ -86,6 +86,13 @@ def test_demo_subprocess(tmp_path: Path) -> None:
     assert f"{path}: verified" in out and "max abs error" in out
     assert re.search(r"^cases +example \(batch 2\), batch 1, batch 3$", out, re.MULTILINE)
     assert tk.load_exported(path)(torch.randn(3, 16))[0].shape[-1] == 4
+    # it ends by registering the best checkpoint and promoting it to production
+    registry = tk.Registry(workdir / "models")
+    production = registry.resolve("demo-mlp", "production")
+    assert production.version == "1" and production.metrics["step"] == 2
+    assert [m.to_version for m in registry.alias_history("demo-mlp", "production")] == ["1"]
+    assert "demo-mlp@production: (new) -> 1" in out
+    registry.close()
 
 
 @pytest.fixture

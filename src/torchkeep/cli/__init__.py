@@ -17,7 +17,7 @@ import typer
 from typer.exceptions import TyperException
 
 import torchkeep as tk
-from torchkeep.cli import _compare, _demo, _export, _inspect, _integrity, _plot, _run
+from torchkeep.cli import _compare, _demo, _export, _inspect, _integrity, _plot, _registry, _run
 from torchkeep.cli._help import Group, tidy_help
 from torchkeep.cli._output import emit_json, print_line
 
@@ -66,6 +66,7 @@ _COMMANDS = (
     _export,
     _run,
     _plot,
+    _registry,
     _demo,
 )
 for _module in _COMMANDS:

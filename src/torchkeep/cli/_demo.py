@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torchkeep as tk
 from torchkeep.cli._demo_common import EXPORT_ONNX, EXPORT_PT2, DemoRun
 from torchkeep.cli._demo_model import DemoMLP, make_data, predict, train_epoch
+from torchkeep.cli._demo_registry import step_registry
 from torchkeep.cli._demo_resume import (
     step_compare,
     step_ls,
@@ -248,6 +249,11 @@ def step_summary(run: DemoRun) -> None:
                 if run.exported is not None
                 else []
             ),
+            *(
+                [("registry", f"{run.registered.reference} = production")]
+                if run.registered is not None
+                else []
+            ),
             ("elapsed", f"{time.perf_counter() - run.started:.1f} s"),
         ],
     )
@@ -267,6 +273,7 @@ STEPS: list[tuple[str, Callable[[DemoRun], None]]] = [
     ("List the run (torchkeep ls)", step_ls),
     ("Plot the run's metrics (torchkeep plot)", step_plot),
     ("Export the best checkpoint for deployment (tk.export), verified", step_export),
+    ("Register the best checkpoint, promote it to production (tk.Registry)", step_registry),
     ("Summary", step_summary),
 ]
 
@@ -282,7 +289,8 @@ def demo_command(
             show_default=False,
             help=(
                 "Directory for the files the demo writes: checkpoint.safetensors, model/, "
-                "the checkpoint runs run/ and run-uninterrupted/, curves.png and model.onnx "
+                "the checkpoint runs run/ and run-uninterrupted/, curves.png, model.onnx and "
+                "the registry models/ "
                 "(created if missing; a previous demo's files are replaced). "
                 "Default: a fresh temporary directory, printed."
             ),
@@ -295,7 +303,8 @@ def demo_command(
 
     Then trains it with a CheckpointManager in a new process that stops early, resumes it in
     another, compares with an uninterrupted run, lists the run, plots its metrics, and exports
-    the best checkpoint to ONNX (.pt2 without the onnx extra), verified. Exits with 1 when a
+    the best checkpoint to ONNX (.pt2 without the onnx extra), verified, and registers it as
+    version 1 of a model in a registry, aliased "production". Exits with 1 when a
     reloaded model does not predict exactly what the trained one does, when the resumed run
     differs from the uninterrupted one, or when the export does not verify.
     """

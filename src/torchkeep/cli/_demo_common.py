@@ -58,6 +58,8 @@ class DemoRun:
     #: whether the stopped-and-resumed run ended bit-identical to the uninterrupted one.
     resumed_exactly: bool | None = None
     exported: tk.ExportReport | None = None
+    #: the version registered at the end, aliased "production".
+    registered: tk.ModelVersion | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -71,6 +73,10 @@ class DemoRun:
     @property
     def run_dir(self) -> Path:
         return self.workdir / RUN_DIR_NAME
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.workdir / "models"
 
     @property
     def straight_dir(self) -> Path:

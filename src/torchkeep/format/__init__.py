@@ -29,6 +29,18 @@ from torchkeep.format._hash import (
 from torchkeep.format._info import CheckpointInfo, FileCheck, FileInfo, TensorInfo
 from torchkeep.format._location import MapLocation, map_tensors, relocate
 from torchkeep.format._readers import Source
+from torchkeep.format._registry import (
+    INDEX_FILE,
+    REGISTRY_FILE,
+    REGISTRY_KIND,
+    SCHEMA,
+    ModelVersion,
+    RegistryIndex,
+    fingerprint,
+    is_registry,
+    parse_registry_reference,
+)
+from torchkeep.format._registry_source import RegistrySource, registry_checks
 from torchkeep.format._run import (
     LOCK_FILE,
     MANIFEST_DIR,
@@ -71,6 +83,17 @@ from torchkeep.format._unflatten import unflatten
 from torchkeep.format._versions import FORMAT_VERSION, version_block
 
 __all__ = [
+    "INDEX_FILE",
+    "REGISTRY_FILE",
+    "REGISTRY_KIND",
+    "SCHEMA",
+    "ModelVersion",
+    "RegistryIndex",
+    "RegistrySource",
+    "fingerprint",
+    "is_registry",
+    "parse_registry_reference",
+    "registry_checks",
     "LOCK_FILE",
     "MANIFEST_DIR",
     "METRICS_FILE",

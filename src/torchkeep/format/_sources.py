@@ -41,6 +41,8 @@ from torchkeep.format._readers import (
     TorchExportSource,
     TorchSource,
 )
+from torchkeep.format._registry import parse_registry_reference
+from torchkeep.format._registry_source import RegistrySource
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
 from torchkeep.format._values import plain_values
 from torchkeep.storage import storage_for
@@ -115,6 +117,7 @@ READERS: dict[Format, type[Source]] = {
     Format.TORCH_EXPORT: TorchExportSource,
     Format.RUN: RunSource,
     Format.CHECKPOINT_DIR: DirectorySource,
+    Format.REGISTRY: RegistrySource,
 }
 
 
@@ -127,7 +130,7 @@ def open_path(path: Path, name: str | None = None) -> Source:
     return READERS[detect(path)](path, os.fspath(path) if name is None else name)
 
 
-def locate(ref: str | os.PathLike[str]) -> RunSource | DirectorySource | Path:
+def locate(ref: str | os.PathLike[str]) -> RunSource | DirectorySource | RegistrySource | Path:
     """A run reference or a checkpoint directory as their source; anything else as a path.
 
     The path is the checkpoint file (or model directory) that :func:`open_path` reads: a
@@ -140,6 +143,8 @@ def locate(ref: str | os.PathLike[str]) -> RunSource | DirectorySource | Path:
     name = os.fspath(ref)
     if parse_reference(ref) is not None:
         return RunSource(Path(name), name)
+    if parse_registry_reference(ref) is not None:
+        return RegistrySource(Path(name), name)
     if is_checkpoint_dir(ref):
         return DirectorySource(Path(name), name)
     return resolve_path(ref)

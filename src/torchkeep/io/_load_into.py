@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from torchkeep.format import (
+    RegistrySource,
     RunSource,
     open_source,
 )
@@ -79,5 +80,5 @@ def load_into(
         direct=True,  # just loaded, mapped from its files: no second copy of the weights
         # A file's tensors are read from it into the parameters; a run's packs, hashed just
         # now, are copied from their mapping (faster), pages dropped after (as restore does).
-        read_files=not isinstance(reader, RunSource),
+        read_files=not isinstance(reader, RunSource | RegistrySource),
     )

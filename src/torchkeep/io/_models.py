@@ -29,6 +29,7 @@ from torchkeep.format import (
     WEIGHTS_FILE,
     Format,
     Manifest,
+    RegistrySource,
     RunReader,
     RunSource,
     flatten,
@@ -166,6 +167,8 @@ def load_model(
         )
     elif source.format is Format.MODEL_DIR:
         model = _rebuild(source.path, chooser)
+    elif isinstance(source, RegistrySource) and source.version().model is not None:
+        model = _rebuild_registered(source, chooser)
     else:
         obj = source.load(map_location=map_location, trust=trust)
         if not isinstance(obj, nn.Module):
@@ -268,4 +271,13 @@ def _rebuild_from_run(
             key=entry,
         )
     load_module(model, state[entry], source=name, strict=True, direct=True)
+    return model
+
+
+def _rebuild_registered(source: RegistrySource, chooser: _ClassChooser) -> nn.Module:
+    """Build a registered version's model from its recorded class and config, weights loaded."""
+    description = source.version().model or {}
+    class_name, config = model_description(description, source=source.name)
+    model = _construct(class_name, config, source=source.name, chooser=chooser)
+    load_module(model, source.load(), source=source.name, strict=True, direct=True)
     return model

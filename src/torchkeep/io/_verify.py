@@ -28,10 +28,13 @@ from torchkeep.errors import TorchkeepError
 from torchkeep.format import (
     DirectorySource,
     FileCheck,
+    RegistrySource,
     RunSource,
     check_file,
+    is_registry,
     locate,
     parse_reference,
+    registry_checks,
 )
 from torchkeep.format._directory import Entry, entries, side_file_summary
 from torchkeep.io._verify_report import VerifyReport
@@ -83,6 +86,8 @@ def verify(target: str | os.PathLike[str]) -> VerifyReport:
     """
     text = os.fspath(target)
     parse_reference(text)  # an unknown selector (RUN@bset) raises, naming the valid ones
+    if is_registry(text):  # a whole model registry: every version of every model
+        return _report(text, "registry", registry_checks(text), [])
     try:
         source = locate(text)
     except TorchkeepError as exc:
@@ -96,6 +101,8 @@ def verify(target: str | os.PathLike[str]) -> VerifyReport:
             return VerifyReport(
                 target=text, kind="run", checkpoints=0, tensors=0, problems=(str(exc),)
             )
+    if isinstance(source, RegistrySource):
+        return _report(text, "registry", [source.check(text)], [])
     if isinstance(source, DirectorySource):
         found = entries(source.path)
         notes = [f"{e.name}/: a directory, not checked" for e in found if e.kind == "directory"]

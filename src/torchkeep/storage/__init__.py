@@ -27,8 +27,12 @@ from torchkeep.storage._local import LocalStorage
 from torchkeep.storage._location import is_url, local_path
 from torchkeep.storage._lock import RunLock
 from torchkeep.storage._protocol import Lock, Mapped, Storage
+from torchkeep.storage._sqlite import connect_sqlite, pid_alive, transaction
 
 __all__ = [
+    "connect_sqlite",
+    "pid_alive",
+    "transaction",
     "LocalStorage",
     "Lock",
     "Mapped",
