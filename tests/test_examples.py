@@ -95,10 +95,6 @@ def test_02_checkpoint_manager(tmp_path: Path) -> None:
     assert f"kept steps: {kept}" in out
 
 
-@pytest.mark.skipif(
-    not hasattr(tk, "Registry"),
-    reason="torchkeep.Registry (issue 15) is not merged yet; 03_model_versioning.py waits for it",
-)
 def test_03_model_versioning(tmp_path: Path) -> None:
     out = run_example("03_model_versioning.py", tmp_path)
     assert "registered classifier version 1" in out
