@@ -20,6 +20,7 @@ EXPECTED_ALL = [
     "ConfigMixin",
     "CorruptCheckpointError",
     "DiffReport",
+    "DistributedError",
     "DirectoryScan",
     "ExportError",
     "ExportReport",
