@@ -68,7 +68,18 @@ def resume(out: Path, rank: int) -> dict[str, Any]:
         assert info is not None and app["step"] == 2
         for step in range(3, 6):
             train_step(app, step)
-    return {"reference": reference, "resumed": weights(app)}
+    resumed = weights(app)
+    with tk.CheckpointManager(out / "async", async_save=True, barrier_timeout=60) as mgr:
+        for step in range(3):  # save returns once staged; rank 0 commits in the background
+            train_step(app, step)
+            assert mgr.save(step, app) is None
+        record = mgr.wait()
+        steps = [r.step for r in mgr.checkpoints]
+    return {
+        "reference": reference,
+        "resumed": resumed,
+        "async": [record.step if record else None, steps],
+    }
 
 
 def crash(out: Path, rank: int) -> dict[str, Any]:

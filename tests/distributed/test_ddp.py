@@ -29,6 +29,12 @@ def test_two_ranks_resume_bit_exact(resumed: tuple[Path, list[Any]]) -> None:
     assert results[0]["reference"] == results[1]["reference"]  # DDP kept the ranks in step
 
 
+def test_async_saves_commit_after_every_rank(resumed: tuple[Path, list[Any]]) -> None:
+    _, results = resumed
+    for result in results:
+        assert result["async"] == [2, [0, 1, 2]]
+
+
 def test_checkpoint_holds_each_ranks_state_and_the_unwrapped_model(
     resumed: tuple[Path, list[Any]],
 ) -> None:

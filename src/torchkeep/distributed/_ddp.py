@@ -99,6 +99,15 @@ class RankedRun:
         """Ranks > 0: wait until rank 0 has created and locked the run (no reader race)."""
         self.group.gather(self._open_key, [0], "at the run's opening (rank 0 creates the run)")
 
+    def closing(self) -> None:
+        """Every rank arrives; rank 0 waits for all, so that its store outlives their reads."""
+        if not self.group.distributed:
+            return
+        key = self.group.next_key("close")
+        self.group.post(key, {})
+        if self.group.writer:
+            self.group.gather(key, list(range(1, self.group.world_size)), "at close()")
+
     # -- restoring ------------------------------------------------------------------------------
 
     def restore(

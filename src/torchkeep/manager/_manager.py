@@ -346,6 +346,7 @@ class CheckpointManager(Pruning):
         """Finish a pending save (raising its error), then release the run's writer lock."""
         try:
             self.wait()
+            self._ranks.closing()  # in a job, rank 0 (the store's host) waits for the others
         finally:
             self._background.close()
             self._hasher.close()
