@@ -139,3 +139,15 @@ def test_policy_and_per_rank_arguments_are_checked(tmp_path: Path) -> None:
     assert view == {"w": 1, "g": 1} and left == []
     with pytest.raises(tk.InvalidArgumentError, match="per_rank names 'nope'"):
         ranked_view(state, {"w": 0}, rank=0, world_size=2, policy="strict", per_rank=["nope"])
+
+
+def test_world_size_matters_only_when_state_was_saved_per_rank() -> None:
+    plain = {"w": 1, "epoch": 3}  # one process, nothing per rank: any world size restores it
+    view, left = ranked_view(plain, {"w": 0}, rank=1, world_size=2, policy="strict")
+    assert view == plain and left == []
+    g = torch.Generator()
+    saved = {"w": 1, "g": {"__torchkeep__": "generator", "state": g.get_state()}}
+    with pytest.raises(tk.IncompatibleStateError, match=r"saved by 1 rank, each with its own 'g'"):
+        ranked_view(saved, {"w": 0, "g": g}, rank=1, world_size=2, policy="strict")
+    view, left = ranked_view(saved, {"w": 0, "g": g}, rank=1, world_size=2, policy="wrap")
+    assert view["g"] is saved["g"] and left == []

@@ -16,7 +16,6 @@ order and calls them the same way (as DDP requires of the model too), so counter
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -96,7 +95,8 @@ class RankGroup:
                     f"{self.timeout:g} s (of {self.world_size} ranks; crashed or stuck?)",
                     key=f"rank {pending[0]}",
                     hint="nothing was committed for this step; check that rank's log, or raise "
-                    "CheckpointManager(barrier_timeout=...) if it is only slow",
+                    "CheckpointManager(barrier_timeout=...) if it is only slow. In a job every "
+                    "rank builds the manager and calls save() with the same steps",
                 )
             time.sleep(_POLL)
 
@@ -133,7 +133,3 @@ def current_group(root: str, timeout: float | None) -> RankGroup:
         timeout=limit,
         prefix=f"torchkeep/{where}/{instance}",
     )
-
-
-def store_timeout(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)

@@ -97,6 +97,8 @@ def ranked_view(
         per_saved = {0: {k: shared.pop(k) for k in saved_keys}}
     if saved_world == world_size:
         mine = per_saved[rank]
+    elif not saved_keys:  # nothing was saved per rank: no policy to apply
+        mine = {}
     elif policy == "strict":
         raise IncompatibleStateError(
             f"the checkpoint was saved by {saved_world} rank{'s' * (saved_world > 1)}, each with "

@@ -337,6 +337,12 @@ class CheckpointManager(Pruning):
                 path=str(self.root),
                 hint="open it without read_only=True",
             )
+        if not self._ranks.writer:
+            raise TorchkeepError(
+                f"rank {self._ranks.group.rank} does not write the run: rank 0 prunes and commits",
+                path=str(self.root),
+                hint="call prune() on rank 0 only (save() and restore() go on every rank)",
+            )
         if not self._lock.held:
             raise TorchkeepError(
                 "this manager is closed", path=str(self.root), hint="open a new one"
