@@ -21,6 +21,7 @@ SECTIONS = (
     "sizes",
     "train_loop",
     "finetune",
+    "distributed",
     "targets",
     "ratios",
 )
