@@ -6,7 +6,8 @@ Scenarios:
   builds a fresh model, optimizer and RNG, restores step 2 and trains to step 5 again: the
   weights must be bit-identical with those of the uninterrupted run;
 * ``crash``: rank 0 of a run locked by another process fails, and rank 1 gets its error at once;
-  then on a second run step 0 commits, and rank 1 is SIGKILLed while saving step 1.
+  then on a second run step 0 commits, rank 0 fails to save step 1 (an unstorable value), and
+  rank 1 is SIGKILLed while saving step 2.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def crash(out: Path, rank: int) -> dict[str, Any]:
     train_step(app, 0)
     mgr.save(0, app)
     result["saved0"] = weights(app)
+    t0 = time.monotonic()
+    try:  # rank 0 cannot store its app: rank 1 hears of it at once
+        mgr.save(1, {**app, "bad": object()} if rank == 0 else app)
+    except tk.TorchkeepError as exc:
+        result["bad"] = [type(exc).__name__, str(exc), time.monotonic() - t0]
     train_step(app, 1)
     (out / f"rank{rank}.json").write_text(json.dumps(result))  # rank 1 dies below
     if rank == 1:
@@ -106,7 +112,7 @@ def crash(out: Path, rank: int) -> dict[str, Any]:
         _ddp._write_part = dying  # type: ignore[assignment]
     t0 = time.monotonic()
     try:
-        mgr.save(1, app)
+        mgr.save(2, app)
     except tk.DistributedError as exc:
         result["killed"] = [type(exc).__name__, str(exc), time.monotonic() - t0]
     return result

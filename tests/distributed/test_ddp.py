@@ -97,7 +97,12 @@ def test_crash_mid_save_commits_nothing(tmp_path: Path) -> None:
     name, text, seconds = rank1["locked"]
     assert name == "DistributedError" and "rank 0 failed" in text and "RunLockedError" in text
     assert seconds < 30
-    # rank 1 was SIGKILLed while saving step 1: rank 0 names it, within its 4 s timeout
+    # rank 0 could not store step 1: rank 1 raises its error, without waiting out the timeout
+    assert rank0["bad"][0] == "UnsupportedValueError"
+    name, text, seconds = rank1["bad"]
+    assert name == "DistributedError" and "rank 0 failed" in text and "'bad'" in text, text
+    assert seconds < 3.5
+    # rank 1 was SIGKILLed while saving step 2: rank 0 names it, within its 4 s timeout
     assert "killed" not in rank1 and "saved0" in rank1  # its last words, before the kill
     name, text, seconds = rank0["killed"]
     assert name == "DistributedError" and "rank 1 did not arrive" in text, text

@@ -68,12 +68,15 @@ class RankedRun:
         timeout: float | None,
         per_rank: Iterable[str],
         rank_state: str,
+        read_only: bool = False,
     ) -> None:
         self.root = root
-        self.group: RankGroup = current_group(str(root), timeout)
+        # A read-only manager meets no one: it knows its rank (for restore) but never waits.
+        self.group: RankGroup = current_group(str(root), timeout, meet=not read_only)
         self.per_rank = tuple(per_rank)
         self.rank_state = check_policy(rank_state)
         self._open_key = self.group.next_key("open") if self.group.distributed else ""
+        self._save_key = ""
 
     @property
     def writer(self) -> bool:
@@ -135,22 +138,32 @@ class RankedRun:
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def capture(self, app: Mapping[str, Any]) -> dict[str, Any]:
-        """Rank 0's state: the shared entries, and under ``__torchkeep_ranks__`` its own."""
+    def capture(self, app: Mapping[str, Any], step: int) -> dict[str, Any]:
+        """Rank 0's state: the shared entries, and under ``__torchkeep_ranks__`` its own.
+
+        In a job, a failure here is posted to the other ranks, which raise it at once.
+        """
         app = unwrapped(app)  # DDP's model is saved as the model inside, without "module."
         if not self.group.distributed:
             return capture_app(app)
-        local = rank_keys(app, self.per_rank)
-        state = capture_app({k: v for k, v in app.items() if k not in local})
-        own = capture_app({k: app[k] for k in local})
-        state[RANKS_KEY] = {"world_size": self.group.world_size, "keys": local, "0": own}
+        self._save_key = key = self.group.next_key(f"save-{step}")
+        try:
+            local = rank_keys(app, self.per_rank)
+            state = capture_app({k: v for k, v in app.items() if k not in local})
+            own = capture_app({k: app[k] for k in local})
+            state[RANKS_KEY] = {"world_size": self.group.world_size, "keys": local, "0": own}
+            flatten(state)  # an unstorable value fails here, where the other ranks hear of it
+        except BaseException as exc:
+            with contextlib.suppress(TorchkeepError):
+                self.group.post(f"{key}/commit", {"error": _text(exc)})
+            raise
         return state
 
     def committing(self, write: Callable[..., T], step: int) -> Callable[..., T]:
         """Rank 0's ``write``, which first takes in the other ranks' parts and posts the outcome."""
         if not self.group.distributed:
             return write
-        key = self.group.next_key(f"save-{step}")
+        key = self._save_key  # taken by capture(), on the caller's thread, in save order
         others = list(range(1, self.group.world_size))
 
         def commit(step: int, flat: Flattened, *args: Any, **kwargs: Any) -> T:

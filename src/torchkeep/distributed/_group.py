@@ -110,8 +110,11 @@ class RankGroup:
         )
 
 
-def current_group(root: str, timeout: float | None) -> RankGroup:
-    """The group of this process: ranks of the default process group, or a world of 1."""
+def current_group(root: str, timeout: float | None, *, meet: bool = True) -> RankGroup:
+    """The group of this process: ranks of the default process group, or a world of 1.
+
+    ``meet=False``: the ranks, but no store (a read-only manager waits for no one).
+    """
     limit = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if limit <= 0:
         from torchkeep.errors import InvalidArgumentError
@@ -124,6 +127,8 @@ def current_group(root: str, timeout: float | None) -> RankGroup:
         return RankGroup(rank=0, world_size=1, timeout=limit)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return RankGroup(rank=0, world_size=1, timeout=limit)
+    if not meet:
+        return RankGroup(rank=dist.get_rank(), world_size=dist.get_world_size(), timeout=limit)
     where = os.path.abspath(root)
     _instances[where] = instance = _instances.get(where, 0) + 1
     return RankGroup(

@@ -118,7 +118,11 @@ class CheckpointManager(Pruning):
     ) -> None:
         self.root = local_path(directory)
         self._ranks = RankedRun(
-            self.root, timeout=barrier_timeout, per_rank=per_rank, rank_state=rank_state
+            self.root,
+            timeout=barrier_timeout,
+            per_rank=per_rank,
+            rank_state=rank_state,
+            read_only=read_only,
         )
         self.read_only = read_only
         self.async_save = async_save
@@ -254,7 +258,7 @@ class CheckpointManager(Pruning):
             UnsupportedValueError: the app holds a value that cannot be stored.
             StorageError: the disk failed; earlier checkpoints are intact.
         """
-        if self._ranks.writer:
+        if self._ranks.writer or self.read_only:
             self._check_writable()
         if isinstance(step, bool) or not hasattr(step, "__index__") or operator.index(step) < 0:
             raise InvalidArgumentError(f"step must be a non-negative integer, not {step!r}")
@@ -268,7 +272,7 @@ class CheckpointManager(Pruning):
                 return wait()
             self._background.submit(wait)
             return None
-        state = self._ranks.capture(app)  # in a job: the shared entries and rank 0's own
+        state = self._ranks.capture(app, step)  # in a job: the shared entries and rank 0's own
         models = describe_models(app)  # here, on the caller's thread, even when async
         write = self._ranks.committing(self._write, step)
         if not self.async_save:
