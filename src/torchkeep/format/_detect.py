@@ -58,6 +58,7 @@ class Format(StrEnum):
     # Not told by detect(), which reads one file: open_source() recognises these first.
     RUN = "torchkeep-run"
     CHECKPOINT_DIR = "checkpoint-dir"
+    DCP = "dcp"  # a torch.distributed.checkpoint directory (.metadata + .distcp files)
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
