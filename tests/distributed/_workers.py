@@ -5,6 +5,7 @@ Scenarios:
 * ``resume``: 2 ranks train a DDP model 6 steps, checkpointing at every step; then each rank
   builds a fresh model, optimizer and RNG, restores step 2 and trains to step 5 again: the
   weights must be bit-identical with those of the uninterrupted run;
+* ``fsdp_dcp``: 2 ranks shard a model with FSDP2 and save it with plain ``dcp.save``;
 * ``crash``: rank 0 of a run locked by another process fails, and rank 1 gets its error at once;
   then on a second run step 0 commits, rank 0 fails to save step 1 (an unstorable value), and
   rank 1 is SIGKILLed while saving step 2.
@@ -118,12 +119,31 @@ def crash(out: Path, rank: int) -> dict[str, Any]:
     return result
 
 
+def fsdp_dcp(out: Path, rank: int) -> dict[str, Any]:
+    """FSDP2 (fully_shard, gloo on CPU) shards saved with plain dcp.save: one chunk per rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))
+    if rank == 0:
+        tk.save(model.state_dict(), out / "full.safetensors")
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    state = get_model_state_dict(model)
+    local = {k: list(v.to_local().shape) for k, v in state.items()}
+    dcp.save({"model": state}, checkpoint_id=str(out / "dcp"))
+    return {"local": local}
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
-        result = {"resume": resume, "crash": crash}[scenario](out, rank)
+        result = {"resume": resume, "crash": crash, "fsdp_dcp": fsdp_dcp}[scenario](out, rank)
     except BaseException:
         result = {"error": traceback.format_exc()}
     (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -156,3 +156,17 @@ def test_world_size_matters_only_when_state_was_saved_per_rank() -> None:
         ranked_view(saved, {"w": 0, "g": g}, rank=1, world_size=2, policy="strict")
     view, left = ranked_view(saved, {"w": 0, "g": g}, rank=1, world_size=2, policy="wrap")
     assert view["g"] is saved["g"] and left == []
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_of_plain_dcp_load_whole_in_one_process(tmp_path: Path) -> None:
+    results = launch("fsdp_dcp", tmp_path)
+    assert results[0]["local"]["0.weight"] == [8, 8]  # really sharded: half the rows each
+    full = tk.load(tmp_path / "full.safetensors")
+    loaded = tk.load(tmp_path / "dcp")["model"]
+    assert sorted(loaded) == sorted(full)
+    for key, value in full.items():
+        assert torch.equal(loaded[key], value), key
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))
+    tk.load_into(model, tmp_path / "dcp")
+    assert torch.equal(model[2].weight, full["2.weight"])
