@@ -170,3 +170,29 @@ def test_fsdp2_shards_of_plain_dcp_load_whole_in_one_process(tmp_path: Path) -> 
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))
     tk.load_into(model, tmp_path / "dcp")
     assert torch.equal(model[2].weight, full["2.weight"])
+
+
+def test_one_process_resumes_a_two_rank_run_bit_exact(resumed: tuple[Path, list[Any]]) -> None:
+    """One process holds both ranks' RNG states from the checkpoint and takes DDP's steps itself
+    (each rank's gradient halved, then summed, as DDP's all-reduce does): the weights at the
+    end equal those of the uninterrupted 2-rank run, bit for bit."""
+    run, results = resumed
+    app = _single_app()
+    with tk.CheckpointManager(run, read_only=True) as mgr:
+        mgr.restore(app, 2, rank_state="wrap")  # rank 0's RNG; rank 1's is in the same checkpoint
+    rng = [torch.get_rng_state(), tk.load(f"{run}@2")[RANKS_KEY]["1"]["rng"]["torch"]]
+    model, opt = app["model"], app["optimizer"]
+    for _ in range(3, 6):
+        grads = []
+        for rank in (0, 1):
+            torch.set_rng_state(rng[rank])
+            x = torch.randn(16, 8)
+            rng[rank] = torch.get_rng_state()
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *grads, strict=True):
+            p.grad = g0 / 2 + g1 / 2
+        opt.step()
+    final = [p.detach().flatten().tolist() for p in model.parameters()]
+    assert final == results[0]["reference"]
