@@ -158,10 +158,12 @@ def test_world_size_matters_only_when_state_was_saved_per_rank() -> None:
     assert view["g"] is saved["g"] and left == []
 
 
-@pytest.mark.slow
-def test_fsdp2_shards_of_plain_dcp_load_whole_in_one_process(tmp_path: Path) -> None:
-    results = launch("fsdp_dcp", tmp_path)
-    assert results[0]["local"]["0.weight"] == [8, 8]  # really sharded: half the rows each
+def test_fsdp2_shards_of_plain_dcp_load_whole_in_one_process(
+    resumed: tuple[Path, list[Any]],
+) -> None:
+    run, results = resumed
+    tmp_path = run.parent
+    assert results[0]["fsdp"]["local"]["0.weight"] == [8, 8]  # sharded: half the rows each
     full = tk.load(tmp_path / "full.safetensors")
     loaded = tk.load(tmp_path / "dcp")["model"]
     assert sorted(loaded) == sorted(full)
