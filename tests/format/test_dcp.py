@@ -100,3 +100,24 @@ def test_metadata_that_is_no_dcp_metadata_is_refused(
     (bad / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
     with pytest.raises(tk.CorruptCheckpointError, match="not DCP metadata"):
         tk.load(bad)
+
+
+def test_metadata_claiming_more_than_the_files_hold_is_refused(
+    dcp_dir: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    path, _ = dcp_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in path.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    metadata = pickle.loads((path / ".metadata").read_bytes())  # our own file: trusted here
+    metadata.state_dict_metadata["model.0.weight"].size = torch.Size([1 << 20, 1 << 20])
+    (bad / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(tk.CorruptCheckpointError, match=r"'model.0.weight' claims \d+ bytes"):
+        tk.load(bad)
+    info = next(iter(metadata.storage_data.values()))
+    info.offset = -5
+    metadata.state_dict_metadata["model.0.weight"].size = torch.Size([16, 8])
+    (bad / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(tk.CorruptCheckpointError, match="offset -5 and length .* are not byte"):
+        tk.load(bad)

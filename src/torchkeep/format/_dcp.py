@@ -18,6 +18,7 @@ weights. The nested structure comes from DCP's ``planner_data`` (each key's path
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -147,10 +148,15 @@ def _blob(directory: Path, info: Any, what: str) -> Any:
             path=str(directory / name),
         )
     path = directory / name
+    offset, length = info.offset, info.length
+    if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
+        raise CorruptCheckpointError(
+            f"{what}: offset {offset!r} and length {length!r} are not byte counts", path=str(path)
+        )
     with storage_for(path).open_read(str(path)) as f:
-        f.seek(int(info.offset))
-        data = f.read(int(info.length))
-    if len(data) != int(info.length):
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
         raise CorruptCheckpointError(f"{what}: {name} is truncated", path=str(path))
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -173,33 +179,59 @@ def load_dcp(directory: Path) -> dict[str, Any]:
     by_fqn: dict[str, list[tuple[Any, Any]]] = {}
     for index, info in storage.items():
         by_fqn.setdefault(index.fqn, []).append((index, info))
+    store = storage_for(directory)
+    names = [n for n in store.list(str(directory)) if n.endswith(".distcp")]
+    budget = sum(store.size(str(directory / n)) for n in names)
     flat: dict[str, Any] = {}
     for fqn, meta in metadata.state_dict_metadata.items():
-        entries = by_fqn.get(fqn, [])
-        if not hasattr(meta, "chunks"):  # BytesStorageMetadata: a torch.save'd value
-            if len(entries) != 1:
-                raise CorruptCheckpointError(f"value {fqn!r} has no stored bytes", key=fqn)
-            flat[fqn] = _blob(directory, entries[0][1], f"value {fqn!r}")
-            continue
-        full = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        covered = 0
-        for index, info in entries:
-            chunk = _blob(directory, info, f"chunk of {fqn!r}")
-            if not isinstance(chunk, torch.Tensor):
-                raise CorruptCheckpointError(f"a chunk of {fqn!r} is not a tensor", key=fqn)
-            region = full
-            for dim, (start, size) in enumerate(zip(index.offset, chunk.shape, strict=True)):
-                region = region.narrow(dim, int(start), int(size))
-            region.copy_(chunk)
-            covered += chunk.numel()
-        if covered != full.numel():
+        try:
+            flat[fqn] = _entry(directory, fqn, meta, by_fqn.get(fqn, []), budget)
+        except TorchkeepError:
+            raise
+        except (ValueError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
             raise CorruptCheckpointError(
-                f"tensor {fqn!r}: its chunks cover {covered} of {full.numel()} elements",
+                f"DCP entry {fqn!r} is malformed ({exc})",
                 path=str(directory),
-                key=fqn,
-            )
-        flat[fqn] = full
+                key=str(fqn),
+                hint="the .metadata does not match its .distcp files: altered or damaged",
+            ) from exc
     return _nest(flat, metadata.planner_data)
+
+
+def _entry(
+    directory: Path, fqn: str, meta: Any, entries: list[tuple[Any, Any]], budget: int
+) -> Any:
+    """One value of a DCP directory: a full tensor assembled from its chunks, or a value."""
+    if not hasattr(meta, "chunks"):  # BytesStorageMetadata: a torch.save'd value
+        if len(entries) != 1:
+            raise CorruptCheckpointError(f"value {fqn!r} has no stored bytes", key=fqn)
+        return _blob(directory, entries[0][1], f"value {fqn!r}")
+    size, dtype = tuple(int(n) for n in meta.size), meta.properties.dtype
+    nbytes = math.prod(size) * dtype.itemsize
+    if any(n < 0 for n in size) or nbytes > budget:  # refused before it is allocated
+        raise CorruptCheckpointError(
+            f"tensor {fqn!r} claims {nbytes} bytes, more than its directory's {budget} of data",
+            path=str(directory),
+            key=fqn,
+        )
+    full = torch.empty(size, dtype=dtype)
+    covered = 0
+    for index, info in entries:
+        chunk = _blob(directory, info, f"chunk of {fqn!r}")
+        if not isinstance(chunk, torch.Tensor):
+            raise CorruptCheckpointError(f"a chunk of {fqn!r} is not a tensor", key=fqn)
+        region = full
+        for dim, (start, n) in enumerate(zip(index.offset, chunk.shape, strict=True)):
+            region = region.narrow(dim, int(start), int(n))
+        region.copy_(chunk)
+        covered += chunk.numel()
+    if covered != full.numel():
+        raise CorruptCheckpointError(
+            f"tensor {fqn!r}: its chunks cover {covered} of {full.numel()} elements",
+            path=str(directory),
+            key=fqn,
+        )
+    return full
 
 
 def _nest(flat: dict[str, Any], planner_data: Any) -> dict[str, Any]:
