@@ -98,7 +98,7 @@ def ranked_view(
     if saved_world == world_size:
         mine = per_saved[rank]
     elif not saved_keys:  # nothing was saved per rank: no policy to apply
-        mine = {}
+        mine = per_saved.get(0) or {}
     elif policy == "strict":
         raise IncompatibleStateError(
             f"the checkpoint was saved by {saved_world} rank{'s' * (saved_world > 1)}, each with "
@@ -117,14 +117,13 @@ def ranked_view(
         )
     elif policy == "wrap":
         mine = per_saved[rank % saved_world]
-    else:
-        mine = {}
+    else:  # reset: the app's per-rank entries keep their state (named in a warning)
+        return shared, local
     if not isinstance(mine, Mapping):
         raise IncompatibleStateError(
             f"the checkpoint holds no per-rank state for rank {rank}", path=source, key=RANKS_KEY
         )
-    left = sorted(k for k in local if k not in mine)
-    return {**shared, **mine}, left
+    return {**shared, **mine}, []  # an entry it lacks is restore_app's to report
 
 
 def restore_ranked(
