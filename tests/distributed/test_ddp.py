@@ -198,3 +198,19 @@ def test_one_process_resumes_a_two_rank_run_bit_exact(resumed: tuple[Path, list[
         opt.step()
     final = [p.detach().flatten().tolist() for p in model.parameters()]
     assert final == results[0]["reference"]
+
+
+def test_one_process_run_keeps_strict_restore_of_per_rank_entries(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    with tk.CheckpointManager(tmp_path / "r") as mgr:
+        mgr.save(0, {"model": model, "epoch": 1})
+        with pytest.raises(tk.IncompatibleStateError, match="no entry for 'rng'"):
+            mgr.restore({"model": model, "rng": tk.RNGState(), "epoch": 0})
+        rng = tk.RNGState()
+        mgr.save(1, {"model": model, "rng": rng, "epoch": 2})
+        saved = torch.get_rng_state()
+        torch.rand(3)
+        app = {"model": model, "rng": rng, "epoch": 0}
+        mgr.restore(app)
+        assert app["epoch"] == 2 and torch.equal(torch.get_rng_state(), saved)
+        assert RANKS_KEY not in tk.load(tmp_path / "r")  # one process: no per-rank block
