@@ -22,6 +22,7 @@ from typing import Any
 
 from _common import Target, drop_caches, evict, machine_info
 from _saveload import bench_size, ratios
+from distributed_bench import bench_distributed, print_distributed
 from train_loop import bench_finetune, bench_train
 
 HERE = Path(__file__).resolve().parent
@@ -190,6 +191,8 @@ def main() -> None:
         train = bench_train(root, *train_args, args.repeat)
         ft = bench_finetune(root)
         _print_train(train, ft)
+        distributed = bench_distributed(root, 4 if args.quick else 64, args.repeat)
+        print_distributed(distributed)
 
     targets = _targets(results, train, ft)
     all_ratios: dict[str, float] = {}
@@ -201,6 +204,8 @@ def main() -> None:
         if how != "none":
             all_ratios[f"train steady stall / copy: {how}"] = max(w["steady_stall"], 1e-9) / copy
     all_ratios["finetune bytes written / trainable bytes"] = ft["ratio"]
+    all_ratios["distributed save / dcp.save"] = distributed["save_vs_dcp"]
+    all_ratios["distributed load / dcp.load"] = distributed["load_vs_dcp"]
     for t in targets:
         all_ratios[f"target {t.name}"] = t.ratio
 
@@ -219,6 +224,7 @@ def main() -> None:
         "sizes": results,
         "train_loop": train,
         "finetune": ft,
+        "distributed": distributed,
         "targets": [t.to_dict() for t in targets],
         "ratios": all_ratios,
     }

@@ -21,6 +21,7 @@ SECTIONS = (
     "sizes",
     "train_loop",
     "finetune",
+    "distributed",
     "targets",
     "ratios",
 )
@@ -32,7 +33,7 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a loaded 2-core machine; the distributed part starts 2 processes
         cwd=tmp_path,
         check=False,
     )

@@ -23,6 +23,7 @@ EXPECTED_ALL = [
     "CorruptCheckpointError",
     "DiffReport",
     "DirectoryScan",
+    "DistributedError",
     "ExportError",
     "ExportReport",
     "ExportVerificationError",

@@ -15,6 +15,7 @@ exception a caller would naturally catch, so ``except FileNotFoundError`` keeps 
     ├── ModelClassError             (also ImportError)        a saved model's class cannot be rebuilt
     ├── StorageError                (also OSError)            the disk or filesystem failed
     ├── RunLockedError                                         another process writes to the run
+    ├── DistributedError                                       a rank of the job failed or did not arrive
     └── ExportError                                            an exporter could not convert the model
         └── ExportVerificationError (also ValueError)         the export computes something else
 
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointPrunedError",
     "CleanupWarning",
     "CorruptCheckpointError",
+    "DistributedError",
     "ExportError",
     "ExportVerificationError",
     "FormatVersionError",
@@ -187,6 +189,12 @@ class RunLockedError(TorchkeepError):
         "stop the other writer first, or open the run read-only "
         "(CheckpointManager(path, read_only=True)) to list and load checkpoints"
     )
+
+
+class DistributedError(TorchkeepError):
+    """The ranks of a distributed job did not meet: one did not arrive in time, or failed."""
+
+    default_hint = "nothing was committed for this step; check the named rank's log"
 
 
 class ExportError(TorchkeepError):

@@ -59,6 +59,7 @@ class Format(StrEnum):
     RUN = "torchkeep-run"
     CHECKPOINT_DIR = "checkpoint-dir"
     REGISTRY = "torchkeep-registry"  # REGISTRY/NAME@VERSION_OR_ALIAS
+    DCP = "dcp"  # a torch.distributed.checkpoint directory (.metadata + .distcp files)
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:

@@ -25,6 +25,7 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
 from torchkeep.format import _checks
+from torchkeep.format._dcp import DcpSource, is_dcp_dir
 from torchkeep.format._describe import describe
 from torchkeep.format._detect import Format, detect, resolve_path
 from torchkeep.format._directory import inspect_directory, is_checkpoint_dir
@@ -118,6 +119,7 @@ READERS: dict[Format, type[Source]] = {
     Format.RUN: RunSource,
     Format.CHECKPOINT_DIR: DirectorySource,
     Format.REGISTRY: RegistrySource,
+    Format.DCP: DcpSource,
 }
 
 
@@ -130,7 +132,7 @@ def open_path(path: Path, name: str | None = None) -> Source:
     return READERS[detect(path)](path, os.fspath(path) if name is None else name)
 
 
-def locate(ref: str | os.PathLike[str]) -> RunSource | DirectorySource | RegistrySource | Path:
+def locate(ref: str | os.PathLike[str]) -> Source | Path:
     """A run reference or a checkpoint directory as their source; anything else as a path.
 
     The path is the checkpoint file (or model directory) that :func:`open_path` reads: a
@@ -145,6 +147,8 @@ def locate(ref: str | os.PathLike[str]) -> RunSource | DirectorySource | Registr
         return RunSource(Path(name), name)
     if parse_registry_reference(ref) is not None:
         return RegistrySource(Path(name), name)
+    if is_dcp_dir(name):  # before checkpoint directories: its .metadata is a pickle
+        return DcpSource(Path(name), name)
     if is_checkpoint_dir(ref):
         return DirectorySource(Path(name), name)
     return resolve_path(ref)

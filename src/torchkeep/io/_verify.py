@@ -30,6 +30,7 @@ from torchkeep.format import (
     FileCheck,
     RegistrySource,
     RunSource,
+    Source,
     check_file,
     is_registry,
     locate,
@@ -107,4 +108,6 @@ def verify(target: str | os.PathLike[str]) -> VerifyReport:
         found = entries(source.path)
         notes = [f"{e.name}/: a directory, not checked" for e in found if e.kind == "directory"]
         return _report(text, "directory", [_check_entry(e) for e in found], notes)
+    if isinstance(source, Source):  # a DCP directory: checked whole
+        return _report(text, "directory", [source.check(text)], [])
     return _report(text, "file", [check_file(source, text)], [])

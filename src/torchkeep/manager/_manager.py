@@ -32,8 +32,9 @@ import os
 import threading
 from collections.abc import Mapping, MutableMapping
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any
 
+from torchkeep.distributed import RankedRun, RankStatePolicy
 from torchkeep.errors import (
     CheckpointNotFoundError,
     InvalidArgumentError,
@@ -52,23 +53,22 @@ from torchkeep.format import (
 from torchkeep.manager._aftercommit import AfterCommit, BackgroundSaves
 from torchkeep.manager._gc import sweep
 from torchkeep.manager._lock import RunLock
+from torchkeep.manager._prune import Pruning
 from torchkeep.manager._records import CheckpointRecord, RestoreInfo, record_of, restore_info
 from torchkeep.manager._retention import (
     POLICY_FIELDS,
     Mode,
-    PrunePlan,
     RetentionPolicy,
-    plan,
     rank_by_metric,
     select,
 )
 from torchkeep.manager._runfile import create_run, given_values, open_policy
 from torchkeep.manager._writer import Hasher, Stager, write_checkpoint
-from torchkeep.state import capture_app, describe_models, restore_app
+from torchkeep.state import describe_models
 from torchkeep.storage import local_path
 
 
-class CheckpointManager:
+class CheckpointManager(Pruning):
     """A run of checkpoints in one directory: save, restore, retention, references.
 
     Args:
@@ -82,6 +82,8 @@ class CheckpointManager:
             writes and commits. The next ``save`` (or ``wait``/``close``) waits for it and raises
             its error if it failed.
         read_only: open an existing run to list and load only; takes no lock, writes nothing.
+        barrier_timeout, per_rank, rank_state: for ``torch.distributed`` jobs, in which every
+            rank builds its manager the same way and rank 0 commits (``distributed/``).
 
     Retention arguments left out are taken from the run's stored policy, so a manager opened on an
     existing run with no arguments keeps its rules. One writer per run: a second raises
@@ -110,8 +112,18 @@ class CheckpointManager:
         mode: Mode | None = None,
         async_save: bool = False,
         read_only: bool = False,
+        barrier_timeout: float | None = None,
+        per_rank: tuple[str, ...] | list[str] = (),
+        rank_state: RankStatePolicy = "strict",
     ) -> None:
         self.root = local_path(directory)
+        self._ranks = RankedRun(
+            self.root,
+            timeout=barrier_timeout,
+            per_rank=per_rank,
+            rank_state=rank_state,
+            read_only=read_only,
+        )
         self.read_only = read_only
         self.async_save = async_save
         self._lock = RunLock(self.root / LOCK_FILE)
@@ -125,25 +137,30 @@ class CheckpointManager:
         self._background = BackgroundSaves[CheckpointRecord](self.root, self._after.log)
         values = (keep_last, keep_best, keep_every, monitor, mode)
         given = dict(zip(POLICY_FIELDS, values, strict=True))
-        if read_only:
+        if read_only or not self._ranks.writer:
+            if not read_only:  # another rank of a job: rank 0 creates the run, then it reads
+                self._ranks.wait_opened()
             self._reader = RunReader(self.root, ranking=rank_by_metric)
             self.policy = RetentionPolicy.from_dict({**self._reader.policy, **given_values(given)})
             self._manifests = {m.step: m for m in self._reader.manifests()}
             return
-        create_run(self.root)
-        self._lock.acquire()
-        try:
-            self.policy = open_policy(self.root, given)
-            self._reader = RunReader(self.root, ranking=rank_by_metric)
-            self._manifests = {m.step: m for m in self._reader.manifests()}
+        with self._ranks.opening():  # the other ranks wait for the run, or rank 0's error
+            create_run(self.root)
+            self._lock.acquire()
             try:
-                sweep(self.root, self._manifests.values())
-            except OSError as exc:  # leftovers are invisible to readers; the next open retries
-                self._after.retainer.due = True
-                self._after.log.warn_later(f"could not remove what an interrupted save left: {exc}")
-        except BaseException:
-            self._lock.release()
-            raise
+                self.policy = open_policy(self.root, given)
+                self._reader = RunReader(self.root, ranking=rank_by_metric)
+                self._manifests = {m.step: m for m in self._reader.manifests()}
+                try:
+                    sweep(self.root, self._manifests.values())
+                except OSError as exc:  # invisible to readers; the next open retries
+                    self._after.retainer.due = True
+                    self._after.log.warn_later(
+                        f"could not remove what an interrupted save left: {exc}"
+                    )
+            except BaseException:
+                self._lock.release()
+                raise
         self._system = system_info()
         self._after.log.emit()
 
@@ -176,7 +193,7 @@ class CheckpointManager:
         return self._after.history.read()
 
     def _refresh(self) -> None:
-        if self.read_only:
+        if self.read_only or not self._ranks.writer:
             self._manifests = {m.step: m for m in self._reader.manifests()}
 
     # -- restoring ------------------------------------------------------------------------------
@@ -188,6 +205,7 @@ class CheckpointManager:
         *,
         strict: bool = True,
         verify: bool = True,
+        rank_state: RankStatePolicy | None = None,
     ) -> RestoreInfo | None:
         """Load a checkpoint into ``app`` in place; ``None`` when the run has no checkpoint yet.
 
@@ -198,6 +216,7 @@ class CheckpointManager:
             strict: raise when the app and the checkpoint hold different entries or keys.
             verify: check every tensor against the hash in the manifest first (the default);
                 ``False`` skips that read for speed.
+            rank_state: the per-rank policy at another world size (default: the manager's).
 
         Raises:
             IncompatibleStateError: the checkpoint does not fit (another architecture...); the app
@@ -216,7 +235,9 @@ class CheckpointManager:
         manifest, state = self._reader.read(
             str(which), lambda m: (m, self._reader.load(m, verify=verify))
         )
-        values = restore_app(app, state, strict=strict, source=str(manifest.path))
+        values = self._ranks.restore(
+            app, state, strict=strict, source=str(manifest.path), rank_state=rank_state
+        )
         return restore_info(manifest, values)
 
     # -- saving ---------------------------------------------------------------------------------
@@ -237,22 +258,30 @@ class CheckpointManager:
             UnsupportedValueError: the app holds a value that cannot be stored.
             StorageError: the disk failed; earlier checkpoints are intact.
         """
-        self._check_writable()
+        if self._ranks.writer or self.read_only:
+            self._check_writable()
         if isinstance(step, bool) or not hasattr(step, "__index__") or operator.index(step) < 0:
             raise InvalidArgumentError(f"step must be a non-negative integer, not {step!r}")
         step = operator.index(step)
         self.wait()
         cleaned = clean_metrics(metrics)
         user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
-        state = capture_app(app)
+        if not self._ranks.writer:  # another rank of a job: its own state; rank 0 commits
+            wait = self._ranks.save_part(step, app, self._hasher.hashes, record_of)
+            if not self.async_save:
+                return wait()
+            self._background.submit(wait)
+            return None
+        state = self._ranks.capture(app, step)  # in a job: the shared entries and rank 0's own
         models = describe_models(app)  # here, on the caller's thread, even when async
+        write = self._ranks.committing(self._write, step)
         if not self.async_save:
-            record = self._write(step, flatten(state), cleaned, user_metadata, models)
+            record = write(step, flatten(state), cleaned, user_metadata, models)
             self._after.log.emit()
             return record
         # Flatten here so that unstorable values fail in save(), then copy to host memory.
         staged = self._stager.stage(flatten(state))
-        self._background.submit(self._write, step, staged, cleaned, user_metadata, models)
+        self._background.submit(write, step, staged, cleaned, user_metadata, models)
         return None
 
     def wait(self) -> CheckpointRecord | None:
@@ -271,6 +300,7 @@ class CheckpointManager:
         metrics: dict[str, Any],
         metadata: dict[str, Any],
         models: dict[str, Any],
+        extra: Any = None,
     ) -> CheckpointRecord:
         with self._mutex:
             committed = list(self._manifests.values())
@@ -285,6 +315,7 @@ class CheckpointManager:
                 metadata=metadata,
                 system=self._system,
                 models=models,
+                extra=extra,
             )
         except StorageError as exc:
             if not exc.committed:
@@ -301,62 +332,6 @@ class CheckpointManager:
             kept = self._after.finish(manifest, metrics, self._manifests, self.policy)
             return record_of(manifest, kept)
 
-    # -- retention and garbage collection -------------------------------------------------------
-
-    @overload
-    def prune(
-        self,
-        *,
-        keep_last: int | None = ...,
-        keep_best: int | None = ...,
-        keep_every: int | None = ...,
-        dry_run: Literal[False] = ...,
-    ) -> list[int]: ...
-
-    @overload
-    def prune(
-        self,
-        *,
-        keep_last: int | None = ...,
-        keep_best: int | None = ...,
-        keep_every: int | None = ...,
-        dry_run: Literal[True],
-    ) -> PrunePlan: ...
-
-    def prune(
-        self,
-        *,
-        keep_last: int | None = None,
-        keep_best: int | None = None,
-        keep_every: int | None = None,
-        dry_run: bool = False,
-    ) -> list[int] | PrunePlan:
-        """Delete checkpoints that these rules (plus the latest and the best) do not keep.
-
-        The run's stored policy is not changed.
-
-        Returns:
-            The steps deleted; with ``dry_run``, the :class:`PrunePlan` instead (each kept step
-            with why, the steps that would go), and nothing is deleted. A dry run also works on
-            a manager opened ``read_only``: it only reads.
-        """
-        if not (dry_run and self.read_only):
-            self._check_writable()
-        self.wait()
-        self._refresh()
-        policy = RetentionPolicy(
-            keep_last=keep_last,
-            keep_best=keep_best,
-            keep_every=keep_every,
-            monitor=self.policy.monitor,
-            mode=self.policy.mode,
-        )
-        planned = plan([(s, m.metrics) for s, m in self._manifests.items()], policy)
-        if dry_run:
-            return planned
-        self._after.retainer.apply(self._manifests, policy)
-        return planned.delete
-
     # -- plumbing -------------------------------------------------------------------------------
 
     def _check_writable(self) -> None:
@@ -365,6 +340,12 @@ class CheckpointManager:
                 "this manager was opened read-only",
                 path=str(self.root),
                 hint="open it without read_only=True",
+            )
+        if not self._ranks.writer:
+            raise TorchkeepError(
+                f"rank {self._ranks.group.rank} does not write the run: rank 0 prunes and commits",
+                path=str(self.root),
+                hint="call prune() on rank 0 only (save() and restore() go on every rank)",
             )
         if not self._lock.held:
             raise TorchkeepError(
@@ -375,6 +356,7 @@ class CheckpointManager:
         """Finish a pending save (raising its error), then release the run's writer lock."""
         try:
             self.wait()
+            self._ranks.closing()  # in a job, rank 0 (the store's host) waits for the others
         finally:
             self._background.close()
             self._hasher.close()

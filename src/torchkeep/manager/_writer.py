@@ -107,6 +107,7 @@ def write_checkpoint(
     metadata: dict[str, Any],
     system: dict[str, Any],
     models: dict[str, Any] | None = None,
+    extra: tuple[Mapping[str, TensorRef], Mapping[str, tuple[int, str]]] | None = None,
 ) -> Manifest:
     """Write the new tensors of ``flat`` into a pack and commit its manifest.
 
@@ -114,6 +115,8 @@ def write_checkpoint(
         committed: the run's committed manifests: their tensors are referenced, not written
             again.
         models: how to rebuild the app's models (``describe_models``); recorded when not empty.
+        extra: tensors other ranks wrote into packs of their own, and those packs' digests
+            (``distributed/_ddp.py``): listed in the manifest as they are.
 
     Returns:
         The committed manifest.
@@ -142,6 +145,9 @@ def write_checkpoint(
             new[key] = t.detach()
     pack_path = root / PACK_DIR / pack
     digests = {name: known_packs[name] for name in {r.pack for r in refs.values()} - {pack}}
+    if extra is not None:
+        refs.update(extra[0])
+        digests.update(extra[1])
     if new:
 
         def write(f: BinaryIO) -> None:

@@ -1,0 +1,127 @@
+"""Distributed benchmark: a DDP job of 2 ranks (gloo, CPU) saving and restoring one run with
+torchkeep, against ``torch.distributed.checkpoint`` (``dcp.save``/``dcp.load``) of the same state.
+
+The model is replicated (DDP): torchkeep's rank 0 writes it once and each rank adds its RNG;
+DCP deduplicates the replicated tensors and writes them once too. Each figure is the median over
+``repeat`` saves (loads) of the slowest rank; the weights change before every save (a save
+of unchanged weights writes nothing in a torchkeep run), and loads read from the page cache. Run alone: ``python benchmarks/distributed_bench.py MIB``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.nn.parallel import DistributedDataParallel
+
+import torchkeep as tk
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import make_model  # noqa: E402
+
+
+def _rank(mib: int, repeat: int, out: Path) -> None:
+    """One rank of the job: time torchkeep's and DCP's save and load of the same state."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(make_model(mib))
+    app = {"model": model, "rng": tk.RNGState()}
+    times: dict[str, list[float]] = {k: [] for k in ("tk_save", "tk_load", "dcp_save", "dcp_load")}
+    with tk.CheckpointManager(out / "run", keep_last=1, barrier_timeout=300) as mgr:
+        for step in range(repeat):
+            _perturb(model)  # new bytes: a save of unchanged weights would write nothing
+            dist.barrier()
+            t = time.perf_counter()
+            mgr.save(step, app)
+            times["tk_save"].append(time.perf_counter() - t)
+            dist.barrier()
+            t = time.perf_counter()
+            mgr.restore(app)
+            times["tk_load"].append(time.perf_counter() - t)
+    for step in range(repeat):
+        _perturb(model)
+        state = {"model": model.module.state_dict()}
+        dist.barrier()
+        t = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(out / f"dcp{step}"))
+        times["dcp_save"].append(time.perf_counter() - t)
+        dist.barrier()
+        t = time.perf_counter()
+        dcp.load(state, checkpoint_id=str(out / f"dcp{step}"))
+        times["dcp_load"].append(time.perf_counter() - t)
+    (out / f"rank{rank}.json").write_text(json.dumps(times))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+
+def bench_distributed(root: Path, mib: int, repeat: int) -> dict[str, Any]:
+    """Launch 2 ranks; the median (over repeats) of the slowest rank's seconds, per operation."""
+    out = Path(tempfile.mkdtemp(dir=root, prefix="dist-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--rank", str(mib), str(repeat), str(out)],
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            },
+        )
+        for r in range(2)
+    ]
+    if any(p.wait(timeout=900) != 0 for p in procs):
+        raise RuntimeError("a rank of the distributed benchmark failed")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    result: dict[str, Any] = {"mib": mib, "world_size": 2, "backend": "gloo"}
+    for key in ranks[0]:
+        slowest = [max(rank[key][i] for rank in ranks) for i in range(repeat)]
+        result[f"{key}_seconds"] = round(statistics.median(slowest), 4)
+    result["save_vs_dcp"] = round(result["tk_save_seconds"] / result["dcp_save_seconds"], 3)
+    result["load_vs_dcp"] = round(result["tk_load_seconds"] / result["dcp_load_seconds"], 3)
+    return result
+
+
+def print_distributed(res: dict[str, Any]) -> None:
+    print(
+        f"\n== distributed: DDP, {res['world_size']} ranks ({res['backend']}), {res['mib']} MiB =="
+    )
+    for what in ("save", "load"):
+        tk_s, dcp_s = res[f"tk_{what}_seconds"], res[f"dcp_{what}_seconds"]
+        print(
+            f"  {what}: torchkeep {tk_s:.3f} s, dcp.{what} {dcp_s:.3f} s "
+            f"(x{res[f'{what}_vs_dcp']:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--rank":
+        _rank(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_distributed(bench_distributed(Path(tmp), int(sys.argv[1]), 3))
