@@ -15,6 +15,7 @@ exception a caller would naturally catch, so ``except FileNotFoundError`` keeps 
     ├── ModelClassError             (also ImportError)        a saved model's class cannot be rebuilt
     ├── StorageError                (also OSError)            the disk or filesystem failed
     ├── RunLockedError                                         another process writes to the run
+    ├── SnapshotChangedError                                   a tensor changed while an async save copied it
     └── ExportError                                            an exporter could not convert the model
         └── ExportVerificationError (also ValueError)         the export computes something else
 
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidArgumentError",
     "ModelClassError",
     "RunLockedError",
+    "SnapshotChangedError",
     "StorageError",
     "TorchkeepError",
     "TorchkeepWarning",
@@ -182,6 +184,12 @@ class RunLockedError(TorchkeepError):
         "stop the other writer first, or open the run read-only "
         "(CheckpointManager(path, read_only=True)) to list and load checkpoints"
     )
+
+
+class SnapshotChangedError(TorchkeepError):
+    """An overlapped async save found a tensor changed in place before it was copied to host
+    memory (``key`` names it; ``expected``/``actual`` are its versions): the save is not
+    committed, since its checkpoint would not hold the state at ``save()``."""
 
 
 class ExportError(TorchkeepError):

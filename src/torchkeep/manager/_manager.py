@@ -22,7 +22,7 @@ the next save retries that work. ``save`` never reports a committed checkpoint a
 The pieces, by concern: ``_writer.py`` (staging, hashing, the commit order), ``_gc.py``
 (deleting a run's files), ``_retention.py`` (what to keep), ``_runfile.py`` (the stored policy
 and its history), ``_aftercommit.py`` (async saves, the metrics history, the warnings after
-a commit).
+a commit), ``_overlap.py`` + ``_staging.py`` + ``_waves.py`` (overlapped and bounded async saves).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from torchkeep.format import (
 from torchkeep.manager._aftercommit import AfterCommit, BackgroundSaves
 from torchkeep.manager._gc import sweep
 from torchkeep.manager._lock import RunLock
+from torchkeep.manager._overlap import Overlap, OverlapMethods, Snapshot
 from torchkeep.manager._records import CheckpointRecord, RestoreInfo, record_of, restore_info
 from torchkeep.manager._retention import (
     POLICY_FIELDS,
@@ -63,12 +64,12 @@ from torchkeep.manager._retention import (
     select,
 )
 from torchkeep.manager._runfile import create_run, given_values, open_policy
-from torchkeep.manager._writer import Hasher, Stager, write_checkpoint
+from torchkeep.manager._writer import Hasher, write_checkpoint
 from torchkeep.state import capture_app, describe_models, restore_app
 from torchkeep.storage import local_path
 
 
-class CheckpointManager:
+class CheckpointManager(OverlapMethods):
     """A run of checkpoints in one directory: save, restore, retention, references.
 
     Args:
@@ -81,6 +82,9 @@ class CheckpointManager:
         async_save: ``save`` copies the state to host memory and returns; a background thread
             writes and commits. The next ``save`` (or ``wait``/``close``) waits for it and raises
             its error if it failed.
+        overlap: with ``async_save``, ``save`` returns at once; the copy to host memory runs
+            during the next steps (hooks guard what changes: docs/architecture.md).
+        staging_limit: host bytes for async staging; a larger state is staged in waves.
         read_only: open an existing run to list and load only; takes no lock, writes nothing.
 
     Retention arguments left out are taken from the run's stored policy, so a manager opened on an
@@ -109,14 +113,16 @@ class CheckpointManager:
         monitor: str | None = None,
         mode: Mode | None = None,
         async_save: bool = False,
+        overlap: bool = False,
+        staging_limit: int | None = None,
         read_only: bool = False,
     ) -> None:
         self.root = local_path(directory)
         self.read_only = read_only
         self.async_save = async_save
+        self._overlap = Overlap(staging_limit, async_save=async_save, overlap=overlap)
         self._lock = RunLock(self.root / LOCK_FILE)
         self._mutex = threading.RLock()
-        self._stager = Stager()
         self._hasher = Hasher()
         self._system: dict[str, Any] = {}
         # Work after a commit that failed: reported as warnings on the caller's thread, and
@@ -251,8 +257,7 @@ class CheckpointManager:
             self._after.log.emit()
             return record
         # Flatten here so that unstorable values fail in save(), then copy to host memory.
-        staged = self._stager.stage(flatten(state))
-        self._background.submit(self._write, step, staged, cleaned, user_metadata, models)
+        self._submit(step, flatten(state), app, cleaned, user_metadata, models)
         return None
 
     def wait(self) -> CheckpointRecord | None:
@@ -267,25 +272,21 @@ class CheckpointManager:
     def _write(
         self,
         step: int,
-        flat: Flattened,
+        flat: Flattened | Snapshot,
         metrics: dict[str, Any],
         metadata: dict[str, Any],
         models: dict[str, Any],
     ) -> CheckpointRecord:
         with self._mutex:
             committed = list(self._manifests.values())
+        info = {"metrics": metrics, "metadata": metadata, "system": self._system, "models": models}
         try:
-            manifest = write_checkpoint(
-                self.root,
-                step,
-                flat,
-                self._hasher.hashes(flat.tensors),
-                committed,
-                metrics=metrics,
-                metadata=metadata,
-                system=self._system,
-                models=models,
-            )
+            if isinstance(flat, Snapshot):
+                manifest = self._write_snapshot(flat, committed, info)
+            else:
+                manifest = write_checkpoint(
+                    self.root, step, flat, self._hasher.hashes(flat.tensors), committed, **info
+                )
         except StorageError as exc:
             if not exc.committed:
                 raise
@@ -378,7 +379,7 @@ class CheckpointManager:
         finally:
             self._background.close()
             self._hasher.close()
-            self._stager = Stager()
+            self._overlap.close()
             self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
