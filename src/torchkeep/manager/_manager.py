@@ -64,7 +64,7 @@ from torchkeep.manager._retention import (
     select,
 )
 from torchkeep.manager._runfile import create_run, given_values, open_policy
-from torchkeep.manager._writer import Hasher, write_checkpoint
+from torchkeep.manager._writer import Hasher, Stager, write_checkpoint
 from torchkeep.state import capture_app, describe_models, restore_app
 from torchkeep.storage import local_path
 
@@ -123,6 +123,7 @@ class CheckpointManager(OverlapMethods):
         self._overlap = Overlap(staging_limit, async_save=async_save, overlap=overlap)
         self._lock = RunLock(self.root / LOCK_FILE)
         self._mutex = threading.RLock()
+        self._stager = Stager()
         self._hasher = Hasher()
         self._system: dict[str, Any] = {}
         # Work after a commit that failed: reported as warnings on the caller's thread, and
@@ -380,6 +381,7 @@ class CheckpointManager(OverlapMethods):
             self._background.close()
             self._hasher.close()
             self._overlap.close()
+            self._stager = Stager()
             self._lock.release()
 
     def __enter__(self) -> CheckpointManager:

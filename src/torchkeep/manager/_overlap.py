@@ -179,7 +179,6 @@ class Overlap:
             )
         self.active = overlap or staging_limit is not None
         self.overlap = overlap
-        self.stager = Stager()
         if staging_limit is not None and (
             isinstance(staging_limit, bool)
             or not isinstance(staging_limit, int)
@@ -239,7 +238,7 @@ class Overlap:
         total = sum(-(-entries[k].nbytes // ALIGN) * ALIGN for k in queued)
         pin = any(t.is_cuda for t in flat.tensors.values())
         self.arena.prepare(total, pin=pin)
-        self.copies.mark_ready({t.device for t in flat.tensors.values() if t.is_cuda})
+        self.copies.mark_ready({t.device for t in flat.tensors.values()})
         for key in now:  # a private copy each: the arena is for the staged ones
             entry = entries[key]
             assert entry.source is not None
@@ -300,7 +299,6 @@ class Overlap:
         self._handles = {}
         self.current = None
         self.arena.release()
-        self.stager = Stager()
 
 
 def write_snapshot(
@@ -337,6 +335,7 @@ class OverlapMethods:
     root: Path
     _overlap: Overlap
     _hasher: Hasher
+    _stager: Stager
     _background: BackgroundSaves[Any]
     _write: Callable[..., Any]
 
@@ -350,7 +349,7 @@ class OverlapMethods:
     ) -> None:
         """Stage ``flat`` to host memory and start its write on the save thread."""
         if not self._overlap.active:  # one copy of everything, here
-            staged = self._overlap.stager.stage(flat)
+            staged = self._stager.stage(flat)
             self._background.submit(self._write, step, staged, *info)
             return
         snapshot = self._overlap.start(step, flat, app)
