@@ -416,3 +416,16 @@ def test_a_cuda_state_is_staged_in_pinned_memory(tmp_path: Path) -> None:  # pra
         assert block is not None and block.is_pinned()
     saved = tk.load(f"{tmp_path / 'run'}@1", map_location="cuda")
     _assert_same(expected, {k: saved[k] for k in app})
+
+
+def test_the_writer_runs_at_a_lower_priority_than_the_loop(tmp_path: Path) -> None:
+    import os
+
+    model, opt, _ = _parts()
+    with tk.CheckpointManager(tmp_path / "run", async_save=True, overlap=True) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+        mgr.wait()
+        writers = [t for t in threading.enumerate() if t.name.startswith("torchkeep-write")]
+        assert len(writers) == 1 and writers[0].native_id is not None
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, writers[0].native_id) > mine  # nicer

@@ -25,6 +25,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,31 +36,21 @@ from torch import nn
 from torchkeep.errors import InvalidArgumentError, SnapshotChangedError
 from torchkeep.format import Flattened, Manifest
 from torchkeep.manager._aftercommit import BackgroundSaves
-from torchkeep.manager._staging import ALIGN, DeviceCopies, HostArena, nbytes_of
+from torchkeep.manager._staging import (
+    ALIGN,
+    DeviceCopies,
+    HostArena,
+    SnapshotStats,
+    copy_tensor,
+    lower_priority,
+    nbytes_of,
+)
 from torchkeep.manager._waves import PackWaves
 from torchkeep.manager._writer import Hasher, Stager
 
 SYNC_BYTES = 64 * 1024  # smaller tensors are copied in save(): overlapping them gains nothing
 
 Flush = Callable[[dict[str, torch.Tensor]], None]
-
-
-@dataclass(slots=True)
-class SnapshotStats:
-    """What one overlapped save cost the loop, and how it was staged.
-
-    Attributes:
-        save_seconds: the time ``save()`` blocked (capture, flatten, the copies done at once).
-        hook_seconds: the time hooks blocked the loop waiting for tensors of this save.
-        sync_bytes: bytes copied in ``save()``; staged_bytes: bytes copied by the save thread.
-        waves: packs written (more than one when the state exceeds ``staging_limit``).
-    """
-
-    save_seconds: float = 0.0
-    hook_seconds: float = 0.0
-    sync_bytes: int = 0
-    staged_bytes: int = 0
-    waves: int = 0
 
 
 @dataclass(slots=True)
@@ -190,6 +181,10 @@ class Overlap:
             )
         self.arena = HostArena(staging_limit)
         self.copies = DeviceCopies()
+        # Hashing and writing run at a lower CPU and I/O priority than the loop (measured in
+        # benchmarks/writer_cost.py); the copies, which hooks may wait for, do not.
+        self.hasher = Hasher(initializer=lower_priority)
+        self.writer: ThreadPoolExecutor | None = None
         self.current: Snapshot | None = None
         self.last_stats: SnapshotStats | None = None
         self._handles: dict[int, tuple[weakref.ref[Any], Any]] = {}
@@ -222,7 +217,7 @@ class Overlap:
         entries: dict[str, _Entry] = {}
         now: list[str] = []
         for key, t in flat.tensors.items():
-            entries[key] = _Entry(key, t.detach(), t._version, nbytes_of(t))
+            entries[key] = _Entry(key, t, t._version, nbytes_of(t))  # copied under no_grad
             if key not in order or entries[key].nbytes < SYNC_BYTES or t.device.type == "meta":
                 now.append(key)
             elif limit is not None and nbytes_of(t) > limit:
@@ -243,7 +238,10 @@ class Overlap:
             entry = entries[key]
             assert entry.source is not None
             buf = torch.empty(entry.source.shape, dtype=entry.source.dtype)
-            self.copies.copy(buf, entry.source)
+            if entry.source.device.type == "cpu":
+                copy_tensor(buf, entry.source, non_blocking=False)  # no stream to wait for
+            else:
+                self.copies.copy(buf, entry.source)
             snapshot.staged[key] = buf
             entry.done, entry.source = True, None
             snapshot.stats.sync_bytes += entry.nbytes
@@ -292,7 +290,19 @@ class Overlap:
         if self.current is snapshot:
             self.current = None
 
+    def write(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the writer thread (lowered priority) and wait for it."""
+        if self.writer is None:
+            self.writer = ThreadPoolExecutor(
+                1, thread_name_prefix="torchkeep-write", initializer=lower_priority
+            )
+        self.writer.submit(fn).result()
+
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.shutdown(wait=True)
+            self.writer = None
+        self.hasher.close()
         for ref, handle in self._handles.values():
             if ref() is not None:
                 handle.remove()
@@ -306,16 +316,15 @@ def write_snapshot(
     overlap: Overlap,
     root: Path,
     committed: list[Manifest],
-    hasher: Hasher,
     commit: dict[str, Any],
 ) -> Manifest:
     """On the save thread: stage ``snapshot`` wave by wave into packs, then commit its manifest."""
     waves = PackWaves(root, snapshot.step, committed)
-    hashes = hasher.hashes
+    hashes = overlap.hasher.hashes
 
     def flush(wave: dict[str, torch.Tensor]) -> None:
         if wave:
-            waves.write_wave(wave, hashes(wave))
+            overlap.write(lambda: waves.write_wave(wave, hashes(wave)))
         snapshot.stats.waves += 1
 
     try:
@@ -360,7 +369,7 @@ class OverlapMethods:
     def _write_snapshot(
         self, snapshot: Snapshot, committed: list[Manifest], commit: dict[str, Any]
     ) -> Manifest:
-        return write_snapshot(snapshot, self._overlap, self.root, committed, self._hasher, commit)
+        return write_snapshot(snapshot, self._overlap, self.root, committed, commit)
 
     def wait_staged(self) -> None:
         """Return once every tensor of a pending async save is in host memory (its write may go

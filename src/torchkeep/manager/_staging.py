@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,24 @@ def _aligned(n: int) -> int:
 
 def nbytes_of(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+@dataclass(slots=True)
+class SnapshotStats:
+    """What one overlapped save cost the loop, and how it was staged.
+
+    Attributes:
+        save_seconds: the time ``save()`` blocked (capture, flatten, the copies done at once).
+        hook_seconds: the time hooks blocked the loop waiting for tensors of this save.
+        sync_bytes: bytes copied in ``save()``; staged_bytes: bytes copied by the save thread.
+        waves: packs written (more than one when the state exceeds ``staging_limit``).
+    """
+
+    save_seconds: float = 0.0
+    hook_seconds: float = 0.0
+    sync_bytes: int = 0
+    staged_bytes: int = 0
+    waves: int = 0
 
 
 class HostArena:
@@ -106,7 +125,6 @@ class DeviceCopies:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy ``src`` into ``dst`` and return once the bytes are in ``dst``."""
-        src = src.detach()
         device = src.device
         if device.type == "cpu" or device.type == "cuda":
             api = self._api(device)
@@ -120,14 +138,15 @@ class DeviceCopies:
                 stream.wait_event(ready)
             done = api.Event()
             with api.stream(stream):
-                _copy(dst, src, non_blocking=device.type == "cuda")
+                copy_tensor(dst, src, non_blocking=device.type == "cuda")
                 done.record(stream)
             done.synchronize()  # before the copy counts as done, and its hook lets a step go on
             return
-        _copy(dst, src, non_blocking=False)  # other devices: a plain blocking copy
+        copy_tensor(dst, src, non_blocking=False)  # other devices: a plain blocking copy
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool) -> None:
+@torch.no_grad()  # grad mode is per thread: the save thread's is on
+def copy_tensor(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool) -> None:
     try:
         dst.copy_(src, non_blocking=non_blocking)
     except (RuntimeError, NotImplementedError):  # dtypes without copy kernels: copy their bytes
