@@ -6,8 +6,12 @@ Usage: python benchmarks/run.py [--sizes 256,1024] [--large] [--repeat 3] [--qui
 For each state size: save times (raw fsync'd write of the same bytes as the disk's limit), load
 times with a cold page cache, peak RSS growth while loading into a model (fresh process each),
 hash throughput (torchkeep's xxh3-128, and sha256 for reference). Then a training loop with
-checkpoints (slowdown, stall per save) and a fine-tuning run (bytes written per checkpoint). Prints a table, the ratios and PASS/MISS per
-target of the issue; never fails on a miss. Writes everything as JSON.
+checkpoints (slowdown, stall per save with the hooks' block time, loop overhead per save, peak
+host memory; DCP async_save against plain, overlapped and bounded async saves), a fine-tuning run
+(bytes written per checkpoint), and what a background writer costs the loop (thread, lowered
+thread, process; see writer_cost.py). ``--sizes ''`` skips the save/load part. Prints a table,
+the ratios and PASS/MISS per target of the issues; never fails on a miss. Writes everything as
+JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from _common import Target, drop_caches, evict, machine_info
 from _saveload import bench_size, ratios
 from train_loop import bench_finetune, bench_train
+from writer_cost import bench as bench_writer
 
 HERE = Path(__file__).resolve().parent
 
@@ -189,6 +194,18 @@ def _print_train(train: dict[str, Any], ft: dict[str, Any]) -> None:
     )
 
 
+def _print_writer(writer: dict[str, Any]) -> None:
+    print(
+        f"\n== background writer, {writer['state_mib']:.0f} MiB written again and again: the "
+        "loop's rate against no writer =="
+    )
+    for how, rates in writer["loop_rate_vs_no_writer"].items():
+        cells = "  ".join(f"{name} {rate:.2f}" for name, rate in rates.items())
+        print(f"{how:32s} {cells}")
+    cells = "  ".join(f"{name} {rate:.2f}" for name, rate in writer["gil"].items())
+    print(f"a Python thread's rate beside each stage: {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="256,1024", help="state sizes in MiB, comma separated")
@@ -235,6 +252,8 @@ def main() -> None:
         train = bench_train(root, *train_args, args.repeat)
         ft = bench_finetune(root)
         _print_train(train, ft)
+    writer = bench_writer(train_args[0], 1.0, args.repeat)
+    _print_writer(writer)
 
     targets = _targets(results, train, ft)
     all_ratios: dict[str, float] = {}
@@ -264,6 +283,7 @@ def main() -> None:
         "sizes": results,
         "train_loop": train,
         "finetune": ft,
+        "writer_cost": writer,
         "targets": [t.to_dict() for t in targets],
         "ratios": all_ratios,
     }
