@@ -7,7 +7,7 @@ GIL) or a pure-Python loop (which needs the GIL). The loop's rate against its ra
 gives the writer's cost to the loop. Writers compared, interleaved, median of ``--repeat``:
 
 * ``thread``: a thread of this process, as torchkeep's save thread;
-* ``thread, nice +10, io idle``: the same, lowered with ``_staging.lower_priority`` (per thread on
+* ``thread, nice +10, io low``: the same, lowered with ``_staging.lower_priority`` (per thread on
   Linux: ``setpriority`` and ``ioprio_set`` on the thread id);
 * ``process (shared memory)``: a separate process writing the same tensors, shared with it through
   shared memory (no GIL in common with the loop, only the CPU and the disk).
@@ -111,7 +111,7 @@ def bench(mib: int, seconds: float, repeat: int) -> dict[str, Any]:
         model(x).square().mean().backward()
 
     loops = {"training step": train_step, "python loop": _spin}
-    writers = ("none", "thread", "thread, nice +10, io idle", "process (shared memory)")
+    writers = ("none", "thread", "thread, nice +10, io low", "process (shared memory)")
     rates: dict[str, dict[str, list[float]]] = {w: {k: [] for k in loops} for w in writers}
     shared = {k: t.clone().share_memory_() for k, t in flat.tensors.items()}
     ctx = mp.get_context("spawn")

@@ -159,13 +159,14 @@ def copy_tensor(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool) -> 
 # -- priority of the background thread ------------------------------------------------------------
 
 _IOPRIO_CLASS_SHIFT = 13
-_IOPRIO_CLASS_IDLE = 3
+_IOPRIO_CLASS_BE = 2  # best effort, level 7 (the lowest): not idle, which a busy disk starves
 _IOPRIO_WHO_PROCESS = 1
 _SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
 
 
-def lower_priority(nice: int = 10, idle_io: bool = True) -> list[str]:
-    """Lower the calling thread's CPU priority (``nice``) and, on Linux, its I/O class to idle.
+def lower_priority(nice: int = 10, low_io: bool = True) -> list[str]:
+    """Lower the calling thread's CPU priority (``nice``) and, on Linux, its I/O priority to the
+    lowest of the best-effort class.
 
     On Linux both are per thread (``setpriority`` and ``ioprio_set`` on the thread id), so the
     training thread keeps its priority. Returns what was changed; what the system refuses is
@@ -177,10 +178,10 @@ def lower_priority(nice: int = 10, idle_io: bool = True) -> list[str]:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
         done.append(f"nice +{nice}")
     number = _SYS_IOPRIO_SET.get(os.uname().machine)
-    if idle_io and number is not None:
+    if low_io and number is not None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
-            prio = _IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT
+            prio = _IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT | 7
             if libc.syscall(number, _IOPRIO_WHO_PROCESS, tid, prio) == 0:
-                done.append("io idle")
+                done.append("io best-effort 7")
     return done
