@@ -6,8 +6,12 @@ Usage: python benchmarks/run.py [--sizes 256,1024] [--large] [--repeat 3] [--qui
 For each state size: save times (raw fsync'd write of the same bytes as the disk's limit), load
 times with a cold page cache, peak RSS growth while loading into a model (fresh process each),
 hash throughput (torchkeep's xxh3-128, and sha256 for reference). Then a training loop with
-checkpoints (slowdown, stall per save) and a fine-tuning run (bytes written per checkpoint). Prints a table, the ratios and PASS/MISS per
-target of the issue; never fails on a miss. Writes everything as JSON.
+checkpoints (slowdown, stall per save with the hooks' block time, loop overhead per save, peak
+host memory; DCP async_save against plain, overlapped and bounded async saves), a fine-tuning run
+(bytes written per checkpoint), and what a background writer costs the loop (thread, lowered
+thread, process; see writer_cost.py). ``--sizes ''`` skips the save/load part. Prints a table,
+the ratios and PASS/MISS per target of the issues; never fails on a miss. Writes everything as
+JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from _common import Target, drop_caches, evict, machine_info
 from _saveload import bench_size, ratios
 from distributed_bench import bench_distributed, print_distributed
 from train_loop import bench_finetune, bench_train
+from writer_cost import bench as bench_writer
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +45,14 @@ def _targets(
     ways = train["ways"]
     copy = train["copy_into_preallocated_seconds"]
     tk_stall = ways["CheckpointManager (async)"]["steady_stall"]
-    dcp_stall = ways["dcp.async_save"]["steady_stall"]
+    dcp = ways["dcp.async_save"]
+    dcp_stall = dcp["steady_stall"]
+    ov = ways["CheckpointManager (overlap)"]
+    bounded = ways["CheckpointManager (overlap, staging_limit)"]
+    ov_stall = ov["steady_stall"]
+    spread = "/".join(f"{s * 1e3:.0f}" for s in ov["overhead_spread"])
+    dcp_spread = "/".join(f"{s * 1e3:.0f}" for s in dcp["overhead_spread"])
+    state, limit = train["state_mib"], train["staging_limit_mib"]
     out = [
         Target(
             "(1a) async stall / copy into preallocated",
@@ -53,6 +65,39 @@ def _targets(
             tk_stall / dcp_stall,
             0.5,
             detail=f"[{tk_stall * 1e3:.1f} ms vs {dcp_stall * 1e3:.1f} ms]",
+        ),
+        Target(
+            "(6a) overlap stall (save + hooks) / copy into preallocated",
+            ov_stall / copy,
+            0.1,
+            detail=f"[{ov_stall * 1e3:.2f} ms, hooks {ov['hook_stall'] * 1e3:.2f} ms, "
+            f"vs {copy * 1e3:.1f} ms]",
+        ),
+        Target(
+            "(6b) overlap stall / DCP async_save stall",
+            ov_stall / dcp_stall,
+            0.2,
+            detail=f"[{ov_stall * 1e3:.2f} ms vs {dcp_stall * 1e3:.1f} ms]",
+        ),
+        Target(
+            "(6c) overlap loop overhead per save / DCP async_save's",
+            max(ov["overhead_per_save"], 0.0) / max(dcp["overhead_per_save"], 1e-9),
+            0.5,
+            detail=f"[{ov['overhead_per_save'] * 1e3:.0f} ms (min/max {spread}) vs "
+            f"{dcp['overhead_per_save'] * 1e3:.0f} ms (min/max {dcp_spread})]",
+        ),
+        Target(
+            "(6d) overlap peak host memory above the loop / state",
+            ov["peak_mib_above_loop"] / state,
+            1.1,
+            detail=f"[{ov['peak_mib_above_loop']:.0f} MiB vs {state:.0f} MiB]",
+        ),
+        Target(
+            "(6e) staging_limit peak host memory / limit",
+            bounded["peak_mib_above_loop"] / limit,
+            1.0,
+            detail=f"[{bounded['peak_mib_above_loop']:.0f} MiB vs {limit:.0f} MiB, "
+            f"stall {bounded['steady_stall'] * 1e3:.1f} ms]",
         ),
     ]
     for res in sizes:
@@ -132,17 +177,34 @@ def _print_train(train: dict[str, Any], ft: dict[str, Any]) -> None:
     )
     copy = train["copy_into_preallocated_seconds"]
     print(f"copy into preallocated buffers (reference stall): {copy * 1e3:.1f} ms")
-    print(f"{'way':32s} {'total s':>8s} {'slowdown':>9s} {'1st stall':>10s} {'steady stall':>13s}")
+    print(
+        f"{'way':43s} {'total s':>8s} {'slowdown':>9s} {'1st stall':>10s} {'steady stall':>13s}"
+        f" {'':13s} {'of it hooks':>11s} {'overhead/save':>14s} {'peak MiB':>9s}"
+    )
     for how, w in train["ways"].items():
         print(
-            f"{how:32s} {w['seconds']:8.2f} {w['slowdown']:8.2f}x {w['first_stall'] * 1e3:8.1f}ms"
+            f"{how:43s} {w['seconds']:8.2f} {w['slowdown']:8.2f}x {w['first_stall'] * 1e3:8.1f}ms"
             f" {w['steady_stall'] * 1e3:10.1f}ms ({w['steady_stall'] / copy:5.2f}x copy)"
+            f" {w['hook_stall'] * 1e3:9.1f}ms {w['overhead_per_save'] * 1e3:12.0f}ms"
+            f" {w['peak_mib_above_loop']:9.0f}"
         )
     print(
         f"\n== fine-tuning, {ft['trainable_bytes'] / ft['total_param_bytes']:.0%} of parameters "
         f"trainable ==\npack bytes added per checkpoint: {ft['pack_bytes_per_save']}, trainable "
         f"bytes {ft['trainable_bytes']}, ratio {ft['ratio']:.3f}"
     )
+
+
+def _print_writer(writer: dict[str, Any]) -> None:
+    print(
+        f"\n== background writer, {writer['state_mib']:.0f} MiB written again and again: the "
+        "loop's rate against no writer =="
+    )
+    for how, rates in writer["loop_rate_vs_no_writer"].items():
+        cells = "  ".join(f"{name} {rate:.2f}" for name, rate in rates.items())
+        print(f"{how:32s} {cells}")
+    cells = "  ".join(f"{name} {rate:.2f}" for name, rate in writer["gil"].items())
+    print(f"a Python thread's rate beside each stage: {cells}")
 
 
 def main() -> None:
@@ -193,6 +255,8 @@ def main() -> None:
         _print_train(train, ft)
         distributed = bench_distributed(root, 4 if args.quick else 64, args.repeat)
         print_distributed(distributed)
+    writer = bench_writer(train_args[0], 1.0, args.repeat)
+    _print_writer(writer)
 
     targets = _targets(results, train, ft)
     all_ratios: dict[str, float] = {}
@@ -225,6 +289,7 @@ def main() -> None:
         "train_loop": train,
         "finetune": ft,
         "distributed": distributed,
+        "writer_cost": writer,
         "targets": [t.to_dict() for t in targets],
         "ratios": all_ratios,
     }

@@ -1,9 +1,13 @@
 """Training-loop benchmarks: checkpointing slowdown and stall, and fine-tuning write volume.
 
 A model is trained for ``steps`` steps with a checkpoint every ``every`` steps. For each way of
-saving we report the slowdown against no checkpointing (the final async write included) and the
-"stall": the time the loop is blocked inside the save call (waiting for the previous save
-included). The reference for a stall is copying the state into buffers allocated once.
+saving we report the slowdown against no checkpointing (the final async write included), the
+whole-loop overhead per save (loop time minus the same repeat's loop without checkpoints, over
+the saves; median and spread of the repeats), the "stall": the time the loop is blocked inside
+the save call (waiting for the previous save included) plus, for overlapped saves, the time the
+hooks blocked the next steps, and the peak host memory above the loop's own (VmHWM, reset
+before each run, minus the checkpoint-free loop's). The reference for a stall is copying the
+state into buffers allocated once. Every way runs once per repeat, interleaved.
 
 Usage: python benchmarks/train_loop.py [--mib 64] [--steps 60] [--every 15] [--repeat 3]
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -69,10 +74,33 @@ def copy_time(model: torch.nn.Module, opt: torch.optim.Optimizer, repeat: int) -
     return statistics.median(times)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+)", f.read(), re.M)
+    return int(match[1]) if match else 0
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5\n")
+        return True
+    except OSError:
+        return False
+
+
 def _make_saver(
-    how: str, model: torch.nn.Module, opt: torch.optim.Optimizer, d: Path
+    how: str,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    d: Path,
+    hooks: list[Any],
+    limit: int,
 ) -> tuple[Saver | None, Callable[[], None]]:
-    """A save function for ``how`` and a function that finishes (waits for) the last save."""
+    """A save function for ``how`` and a function that finishes (waits for) the last save.
+
+    Overlapped saves append their ``SnapshotStats`` to ``hooks`` (the hooks' block time)."""
     if how == "none":
         return None, lambda: None
     if how == "torch.save + fsync (sync)":
@@ -100,23 +128,35 @@ def _make_saver(
                 pending.pop().result()
 
         return dcp_save, dcp_finish
-    mgr = tk.CheckpointManager(d / "run", keep_last=2, async_save=how.endswith("(async)"))
+    overlap = "overlap" in how
+    options: dict[str, Any] = {"async_save": how.endswith("(async)") or overlap}
+    if overlap:
+        options["overlap"] = True
+    if "staging_limit" in how:
+        options["staging_limit"] = limit
+    mgr = tk.CheckpointManager(d / "run", keep_last=2, **options)
     app = {"model": model, "optimizer": opt}
 
     def tk_save(step: int) -> None:
         mgr.save(step, app)
+        if overlap:
+            hooks.append(mgr.snapshot_stats)
 
     return tk_save, mgr.close
 
 
-def train(how: str, layers: int, steps: int, every: int, d: Path) -> dict[str, Any]:
-    """One training run; seconds in total and the stall of every save."""
+def train(how: str, layers: int, steps: int, every: int, d: Path, limit: int = 0) -> dict[str, Any]:
+    """One training run: seconds in total, the stall of every save (hooks included), the peak
+    RSS growth in MiB."""
     model = _model(layers)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(32, 1024, generator=torch.Generator().manual_seed(1))
     _step(model, opt, x)  # optimizer state exists before the clock starts
-    save, finish = _make_saver(how, model, opt, d)
+    hooks: list[Any] = []
+    save, finish = _make_saver(how, model, opt, d, hooks, limit)
     stalls: list[float] = []
+    _reset_peak()
+    rss = _status_kib("VmRSS")
     start = time.perf_counter()
     for step in range(1, steps + 1):
         _step(model, opt, x)
@@ -125,7 +165,12 @@ def train(how: str, layers: int, steps: int, every: int, d: Path) -> dict[str, A
             save(step)
             stalls.append(time.perf_counter() - t0)
     finish()
-    return {"seconds": time.perf_counter() - start, "stalls": stalls}
+    seconds = time.perf_counter() - start
+    hook_seconds = [s.hook_seconds if s is not None else 0.0 for s in hooks]
+    if hook_seconds:
+        stalls = [s + h for s, h in zip(stalls, hook_seconds, strict=True)]
+    peak = (_status_kib("VmHWM") - rss) / 1024
+    return {"seconds": seconds, "stalls": stalls, "hooks": hook_seconds, "peak_mib": peak}
 
 
 HOWS = (
@@ -134,6 +179,8 @@ HOWS = (
     "dcp.async_save",
     "CheckpointManager (sync)",
     "CheckpointManager (async)",
+    "CheckpointManager (overlap)",
+    "CheckpointManager (overlap, staging_limit)",
 )
 
 
@@ -146,6 +193,7 @@ def bench_train(root: Path, mib: int, steps: int, every: int, repeat: int) -> di
     tensors = _state_tensors(model, opt)
     state_mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     copies = [copy_time(model, opt, 5)]
+    limit = int(state_mib * 2**20) // 4  # a quarter of the state: four waves
     runs: dict[str, list[dict[str, Any]]] = {how: [] for how in HOWS}
     warm = root / "train-warmup"
     warm.mkdir(parents=True, exist_ok=True)
@@ -156,7 +204,7 @@ def bench_train(root: Path, mib: int, steps: int, every: int, repeat: int) -> di
             d = root / f"train-{HOWS.index(how)}"
             d.mkdir(parents=True, exist_ok=True)
             try:
-                runs[how].append(train(how, layers, steps, every, d))
+                runs[how].append(train(how, layers, steps, every, d, limit))
             finally:
                 shutil.rmtree(d, ignore_errors=True)
         copies.append(copy_time(model, opt, 5))
@@ -168,17 +216,33 @@ def bench_train(root: Path, mib: int, steps: int, every: int, repeat: int) -> di
         "steps": steps,
         "every": every,
         "copy_into_preallocated_seconds": copy,
+        "copy_spread_seconds": [min(copies), max(copies)],
+        "staging_limit_mib": limit / 2**20,
+        "saves_per_run": steps // every,
         "ways": {},
     }
+    base_peak = statistics.median(r["peak_mib"] for r in runs["none"])
     for how, rs in runs.items():
         seconds = statistics.median(r["seconds"] for r in rs)
         first = [r["stalls"][0] for r in rs if r["stalls"]]
         steady = [s for r in rs for s in r["stalls"][1:]]
+        saves = max(1, len(rs[0]["stalls"]))
+        # Paired with the checkpoint-free run of the same repeat, which ran just before.
+        overheads = [
+            (r["seconds"] - n["seconds"]) / saves for r, n in zip(rs, runs["none"], strict=True)
+        ]
+        peaks = [r["peak_mib"] - base_peak for r in rs]
+        hooks = [h for r in rs for h in r["hooks"][1:]]
         out["ways"][how] = {
             "seconds": seconds,
             "slowdown": seconds / base,
             "first_stall": statistics.median(first) if first else 0.0,
             "steady_stall": statistics.median(steady) if steady else 0.0,
+            "steady_stall_spread": [min(steady), max(steady)] if steady else [0.0, 0.0],
+            "hook_stall": statistics.median(hooks) if hooks else 0.0,
+            "overhead_per_save": statistics.median(overheads),
+            "overhead_spread": [min(overheads), max(overheads)],
+            "peak_mib_above_loop": statistics.median(peaks),
         }
     return out
 

@@ -16,6 +16,7 @@ exception a caller would naturally catch, so ``except FileNotFoundError`` keeps 
     ├── StorageError                (also OSError)            the disk or filesystem failed
     ├── RunLockedError                                         another process writes to the run
     ├── DistributedError                                       a rank of the job failed or did not arrive
+    ├── SnapshotChangedError                                   a tensor changed while an async save copied it
     └── ExportError                                            an exporter could not convert the model
         └── ExportVerificationError (also ValueError)         the export computes something else
 
@@ -48,6 +49,7 @@ __all__ = [
     "ModelClassError",
     "RegistryError",
     "RunLockedError",
+    "SnapshotChangedError",
     "StorageError",
     "TorchkeepError",
     "TorchkeepWarning",
@@ -195,6 +197,12 @@ class DistributedError(TorchkeepError):
     """The ranks of a distributed job did not meet: one did not arrive in time, or failed."""
 
     default_hint = "nothing was committed for this step; check the named rank's log"
+
+
+class SnapshotChangedError(TorchkeepError):
+    """An overlapped async save found a tensor changed in place before it was copied to host
+    memory (``key`` names it; ``expected``/``actual`` are its versions): the save is not
+    committed, since its checkpoint would not hold the state at ``save()``."""
 
 
 class ExportError(TorchkeepError):

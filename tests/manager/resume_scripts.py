@@ -27,6 +27,9 @@ iterator again (the same permutation is drawn) and skips the ``batch`` batches a
 At an epoch boundary (``batch == 0``) the restored generator is already where the next epoch
 starts. Dropout and every other draw from torch's global generator are replayed by ``RNGState``.
 
+The ``*_overlap`` variants save with ``async_save=True, overlap=True``, every tensor staged in the
+background (``SYNC_BYTES = 0``), so that the hooks, not a copy in ``save()``, keep them exact.
+
 The ``*_without_rng`` and ``*_without_scheduler`` variants forget one piece of state on purpose:
 they must make ``assert_resumes_exactly`` fail.
 """
@@ -43,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchkeep as tk
+from torchkeep.manager import _overlap
 
 EPOCHS = 5
 SAMPLES = 256
@@ -92,8 +96,20 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> flo
     return float(loss.item())
 
 
+def _overlapping(overlap: bool) -> dict[str, Any]:
+    if not overlap:
+        return {}
+    _overlap.SYNC_BYTES = 0  # this process only: even BatchNorm's buffers are staged in the back
+    return {"async_save": True, "overlap": True}
+
+
 def _train_epochs(
-    run_dir: str, stop_at: int | None, *, rng: bool = True, scheduler: bool = True
+    run_dir: str,
+    stop_at: int | None,
+    *,
+    rng: bool = True,
+    scheduler: bool = True,
+    overlap: bool = False,
 ) -> list[float]:
     model, optimizer, sched, loader = _parts()
     app: dict[str, Any] = {"model": model, "optimizer": optimizer, "loader": loader, "epoch": -1}
@@ -102,7 +118,7 @@ def _train_epochs(
     if rng:
         app["rng"] = tk.RNGState()
     losses: list[float] = []
-    with tk.CheckpointManager(run_dir, keep_last=2) as mgr:
+    with tk.CheckpointManager(run_dir, keep_last=2, **_overlapping(overlap)) as mgr:
         mgr.restore(app)  # None on a fresh run: app["epoch"] stays -1
         for epoch in range(app["epoch"] + 1, EPOCHS):
             model.train()
@@ -121,6 +137,11 @@ def train_epochs(run_dir: str, stop_at: int | None) -> list[float]:
     return _train_epochs(run_dir, stop_at)
 
 
+def train_epochs_overlap(run_dir: str, stop_at: int | None) -> list[float]:
+    """``train_epochs`` with overlapped async saves."""
+    return _train_epochs(run_dir, stop_at, overlap=True)
+
+
 def train_epochs_without_rng(run_dir: str, stop_at: int | None) -> list[float]:
     """Broken on purpose: no ``RNGState``, so dropout masks differ after a resume."""
     return _train_epochs(run_dir, stop_at, rng=False)
@@ -131,7 +152,7 @@ def train_epochs_without_scheduler(run_dir: str, stop_at: int | None) -> list[fl
     return _train_epochs(run_dir, stop_at, scheduler=False)
 
 
-def train_mid_epoch(run_dir: str, stop_at: int | None) -> list[float]:
+def train_mid_epoch(run_dir: str, stop_at: int | None, *, overlap: bool = False) -> list[float]:
     """Checkpoints every ``SAVE_EVERY`` batches and at epoch ends; steps are global batch indices."""
     model, optimizer, scheduler, loader = _parts()
     generator = loader.generator
@@ -147,7 +168,8 @@ def train_mid_epoch(run_dir: str, stop_at: int | None) -> list[float]:
         "epoch_start": generator.get_state(),  # the loader's generator when that epoch began
     }
     losses: list[float] = []
-    with tk.CheckpointManager(run_dir, keep_last=3, async_save=True) as mgr:
+    args = _overlapping(overlap) or {"async_save": True}
+    with tk.CheckpointManager(run_dir, keep_last=3, **args) as mgr:
         mgr.restore(app)
         for epoch in range(app["epoch"], EPOCHS):
             done = app["batch"]
@@ -170,3 +192,8 @@ def train_mid_epoch(run_dir: str, stop_at: int | None) -> list[float]:
                     if step == stop_at:
                         return losses  # leaving the with block commits the async save
     return losses
+
+
+def train_mid_epoch_overlap(run_dir: str, stop_at: int | None) -> list[float]:
+    """``train_mid_epoch`` with overlapped async saves."""
+    return train_mid_epoch(run_dir, stop_at, overlap=True)

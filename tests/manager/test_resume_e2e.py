@@ -20,9 +20,15 @@ import torchkeep as tk
 from tests.manager import resume_scripts as rs
 from torchkeep.testing import assert_resumes_exactly
 
+# Overlapped async saves (every tensor copied in the background, guarded by the hooks) must
+# resume as exactly as synchronous ones.
+OVERLAP = pytest.param(True, marks=pytest.mark.slow, id="overlap")
 
-def test_stopped_after_an_epoch_and_resumed_is_bit_identical(tmp_path: Path) -> None:
-    report = assert_resumes_exactly(rs.train_epochs, stop_at=rs.STOP_EPOCH, workdir=tmp_path)
+
+@pytest.mark.parametrize("overlap", [pytest.param(False, id="plain"), OVERLAP])
+def test_stopped_after_an_epoch_and_resumed_is_bit_identical(tmp_path: Path, overlap: bool) -> None:
+    train = rs.train_epochs_overlap if overlap else rs.train_epochs
+    report = assert_resumes_exactly(train, stop_at=rs.STOP_EPOCH, workdir=tmp_path)
 
     assert report.steps_compared == rs.EPOCHS * rs.BATCHES
     assert report.resumed_losses == (48, 32)  # epochs 0-2, then epochs 3-4 in a new process
@@ -38,10 +44,12 @@ def test_stopped_after_an_epoch_and_resumed_is_bit_identical(tmp_path: Path) -> 
     assert (report.tensors_compared, report.values_compared) == _leaves(state)
 
 
-def test_stopped_mid_epoch_and_resumed_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [pytest.param(False, id="async"), OVERLAP])
+def test_stopped_mid_epoch_and_resumed_is_bit_identical(tmp_path: Path, overlap: bool) -> None:
     # Two interruptions, both inside an epoch: after batch 3 of epoch 1, after batch 7 of epoch 2.
     stops = [19, rs.STOP_MID_EPOCH]
-    report = assert_resumes_exactly(rs.train_mid_epoch, stop_at=stops, workdir=tmp_path)
+    train = rs.train_mid_epoch_overlap if overlap else rs.train_mid_epoch
+    report = assert_resumes_exactly(train, stop_at=stops, workdir=tmp_path)
 
     assert report.steps_compared == rs.EPOCHS * rs.BATCHES
     assert report.resumed_losses == (20, 20, 40)

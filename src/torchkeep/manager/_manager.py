@@ -22,7 +22,7 @@ the next save retries that work. ``save`` never reports a committed checkpoint a
 The pieces, by concern: ``_writer.py`` (staging, hashing, the commit order), ``_gc.py``
 (deleting a run's files), ``_retention.py`` (what to keep), ``_runfile.py`` (the stored policy
 and its history), ``_aftercommit.py`` (async saves, the metrics history, the warnings after
-a commit).
+a commit), ``_overlap.py`` + ``_staging.py`` + ``_waves.py`` (overlapped and bounded async saves).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from torchkeep.format import (
 from torchkeep.manager._aftercommit import AfterCommit, BackgroundSaves
 from torchkeep.manager._gc import sweep
 from torchkeep.manager._lock import RunLock
+from torchkeep.manager._overlap import Overlap, OverlapMethods, Snapshot
 from torchkeep.manager._prune import Pruning
 from torchkeep.manager._records import CheckpointRecord, RestoreInfo, record_of, restore_info
 from torchkeep.manager._retention import (
@@ -68,7 +69,7 @@ from torchkeep.state import describe_models
 from torchkeep.storage import local_path
 
 
-class CheckpointManager(Pruning):
+class CheckpointManager(Pruning, OverlapMethods):
     """A run of checkpoints in one directory: save, restore, retention, references.
 
     Args:
@@ -81,6 +82,9 @@ class CheckpointManager(Pruning):
         async_save: ``save`` copies the state to host memory and returns; a background thread
             writes and commits. The next ``save`` (or ``wait``/``close``) waits for it and raises
             its error if it failed.
+        overlap: with ``async_save``, ``save`` returns at once; the copy to host memory runs
+            during the next steps (hooks guard what changes: docs/architecture.md).
+        staging_limit: host bytes for async staging; a larger state is staged in waves.
         read_only: open an existing run to list and load only; takes no lock, writes nothing.
         barrier_timeout, per_rank, rank_state: for ``torch.distributed`` jobs, in which every
             rank builds its manager the same way and rank 0 commits (``distributed/``).
@@ -111,6 +115,8 @@ class CheckpointManager(Pruning):
         monitor: str | None = None,
         mode: Mode | None = None,
         async_save: bool = False,
+        overlap: bool = False,
+        staging_limit: int | None = None,
         read_only: bool = False,
         barrier_timeout: float | None = None,
         per_rank: tuple[str, ...] | list[str] = (),
@@ -126,6 +132,13 @@ class CheckpointManager(Pruning):
         )
         self.read_only = read_only
         self.async_save = async_save
+        if (overlap or staging_limit is not None) and self._ranks.group.distributed:
+            raise InvalidArgumentError(
+                "overlap= and staging_limit= are not supported in a torch.distributed job yet",
+                path=str(self.root),
+                hint="use async_save=True alone: the loop then waits only for the host copy",
+            )
+        self._overlap = Overlap(staging_limit, async_save=async_save, overlap=overlap)
         self._lock = RunLock(self.root / LOCK_FILE)
         self._mutex = threading.RLock()
         self._stager = Stager()
@@ -280,8 +293,7 @@ class CheckpointManager(Pruning):
             self._after.log.emit()
             return record
         # Flatten here so that unstorable values fail in save(), then copy to host memory.
-        staged = self._stager.stage(flatten(state))
-        self._background.submit(write, step, staged, cleaned, user_metadata, models)
+        self._submit(write, step, flatten(state), app, cleaned, user_metadata, models)
         return None
 
     def wait(self) -> CheckpointRecord | None:
@@ -296,7 +308,7 @@ class CheckpointManager(Pruning):
     def _write(
         self,
         step: int,
-        flat: Flattened,
+        flat: Flattened | Snapshot,
         metrics: dict[str, Any],
         metadata: dict[str, Any],
         models: dict[str, Any],
@@ -304,19 +316,20 @@ class CheckpointManager(Pruning):
     ) -> CheckpointRecord:
         with self._mutex:
             committed = list(self._manifests.values())
+        info = {"metrics": metrics, "metadata": metadata, "system": self._system, "models": models}
         try:
-            manifest = write_checkpoint(
-                self.root,
-                step,
-                flat,
-                self._hasher.hashes(flat.tensors),
-                committed,
-                metrics=metrics,
-                metadata=metadata,
-                system=self._system,
-                models=models,
-                extra=extra,
-            )
+            if isinstance(flat, Snapshot):
+                manifest = self._write_snapshot(flat, committed, info)
+            else:
+                manifest = write_checkpoint(
+                    self.root,
+                    step,
+                    flat,
+                    self._hasher.hashes(flat.tensors),
+                    committed,
+                    **info,
+                    extra=extra,
+                )
         except StorageError as exc:
             if not exc.committed:
                 raise
@@ -360,6 +373,7 @@ class CheckpointManager(Pruning):
         finally:
             self._background.close()
             self._hasher.close()
+            self._overlap.close()
             self._stager = Stager()
             self._lock.release()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -46,14 +46,17 @@ MIN_SHARED_BYTES = 64 * 1024
 class Hasher:
     """Hashes of many tensors, several at once (the hash releases the GIL on large buffers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, initializer: Callable[[], object] | None = None) -> None:
         self._pool: ThreadPoolExecutor | None = None
+        self._initializer = initializer  # run by each hashing thread when it starts
 
     def hashes(self, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
         try:
             if self._pool is None:
                 workers = min(4, os.cpu_count() or 1)
-                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="torchkeep-hash")
+                self._pool = ThreadPoolExecutor(
+                    workers, thread_name_prefix="torchkeep-hash", initializer=self._initializer
+                )
             digests = list(self._pool.map(tensor_hash, tensors.values()))
         except RuntimeError:  # the interpreter is exiting: no new threads, hash here
             digests = [tensor_hash(t) for t in tensors.values()]
