@@ -43,7 +43,7 @@ from torchkeep.format._readers import (
 )
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
 from torchkeep.format._values import plain_values
-from torchkeep.storage import storage_for
+from torchkeep.storage import local_path, storage_for
 
 
 class RunSource(Source):
@@ -60,12 +60,12 @@ class RunSource(Source):
         verify: bool = True,
     ) -> Any:
         return load_reference(
-            self.name,
+            self.path,
             lambda run, m: run.load(m, map_location=map_location, dtype=dtype, verify=verify),
         )
 
     def info(self) -> CheckpointInfo:
-        info: CheckpointInfo = load_reference(self.name, _run_info)
+        info: CheckpointInfo = load_reference(self.path, _run_info)
         return info
 
     def check(self, shown: str) -> FileCheck:  # runs are verified whole, by the verify module
@@ -139,9 +139,9 @@ def locate(ref: str | os.PathLike[str]) -> RunSource | DirectorySource | Path:
     """
     name = os.fspath(ref)
     if parse_reference(ref) is not None:
-        return RunSource(Path(name), name)
+        return RunSource(local_path(ref), name)
     if is_checkpoint_dir(ref):
-        return DirectorySource(Path(name), name)
+        return DirectorySource(local_path(ref), name)
     return resolve_path(ref)
 
 

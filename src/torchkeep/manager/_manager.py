@@ -51,7 +51,6 @@ from torchkeep.format import (
 )
 from torchkeep.manager._aftercommit import AfterCommit, BackgroundSaves
 from torchkeep.manager._gc import sweep
-from torchkeep.manager._lock import RunLock
 from torchkeep.manager._records import CheckpointRecord, RestoreInfo, record_of, restore_info
 from torchkeep.manager._retention import (
     POLICY_FIELDS,
@@ -65,7 +64,7 @@ from torchkeep.manager._retention import (
 from torchkeep.manager._runfile import create_run, given_values, open_policy
 from torchkeep.manager._writer import Hasher, Stager, write_checkpoint
 from torchkeep.state import capture_app, describe_models, restore_app
-from torchkeep.storage import local_path
+from torchkeep.storage import local_path, storage_for
 
 
 class CheckpointManager:
@@ -82,6 +81,9 @@ class CheckpointManager:
             writes and commits. The next ``save`` (or ``wait``/``close``) waits for it and raises
             its error if it failed.
         read_only: open an existing run to list and load only; takes no lock, writes nothing.
+        storage_options: for a URL (``s3://bucket/run``), the options of its fsspec filesystem
+            (``endpoint_url``, credentials...). A remote run is held by a lease object, not a
+            lock file (see ``docs/format.md``).
 
     Retention arguments left out are taken from the run's stored policy, so a manager opened on an
     existing run with no arguments keeps its rules. One writer per run: a second raises
@@ -110,11 +112,12 @@ class CheckpointManager:
         mode: Mode | None = None,
         async_save: bool = False,
         read_only: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.root = local_path(directory)
+        self.root = local_path(directory, storage_options)
         self.read_only = read_only
         self.async_save = async_save
-        self._lock = RunLock(self.root / LOCK_FILE)
+        self._lock = storage_for(self.root).lock(str(self.root / LOCK_FILE))  # a lease remotely
         self._mutex = threading.RLock()
         self._stager = Stager()
         self._hasher = Hasher()

@@ -39,6 +39,10 @@ class Mapped:
     identity: tuple[int, int] | None
     """``(st_dev, st_ino)`` of the file mapped, to check that a reopened path is the same file;
     ``None`` where a store has no such notion."""
+    fetch: Callable[[int, int], None] | None = None
+    """For a lazily read remote object: ``fetch(start, end)`` makes the bytes ``[start, end)``
+    of ``buffer`` valid (downloading them if need be); call it before reading them. ``None``
+    where the whole buffer is valid already (a local mapping)."""
 
 
 @runtime_checkable
