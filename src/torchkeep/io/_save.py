@@ -60,7 +60,9 @@ def save(
         if target.suffix.lower() in TORCH_SUFFIXES:
             store.write_atomic(str(target), lambda f: write_torch(obj, f, metadata))
         else:
-            store.write_atomic(str(target), lambda f: write_artifact(obj, f, metadata))
+            store.write_atomic(
+                str(target), lambda f: write_artifact(obj, f, metadata), sequential=True
+            )
     except UnsupportedValueError as err:
         if err.path is None:  # the flattener knows the key, not the file
             err.path = str(target)

@@ -151,7 +151,8 @@ def write_checkpoint(
             digests[pack] = (hashing.nbytes, hashing.digest)
 
         try:
-            storage_for(pack_path).write_atomic(str(pack_path), write)
+            # sequential: write_pack only writes, so a remote pack streams up as it is written
+            storage_for(pack_path).write_atomic(str(pack_path), write, sequential=True)
         except StorageError as exc:
             # A pack in place is no commit: the save failed, and nothing refers to the pack.
             exc.committed = False

@@ -32,7 +32,7 @@ from torchkeep.storage._local import LocalStorage
 from torchkeep.storage._location import is_url, local_path
 from torchkeep.storage._lock import RunLock
 from torchkeep.storage._protocol import Lock, Mapped, Storage
-from torchkeep.storage._remote import RemoteStorage, remote_storage
+from torchkeep.storage._remote import RemoteStorage, remote_storage, remote_tree_bytes
 from torchkeep.storage._url import RemotePath
 
 __all__ = [
@@ -49,6 +49,8 @@ __all__ = [
     "is_url",
     "local_path",
     "publish",
+    "remote_storage",
+    "remote_tree_bytes",
     "staging_directory",
     "storage_error",
     "storage_for",

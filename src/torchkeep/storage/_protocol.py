@@ -69,10 +69,14 @@ class Storage(Protocol):
 
     # -- committing ------------------------------------------------------------------------------
 
-    def write_atomic(self, path: str, write: Callable[[BinaryIO], None]) -> None:
+    def write_atomic(
+        self, path: str, write: Callable[[BinaryIO], None], *, sequential: bool = False
+    ) -> None:
         """Write a file so that readers see either the old content or the complete new one.
 
-        ``write`` fills a seekable file. Durable when it returns; if ``write`` raises or the
+        ``write`` fills a seekable file; with ``sequential``, the caller promises that ``write``
+        only calls ``write()`` and ``tell()``, so that a remote store may stream the bytes up as
+        they come (a multipart upload) instead of spooling them to a local file first. Durable when it returns; if ``write`` raises or the
         process dies, the old content stays. ``StorageError.committed`` says the new file is in
         place but its durability could not be confirmed. Missing parents are created.
         """

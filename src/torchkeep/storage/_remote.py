@@ -37,11 +37,12 @@ from typing import Any, BinaryIO
 
 from torchkeep.errors import StorageError
 from torchkeep.storage._errors import storage_error
+from torchkeep.storage._location import local_path
 from torchkeep.storage._protocol import Mapped
 from torchkeep.storage._upload import stream_upload
 from torchkeep.storage._url import RemotePath, _options_key, remote_path, split_url
 
-__all__ = ["BLOCK_BYTES", "RemoteStorage", "filesystem", "remote_storage"]
+__all__ = ["BLOCK_BYTES", "RemoteStorage", "filesystem", "remote_storage", "remote_tree_bytes"]
 
 BLOCK_BYTES = 8 << 20
 IN_FLIGHT = 8
@@ -84,10 +85,11 @@ def filesystem(scheme: str, options: dict[str, Any]) -> Any:
         ) from exc
 
 
-def remote_storage(location: RemotePath | str) -> RemoteStorage:
+def remote_storage(location: str | os.PathLike[str]) -> RemoteStorage:
     """The store of a URL (one per scheme and options, shared)."""
     if not isinstance(location, RemotePath):
-        location = remote_path(location)
+        found = local_path(os.fspath(location))  # with the options remembered for the URL
+        location = found if isinstance(found, RemotePath) else remote_path(os.fspath(location))
     options = type(location).storage_options
     key = (location.scheme, _options_key(options))
     with _STORES_LOCK:
@@ -145,10 +147,28 @@ class RemoteStorage:
 
     # -- committing ------------------------------------------------------------------------------
 
-    def write_atomic(self, path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    def write_atomic(
+        self,
+        path: str | os.PathLike[str],
+        write: Callable[[BinaryIO], None],
+        *,
+        sequential: bool = False,
+    ) -> None:
         p = self._p(path)
         try:
-            stream_upload(self.fs, p, write, part_bytes=BLOCK_BYTES, in_flight=IN_FLIGHT)
+            if sequential:
+                stream_upload(self.fs, p, write, part_bytes=BLOCK_BYTES, in_flight=IN_FLIGHT)
+            else:  # the writer seeks (torch's zip): spool to a local file, then stream that
+                with tempfile.TemporaryFile(prefix=".torchkeep-spool-") as spool:
+                    write(spool)
+                    spool.seek(0)
+                    stream_upload(
+                        self.fs,
+                        p,
+                        lambda up: shutil.copyfileobj(spool, up, BLOCK_BYTES),
+                        part_bytes=BLOCK_BYTES,
+                        in_flight=IN_FLIGHT,
+                    )
         except Exception as exc:
             if isinstance(exc, StorageError) or not _from_store(exc):
                 raise  # the writer's own error (an unstorable value...), unchanged
@@ -401,6 +421,18 @@ class RemoteStorage:
             raise self._fail(exc, p, "list the directory") from exc
         names = {os.fspath(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
         return sorted(n for n in names if n)
+
+
+def remote_tree_bytes(location: str | os.PathLike[str]) -> int:
+    """Bytes of every object under ``location`` (``du``)."""
+    store = remote_storage(location)
+    p = store._p(location)
+    try:
+        return int(store.fs.du(p, total=True))
+    except FileNotFoundError:
+        return 0
+    except Exception as exc:
+        raise store._fail(exc, p, "measure the run") from exc
 
 
 class _Ranges:

@@ -1,0 +1,70 @@
+"""A real S3 server for the remote-storage tests: moto in server mode on loopback, one per session.
+
+The tests talk to it through s3fs, as a user's training job talks to S3: no mocked calls. The
+server runs in a thread of the test process (``ThreadedMotoServer``) on a free port; subprocesses
+(the CLI, a writer killed mid-upload) reach it through ``AWS_ENDPOINT_URL``, as boto does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` of a moto S3 server, with test credentials in the environment."""
+    saved = {k: os.environ.get(k) for k in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(CREDENTIALS)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A fresh bucket: ``s3://NAME``."""
+    import s3fs
+
+    name = f"tk-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def options(s3_endpoint: str) -> dict[str, Any]:
+    """Explicit ``storage_options`` for the server (what a user passes to the API)."""
+    return {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
