@@ -7,6 +7,7 @@ server runs in a thread of the test process (``ThreadedMotoServer``) on a free p
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -38,6 +39,7 @@ def s3_endpoint() -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(CREDENTIALS)
@@ -68,3 +70,32 @@ def bucket(s3_endpoint: str) -> str:
 def options(s3_endpoint: str) -> dict[str, Any]:
     """Explicit ``storage_options`` for the server (what a user passes to the API)."""
     return {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+
+
+@pytest.fixture(scope="session")
+def _proxy(s3_endpoint: str) -> Iterator[Any]:
+    from tests.remote._proxy import S3Proxy
+
+    proxy = S3Proxy(s3_endpoint)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def proxy(_proxy: Any) -> Iterator[Any]:
+    """The fault-injecting proxy in front of the server, with no fault armed."""
+    _proxy.reset()
+    yield _proxy
+    _proxy.reset()
+
+
+@pytest.fixture
+def via_proxy(proxy: Any) -> dict[str, Any]:
+    """``storage_options`` that reach the server through the proxy, with few, quick retries."""
+    return {
+        "endpoint_url": proxy.url,
+        "key": "testing",
+        "secret": "testing",
+        "retries": 1,
+        "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}},
+    }

@@ -145,6 +145,7 @@ class LocalStorage:
         *,
         check: Callable[[BinaryIO], bool] | None = None,
         action: str = "delete the files",
+        grace: bool = False,
     ) -> list[str]:
         return delete_files(self._abs(directory), names, check=check, action=action)
 

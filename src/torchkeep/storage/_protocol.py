@@ -140,9 +140,13 @@ class Storage(Protocol):
         *,
         check: Callable[[BinaryIO], bool] | None = None,
         action: str = "delete the files",
+        grace: bool = False,
     ) -> list[str]:
         """Remove ``names`` from ``directory``, durably (one directory sync at the end), and
-        return those removed. Confined: a ``directory`` that is a link is refused, and no delete
+        return those removed. With ``grace``, files another process wrote are kept until the
+        store's grace period has passed: on a remote store, a writer whose lease expired may
+        still be about to commit a manifest that refers to them (locally the lock dies with its
+        writer, so nothing is kept). Confined: a ``directory`` that is a link is refused, and no delete
         leaves it, whatever is swapped in meanwhile. With ``check``, only regular files for which
         ``check(file)`` is True go. Missing names and a missing directory are skipped. ``action``
         is what a failure's message says torchkeep was doing."""

@@ -46,8 +46,18 @@ __all__ = ["BLOCK_BYTES", "RemoteStorage", "filesystem", "remote_storage", "remo
 
 BLOCK_BYTES = 8 << 20
 IN_FLIGHT = 8
-GRACE_SECONDS = 120.0
-"""A pack no manifest refers to, written by another process, is swept only once this old."""
+
+
+def grace_seconds() -> float:
+    """How old an object another process left must be before it is swept:
+    ``TORCHKEEP_SWEEP_GRACE_SECONDS``, by default twice the lease (120 s)."""
+    from torchkeep.storage._lease import lease_seconds
+
+    try:
+        return max(float(os.environ.get("TORCHKEEP_SWEEP_GRACE_SECONDS", "")), 0.0)
+    except ValueError:
+        return 2 * lease_seconds()
+
 
 _STORES: dict[tuple[str, str], RemoteStorage] = {}
 _STORES_LOCK = threading.Lock()
@@ -333,6 +343,7 @@ class RemoteStorage:
         *,
         check: Callable[[BinaryIO], bool] | None = None,
         action: str = "delete the files",
+        grace: bool = False,
     ) -> list[str]:
         folder = self._p(directory)
         removed: list[str] = []
@@ -341,9 +352,9 @@ class RemoteStorage:
                 raise ValueError(f"{name!r} is not a plain file name")
             p = f"{folder}/{name}"
             try:
+                if grace and not self._sweepable(p):
+                    continue
                 if check is not None:
-                    if not self._sweepable(p):
-                        continue
                     with self.open_read(p) as f:
                         if not check(f):
                             continue
@@ -362,7 +373,7 @@ class RemoteStorage:
         period: its writer may still be about to commit a manifest that refers to it."""
         if p in self.written:
             return True
-        return time.time() - float(self.info(p)["mtime"]) >= GRACE_SECONDS
+        return time.time() - float(self.info(p)["mtime"]) >= grace_seconds()
 
     def sweep_temporaries(self, directory: str | os.PathLike[str]) -> list[str]:
         """Abort the multipart uploads a dead writer left under ``directory`` (S3), once they
@@ -379,7 +390,7 @@ class RemoteStorage:
                 if "/" in upload["Key"][len(prefix) + 1 :]:
                     continue  # in a sub-folder: that folder's sweep
                 started = upload["Initiated"].timestamp()
-                if time.time() - started < GRACE_SECONDS:
+                if time.time() - started < grace_seconds():
                     continue
                 call(
                     "abort_multipart_upload",
