@@ -96,6 +96,5 @@ def via_proxy(proxy: Any) -> dict[str, Any]:
         "endpoint_url": proxy.url,
         "key": "testing",
         "secret": "testing",
-        "retries": 1,
         "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}},
     }
