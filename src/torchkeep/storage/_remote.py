@@ -166,19 +166,14 @@ class RemoteStorage:
     ) -> None:
         p = self._p(path)
         try:
-            if sequential:
-                stream_upload(self.fs, p, write, part_bytes=BLOCK_BYTES, in_flight=IN_FLIGHT)
-            else:  # the writer seeks (torch's zip): spool to a local file, then stream that
-                with tempfile.TemporaryFile(prefix=".torchkeep-spool-") as spool:
-                    write(spool)
-                    spool.seek(0)
-                    stream_upload(
-                        self.fs,
-                        p,
-                        lambda up: shutil.copyfileobj(spool, up, BLOCK_BYTES),
-                        part_bytes=BLOCK_BYTES,
-                        in_flight=IN_FLIGHT,
-                    )
+            stream_upload(
+                self.fs,
+                p,
+                write,
+                sequential=sequential,
+                part_bytes=BLOCK_BYTES,
+                in_flight=IN_FLIGHT,
+            )
         except Exception as exc:
             if isinstance(exc, StorageError) or not _from_store(exc):
                 raise  # the writer's own error (an unstorable value...), unchanged

@@ -5,13 +5,15 @@ up to ``in_flight`` of them at once (a multipart upload), so memory holds at mos
 ``in_flight + 1`` parts, never the whole state. The object exists only once
 ``complete_multipart_upload`` succeeds; if the writer raises, the upload is aborted and nothing
 appears (a writer killed mid-upload leaves an unfinished upload, invisible to readers, which a
-later writer's sweep aborts). A small object goes up as one PUT. Elsewhere, fsspec's own buffered
-file streams, and is discarded on failure instead of committed.
+later writer's sweep aborts). A small object goes up as one PUT. A writer that seeks, and any
+other store, fill a local temporary file first (see :func:`stream_upload`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,27 +122,50 @@ class S3Upload:
                 )
 
 
-def stream_upload(
-    fs: Any, path: str, write: Callable[[BinaryIO], None], *, part_bytes: int, in_flight: int
-) -> None:
-    """Upload what ``write`` writes to ``path``; the object appears whole, or not at all."""
-    if hasattr(fs, "call_s3") and hasattr(fs, "split_path"):
-        upload = S3Upload(fs, path, part_bytes, in_flight)
-        try:
-            write(upload)  # type: ignore[arg-type]  # writers only write() and tell()
-            upload.commit()
-        except BaseException:
-            upload.abort()
-            raise
-        return
-    f = fs.open(path, "wb")
+def _is_s3(fs: Any) -> bool:
+    return hasattr(fs, "call_s3") and hasattr(fs, "split_path")
+
+
+def _s3_upload(fs: Any, path: str, write: Callable[[Any], None], part_bytes: int, n: int) -> None:
+    upload = S3Upload(fs, path, part_bytes, n)
     try:
-        write(f)
+        write(upload)
+        upload.commit()
     except BaseException:
-        discard = getattr(f, "discard", None)
-        if discard is not None:
-            discard()
-        with contextlib.suppress(Exception):  # closed later (collected), it must not commit
-            f.closed = True
+        upload.abort()
         raise
-    f.close()
+
+
+def stream_upload(
+    fs: Any,
+    path: str,
+    write: Callable[[BinaryIO], None],
+    *,
+    sequential: bool,
+    part_bytes: int,
+    in_flight: int,
+) -> None:
+    """Upload what ``write`` writes to ``path``; the object appears whole, or not at all.
+
+    On S3 a ``sequential`` writer streams straight into the multipart upload. Any other writer
+    (one that seeks), and any other store, fills a local temporary file first: it is then
+    streamed the same way on S3, or handed to the store's ``put_file`` (fsspec's buffered files
+    of some stores show their bytes before they are closed, so they are never written into).
+    """
+    if sequential and _is_s3(fs):
+        _s3_upload(fs, path, write, part_bytes, in_flight)
+        return
+    with tempfile.NamedTemporaryFile(prefix=".torchkeep-spool-") as spool:
+        write(spool)  # type: ignore[arg-type]  # a binary file
+        spool.flush()
+        spool.seek(0)
+        if _is_s3(fs):
+            _s3_upload(
+                fs,
+                path,
+                lambda up: shutil.copyfileobj(spool, up, part_bytes),
+                part_bytes,
+                in_flight,
+            )
+        else:
+            fs.put_file(spool.name, path)

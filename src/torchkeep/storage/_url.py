@@ -13,6 +13,7 @@ credentials.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -106,7 +107,14 @@ class RemotePath(PosixPath):
         info = self._store().info(str(self))
         mode = stat.S_IFDIR | 0o755 if info["type"] == "directory" else stat.S_IFREG | 0o644
         mtime = float(info.get("mtime", 0.0))
-        return os.stat_result((mode, 0, 0, 1, 0, 0, int(info.get("size") or 0), 0, mtime, mtime))
+        size = int(info.get("size") or 0)
+        # The object's version stands in for the inode: an object replaced (saved again) is
+        # another "file", as the readers' identity checks expect.
+        version = str(info.get("ETag") or info.get("etag") or info.get("generation") or "")
+        ino = int.from_bytes(
+            hashlib.blake2b(f"{version}|{mtime}|{size}".encode(), digest_size=7).digest()
+        )
+        return os.stat_result((mode, ino, 1, 1, 0, 0, size, 0, mtime, mtime))
 
     def lstat(self) -> os.stat_result:
         return self.stat()  # an object store has no links
