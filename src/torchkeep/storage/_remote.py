@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from torchkeep.errors import StorageError
@@ -45,7 +45,13 @@ from torchkeep.storage._url import RemotePath, _options_key, remote_path, split_
 __all__ = ["BLOCK_BYTES", "RemoteStorage", "filesystem", "remote_storage", "remote_tree_bytes"]
 
 BLOCK_BYTES = 8 << 20
-IN_FLIGHT = 8
+"""Ranged reads fetch blocks of this size."""
+PART_BYTES = 16 << 20
+"""Uploads go up in parts of this size (S3 needs at least 5 MiB)."""
+IN_FLIGHT = 4
+"""Requests in flight per upload, and blocks read ahead per object."""
+READ_BLOCK = 1 << 20
+"""The block of a file object opened for reading (format detection reads a few bytes)."""
 
 
 def grace_seconds() -> float:
@@ -61,7 +67,7 @@ def grace_seconds() -> float:
 
 _STORES: dict[tuple[str, str], RemoteStorage] = {}
 _STORES_LOCK = threading.Lock()
-_POOL = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="torchkeep-io")
+_POOL = ThreadPoolExecutor(max_workers=2 * IN_FLIGHT, thread_name_prefix="torchkeep-io")
 
 
 def filesystem(scheme: str, options: dict[str, Any]) -> Any:
@@ -171,7 +177,7 @@ class RemoteStorage:
                 p,
                 write,
                 sequential=sequential,
-                part_bytes=BLOCK_BYTES,
+                part_bytes=PART_BYTES,
                 in_flight=IN_FLIGHT,
             )
         except Exception as exc:
@@ -280,7 +286,7 @@ class RemoteStorage:
     def open_read(self, path: str | os.PathLike[str]) -> BinaryIO:
         p = self._p(path)
         try:
-            f: BinaryIO = self.fs.open(p, "rb", block_size=BLOCK_BYTES, cache_type="readahead")
+            f: BinaryIO = self.fs.open(p, "rb", block_size=READ_BLOCK, cache_type="readahead")
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -442,30 +448,42 @@ def remote_tree_bytes(location: str | os.PathLike[str]) -> int:
 
 
 class _Ranges:
-    """Fetches byte ranges of one object into its lazy buffer, in blocks, several at a time."""
+    """Fetches byte ranges of one object into its lazy buffer, in blocks, several at a time.
+
+    Each call fetches the missing blocks of its range at once, and starts reading the next
+    ``IN_FLIGHT`` blocks ahead in the background, so that a load that goes through the object
+    tensor by tensor keeps requests in flight, while one that needs a part reads little more.
+    """
 
     def __init__(self, store: RemoteStorage, path: str, buffer: mmap.mmap) -> None:
         self.store, self.path, self.buffer = store, path, buffer
         self.size = len(buffer)
+        self.blocks = -(-self.size // BLOCK_BYTES)
         self.have: set[int] = set()
+        self.pending: dict[int, Future[None]] = {}
         self.lock = threading.Lock()
 
     def __call__(self, start: int, end: int) -> None:
         end = min(end, self.size)
         if start >= end:
             return
+        first, last = start // BLOCK_BYTES, (end - 1) // BLOCK_BYTES
         with self.lock:
-            blocks = [
-                b
-                for b in range(start // BLOCK_BYTES, (end - 1) // BLOCK_BYTES + 1)
-                if b not in self.have
-            ]
-            if not blocks:
-                return
-            futures = [_POOL.submit(self._fetch, b) for b in blocks]
-            for b, fut in zip(blocks, futures, strict=True):
-                fut.result()
+            wanted = [self._start(b) for b in range(first, last + 1) if b not in self.have]
+            for b in range(last + 1, min(last + 1 + IN_FLIGHT, self.blocks)):
+                if b not in self.have and first > 0:  # read ahead once the reader moves on
+                    self._start(b)
+        for b, fut in wanted:
+            fut.result()
+            with self.lock:
                 self.have.add(b)
+                self.pending.pop(b, None)
+
+    def _start(self, block: int) -> tuple[int, Future[None]]:
+        fut = self.pending.get(block)
+        if fut is None:
+            fut = self.pending[block] = _POOL.submit(self._fetch, block)
+        return block, fut
 
     def _fetch(self, block: int) -> None:
         lo = block * BLOCK_BYTES
