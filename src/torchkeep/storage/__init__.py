@@ -33,6 +33,7 @@ from torchkeep.storage._location import is_url, local_path
 from torchkeep.storage._lock import RunLock
 from torchkeep.storage._protocol import Lock, Mapped, Storage
 from torchkeep.storage._remote import RemoteStorage, remote_storage, remote_tree_bytes
+from torchkeep.storage._upload import observe_transfers
 from torchkeep.storage._url import RemotePath
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "fsync_dir",
     "is_url",
     "local_path",
+    "observe_transfers",
     "publish",
     "remote_storage",
     "remote_tree_bytes",

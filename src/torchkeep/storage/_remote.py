@@ -39,7 +39,7 @@ from torchkeep.errors import StorageError
 from torchkeep.storage._errors import storage_error
 from torchkeep.storage._location import local_path
 from torchkeep.storage._protocol import Mapped
-from torchkeep.storage._upload import stream_upload
+from torchkeep.storage._upload import report, stream_upload
 from torchkeep.storage._url import RemotePath, _options_key, remote_path, split_url
 
 __all__ = ["BLOCK_BYTES", "RemoteStorage", "filesystem", "remote_storage", "remote_tree_bytes"]
@@ -494,3 +494,4 @@ class _Ranges:
                 OSError(errno.EIO, "short read"), self.path, "read the object", hint=None
             )
         self.buffer[lo:hi] = data
+        report("download", self.path, hi - lo, self.size)

@@ -15,11 +15,32 @@ import contextlib
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-__all__ = ["S3Upload", "stream_upload"]
+__all__ = ["S3Upload", "observe_transfers", "report", "stream_upload"]
+
+Observer = Callable[[str, str, int, "int | None"], None]
+_OBSERVERS: list[Observer] = []
+
+
+@contextlib.contextmanager
+def observe_transfers(observer: Observer) -> Iterator[None]:
+    """Call ``observer(kind, path, nbytes, total)`` for each part uploaded (``kind`` "upload")
+    and each block downloaded ("download") while the block runs (the CLI's progress bars)."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+def report(kind: str, path: str, nbytes: int, total: int | None) -> None:
+    for observer in list(_OBSERVERS):
+        with contextlib.suppress(Exception):  # a display must never fail a transfer
+            observer(kind, path, nbytes, total)
+
 
 _UPLOADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="torchkeep-upload")
 MIN_PART = 5 << 20  # S3's smallest part (but the last)
@@ -30,6 +51,8 @@ class S3Upload:
 
     def __init__(self, fs: Any, path: str, part_bytes: int, in_flight: int) -> None:
         self.fs = fs
+        self.path = path
+        self.total: int | None = None
         self.bucket, self.key, _ = fs.split_path(path)
         self.part_bytes = max(part_bytes, MIN_PART)
         self.buffer = bytearray()
@@ -85,6 +108,7 @@ class S3Upload:
                 PartNumber=number,
                 Body=body,
             )
+            report("upload", self.path, len(body), self.total)
             return {"PartNumber": number, "ETag": out["ETag"]}
         finally:
             self.slots.release()
@@ -92,6 +116,7 @@ class S3Upload:
     def commit(self) -> None:
         if self.upload_id is None:
             self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+            report("upload", self.path, len(self.buffer), len(self.buffer))
             return
         if self.buffer:
             self._send(bytes(self.buffer))
@@ -158,14 +183,15 @@ def stream_upload(
     with tempfile.NamedTemporaryFile(prefix=".torchkeep-spool-") as spool:
         write(spool)  # type: ignore[arg-type]  # a binary file
         spool.flush()
+        size = spool.seek(0, 2)
         spool.seek(0)
         if _is_s3(fs):
-            _s3_upload(
-                fs,
-                path,
-                lambda up: shutil.copyfileobj(spool, up, part_bytes),
-                part_bytes,
-                in_flight,
-            )
+
+            def copy(up: S3Upload) -> None:
+                up.total = size
+                shutil.copyfileobj(spool, up, part_bytes)
+
+            _s3_upload(fs, path, copy, part_bytes, in_flight)
         else:
             fs.put_file(spool.name, path)
+            report("upload", path, size, size)
