@@ -84,9 +84,9 @@ def test_create_exclusive_creates_once(root: str) -> None:
 
 
 def test_map_fetches_only_the_ranges_used(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchkeep.storage._remote as remote
+    import torchkeep.storage._ranges as ranges
 
-    monkeypatch.setattr(remote, "BLOCK_BYTES", 1 << 16)
+    monkeypatch.setattr(ranges, "BLOCK_BYTES", 1 << 16)
     a, b = torch.randn(200_000), torch.randn(200_000)  # 800 KB each: many 64 KiB blocks
     tk.save({"a": a, "b": b}, f"{root}/two.safetensors")
     mapped = storage_for(root).map(f"{root}/two.safetensors")

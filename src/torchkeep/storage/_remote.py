@@ -32,26 +32,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from torchkeep.errors import StorageError
 from torchkeep.storage._errors import storage_error
+from torchkeep.storage._fsspec import filesystem, from_store, oserror
 from torchkeep.storage._location import local_path
 from torchkeep.storage._protocol import Mapped
-from torchkeep.storage._upload import report, stream_upload
+from torchkeep.storage._ranges import BLOCK_BYTES, IN_FLIGHT, PART_BYTES, READ_BLOCK, Ranges
+from torchkeep.storage._upload import stream_upload
 from torchkeep.storage._url import RemotePath, _options_key, remote_path, split_url
 
 __all__ = ["BLOCK_BYTES", "RemoteStorage", "filesystem", "remote_storage", "remote_tree_bytes"]
-
-BLOCK_BYTES = 8 << 20
-"""Ranged reads fetch blocks of this size."""
-PART_BYTES = 16 << 20
-"""Uploads go up in parts of this size (S3 needs at least 5 MiB)."""
-IN_FLIGHT = 4
-"""Requests in flight per upload, and blocks read ahead per object."""
-READ_BLOCK = 1 << 20
-"""The block of a file object opened for reading (format detection reads a few bytes)."""
 
 
 def grace_seconds() -> float:
@@ -67,38 +59,6 @@ def grace_seconds() -> float:
 
 _STORES: dict[tuple[str, str], RemoteStorage] = {}
 _STORES_LOCK = threading.Lock()
-_POOL = ThreadPoolExecutor(max_workers=2 * IN_FLIGHT, thread_name_prefix="torchkeep-io")
-
-
-def filesystem(scheme: str, options: dict[str, Any]) -> Any:
-    """``fsspec.filesystem(scheme, **options)``; for S3 the endpoint also comes from
-    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (boto reads the credentials itself)."""
-    try:
-        import fsspec
-    except ImportError as exc:
-        raise storage_error(
-            None,
-            f"{scheme}://",
-            f"open {scheme}://",
-            message=f"{scheme}:// needs fsspec, which is not installed",
-            hint="pip install 'torchkeep[remote]' (fsspec, s3fs)",
-        ) from exc
-    options = dict(options)
-    if scheme in ("s3", "s3a") and "endpoint_url" not in options:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["endpoint_url"] = endpoint
-    try:
-        return fsspec.filesystem(scheme, **options)
-    except (ImportError, ValueError) as exc:
-        raise storage_error(
-            None,
-            f"{scheme}://",
-            f"open {scheme}://",
-            message=f"no filesystem for {scheme}://: {exc}",
-            hint="install the fsspec backend for it (s3fs for s3://, gcsfs for gs://, adlfs "
-            "for az://), or pip install 'torchkeep[remote]'",
-        ) from exc
 
 
 def remote_storage(location: str | os.PathLike[str]) -> RemoteStorage:
@@ -113,21 +73,6 @@ def remote_storage(location: str | os.PathLike[str]) -> RemoteStorage:
         if store is None:
             store = _STORES[key] = RemoteStorage(location.scheme, options)
         return store
-
-
-def _oserror(exc: BaseException) -> OSError:
-    """A failure of the store as an ``OSError`` with the nearest errno."""
-    if isinstance(exc, OSError):
-        return exc
-    text = f"{type(exc).__name__}: {exc}"
-    code = errno.EACCES if "AccessDenied" in text or "403" in text else errno.EIO
-    return OSError(code, text)
-
-
-def _from_store(exc: BaseException) -> bool:
-    """Whether ``exc`` is the store's failure (the network, the server), not the writer's."""
-    package = type(exc).__module__.split(".")[0]
-    return isinstance(exc, OSError) or package in ("botocore", "aiobotocore", "aiohttp", "s3fs")
 
 
 class RemoteStorage:
@@ -151,7 +96,7 @@ class RemoteStorage:
     def _fail(self, exc: BaseException, path: str, action: str) -> StorageError:
         if isinstance(exc, StorageError):
             return exc
-        err = _oserror(exc)
+        err = oserror(exc)
         hint = None
         if err.errno == errno.EIO:
             hint = "the store failed or the connection dropped: check the endpoint and retry"
@@ -181,7 +126,7 @@ class RemoteStorage:
                 in_flight=IN_FLIGHT,
             )
         except Exception as exc:
-            if isinstance(exc, StorageError) or not _from_store(exc):
+            if isinstance(exc, StorageError) or not from_store(exc):
                 raise  # the writer's own error (an unstorable value...), unchanged
             raise self._fail(exc, p, "write the object") from exc
         finally:
@@ -200,7 +145,7 @@ class RemoteStorage:
         except FileExistsError:
             return self._is_ours(p, data)
         except Exception as exc:
-            err = _oserror(exc)
+            err = oserror(exc)
             if err.errno in (errno.EBUSY, errno.EINVAL):  # 409 conflict, 412 precondition
                 return self._is_ours(p, data)
             raise self._fail(exc, p, "create the object") from exc
@@ -234,7 +179,7 @@ class RemoteStorage:
                 old = b""
             self.fs.pipe_file(p, old + data)
         except Exception as exc:
-            raise _oserror(exc) from exc
+            raise oserror(exc) from exc
         finally:
             self._forget(p)
 
@@ -278,7 +223,7 @@ class RemoteStorage:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise _oserror(exc) from exc
+            raise oserror(exc) from exc
         mtime = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
         info["mtime"] = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
         return info
@@ -290,7 +235,7 @@ class RemoteStorage:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise _oserror(exc) from exc
+            raise oserror(exc) from exc
         return f
 
     def read_bytes(
@@ -311,7 +256,7 @@ class RemoteStorage:
         if size == 0:
             return Mapped(buffer=None, size=0, identity=None)
         buffer = mmap.mmap(-1, size)  # anonymous: pages cost memory only once fetched
-        return Mapped(buffer=buffer, size=size, identity=None, fetch=_Ranges(self, p, buffer))
+        return Mapped(buffer=buffer, size=size, identity=None, fetch=Ranges(self, p, buffer))
 
     def size(self, path: str | os.PathLike[str]) -> int:
         return int(self.info(path).get("size") or 0)
@@ -445,53 +390,3 @@ def remote_tree_bytes(location: str | os.PathLike[str]) -> int:
         return 0
     except Exception as exc:
         raise store._fail(exc, p, "measure the run") from exc
-
-
-class _Ranges:
-    """Fetches byte ranges of one object into its lazy buffer, in blocks, several at a time.
-
-    Each call fetches the missing blocks of its range at once, and starts reading the next
-    ``IN_FLIGHT`` blocks ahead in the background, so that a load that goes through the object
-    tensor by tensor keeps requests in flight, while one that needs a part reads little more.
-    """
-
-    def __init__(self, store: RemoteStorage, path: str, buffer: mmap.mmap) -> None:
-        self.store, self.path, self.buffer = store, path, buffer
-        self.size = len(buffer)
-        self.blocks = -(-self.size // BLOCK_BYTES)
-        self.have: set[int] = set()
-        self.pending: dict[int, Future[None]] = {}
-        self.lock = threading.Lock()
-
-    def __call__(self, start: int, end: int) -> None:
-        end = min(end, self.size)
-        if start >= end:
-            return
-        first, last = start // BLOCK_BYTES, (end - 1) // BLOCK_BYTES
-        with self.lock:
-            wanted = [self._start(b) for b in range(first, last + 1) if b not in self.have]
-            for b in range(last + 1, min(last + 1 + IN_FLIGHT, self.blocks)):
-                if b not in self.have and first > 0:  # read ahead once the reader moves on
-                    self._start(b)
-        for b, fut in wanted:
-            fut.result()
-            with self.lock:
-                self.have.add(b)
-                self.pending.pop(b, None)
-
-    def _start(self, block: int) -> tuple[int, Future[None]]:
-        fut = self.pending.get(block)
-        if fut is None:
-            fut = self.pending[block] = _POOL.submit(self._fetch, block)
-        return block, fut
-
-    def _fetch(self, block: int) -> None:
-        lo = block * BLOCK_BYTES
-        hi = min(lo + BLOCK_BYTES, self.size)
-        data = self.store.read_bytes(self.path, lo, hi - lo)
-        if len(data) != hi - lo:
-            raise storage_error(
-                OSError(errno.EIO, "short read"), self.path, "read the object", hint=None
-            )
-        self.buffer[lo:hi] = data
-        report("download", self.path, hi - lo, self.size)
