@@ -9,8 +9,9 @@ Modules: ``_protocol.py`` (the contract and each method's guarantee), ``_local.p
 (``LocalStorage``), ``_atomic.py`` (atomic replace, exclusive create, staged publish, append),
 ``_delete.py`` (confined deletes), ``_lock.py`` (the local run lock), ``_errors.py``,
 ``_location.py`` (paths versus URLs), ``_url.py`` (``RemotePath``), ``_remote.py``
-(``RemoteStorage``), ``_upload.py`` (streamed multipart uploads), ``_lease.py`` (the remote
-run's lease).
+(``RemoteStorage``), ``_fsspec.py`` (the filesystem of a scheme), ``_upload.py`` (streamed
+multipart uploads, transfer reports), ``_ranges.py`` (lazily fetched byte ranges), ``_lease.py``
+(the remote run's lease).
 """
 
 from __future__ import annotations
