@@ -165,7 +165,7 @@ def main() -> None:
     train_args = (args.train_mib, args.train_steps, args.train_every)
     if args.quick:
         sizes, args.repeat, train_args = [64], 1, (16, 12, 4)
-        args.remote_mib = 16
+        args.remote_mib = 8
 
     started = time.time()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="torchkeep-bench-") as tmp:

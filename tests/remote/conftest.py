@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+import s3fs  # noqa: F401 - dev dependencies (moto[server], s3fs): a missing one fails, never skips
+from moto import server as moto_server
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -58,7 +57,6 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 def bucket(s3_endpoint: str) -> str:
     """A fresh bucket: ``s3://NAME``."""
-    import s3fs
 
     name = f"tk-{uuid.uuid4().hex[:12]}"
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)

@@ -15,8 +15,6 @@ from torch import nn
 import torchkeep as tk
 from torchkeep.storage import Lease, RemotePath, RemoteStorage, local_path, storage_for
 
-pytest.importorskip("fsspec")
-
 
 @pytest.fixture
 def root() -> str:
