@@ -13,8 +13,10 @@ from torchkeep.storage._upload import report
 
 __all__ = ["BLOCK_BYTES", "IN_FLIGHT", "PART_BYTES", "READ_BLOCK", "Ranges"]
 
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = 16 << 20
 """Ranged reads fetch blocks of this size."""
+READ_AHEAD = 2
+"""Blocks read ahead of the last one asked for (at most this much more than needed is read)."""
 PART_BYTES = 16 << 20
 """Uploads go up in parts of this size (S3 needs at least 5 MiB)."""
 IN_FLIGHT = 4
@@ -22,7 +24,7 @@ IN_FLIGHT = 4
 READ_BLOCK = 1 << 20
 """The block of a file object opened for reading (format detection reads a few bytes)."""
 
-_POOL = ThreadPoolExecutor(max_workers=2 * IN_FLIGHT, thread_name_prefix="torchkeep-io")
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="torchkeep-io")
 
 
 class Ranges:
@@ -48,8 +50,8 @@ class Ranges:
         first, last = start // BLOCK_BYTES, (end - 1) // BLOCK_BYTES
         with self.lock:
             wanted = [self._start(b) for b in range(first, last + 1) if b not in self.have]
-            for b in range(last + 1, min(last + 1 + IN_FLIGHT, self.blocks)):
-                if b not in self.have and first > 0:  # read ahead once the reader moves on
+            for b in range(last + 1, min(last + 1 + READ_AHEAD, self.blocks)):
+                if b not in self.have:  # read ahead: a load goes on through the object
                     self._start(b)
         for b, fut in wanted:
             fut.result()
