@@ -1,6 +1,6 @@
 """torchkeep against torch.save/load, safetensors and torch.distributed.checkpoint, in one run.
 
-Usage: python benchmarks/run.py [--sizes 256,1024] [--large] [--repeat 3] [--quick]
+Usage: python benchmarks/run.py [--sizes 256,1024] [--large] [--repeat 3] [--quick] [--remote-mib 64]
                                 [--json benchmarks/results.json] [--dir DIR]
 
 For each state size: save times (raw fsync'd write of the same bytes as the disk's limit), load
@@ -9,7 +9,8 @@ hash throughput (torchkeep's xxh3-128, and sha256 for reference). Then a trainin
 checkpoints (slowdown, stall per save with the hooks' block time, loop overhead per save, peak
 host memory; DCP async_save against plain, overlapped and bounded async saves), a fine-tuning run
 (bytes written per checkpoint), and what a background writer costs the loop (thread, lowered
-thread, process; see writer_cost.py). ``--sizes ''`` skips the save/load part. Prints a table,
+thread, process; see writer_cost.py), and S3 save and load throughput on a loopback moto server
+against s3fs pipe/cat and DCP (benchmarks/_s3.py). ``--sizes ''`` skips the save/load part. Prints a table,
 the ratios and PASS/MISS per target of the issues; never fails on a miss. Writes everything as
 JSON.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import Target, drop_caches, evict, machine_info
+from _s3 import bench_remote, print_remote, remote_ratios
 from _saveload import bench_size, ratios
 from distributed_bench import bench_distributed, print_distributed
 from train_loop import bench_finetune, bench_train
@@ -218,6 +220,7 @@ def main() -> None:
     parser.add_argument("--train-mib", type=int, default=64, help="training model params, MiB")
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--train-every", type=int, default=15)
+    parser.add_argument("--remote-mib", type=int, default=64, help="S3 (moto) state size, MiB")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.large:
@@ -225,6 +228,7 @@ def main() -> None:
     train_args = (args.train_mib, args.train_steps, args.train_every)
     if args.quick:
         sizes, args.repeat, train_args = [64], 1, (16, 12, 4)
+        args.remote_mib = 8
 
     started = time.time()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="torchkeep-bench-") as tmp:
@@ -255,10 +259,29 @@ def main() -> None:
         _print_train(train, ft)
         distributed = bench_distributed(root, 4 if args.quick else 64, args.repeat)
         print_distributed(distributed)
+        remote = bench_remote(args.remote_mib, args.repeat)
+        if remote is not None:
+            print_remote(remote)
     writer = bench_writer(train_args[0], 1.0, args.repeat)
     _print_writer(writer)
 
     targets = _targets(results, train, ft)
+    if remote is not None:
+        pipe = remote["save_seconds"]["s3fs pipe (raw bytes)"]
+        cat = remote["load_seconds"]["s3fs cat (raw bytes)"]
+        for label, s, ref in (
+            ("save / s3fs pipe", remote["save_seconds"]["torchkeep.save"], pipe),
+            ("load / s3fs cat", remote["load_seconds"]["torchkeep.load"], cat),
+        ):
+            targets.append(
+                Target(
+                    f"(6) {remote['mib']} MiB S3 torchkeep {label}",
+                    ref / s,
+                    0.9,
+                    atleast=True,
+                    detail=f"[{s:.2f} s vs {ref:.2f} s]",
+                )
+            )
     all_ratios: dict[str, float] = {}
     for res in results:
         all_ratios.update({f"{res['mib']} MiB {k}": v for k, v in ratios(res).items()})
@@ -270,6 +293,8 @@ def main() -> None:
     all_ratios["finetune bytes written / trainable bytes"] = ft["ratio"]
     all_ratios["distributed save / dcp.save"] = distributed["save_vs_dcp"]
     all_ratios["distributed load / dcp.load"] = distributed["load_vs_dcp"]
+    if remote is not None:
+        all_ratios.update(remote_ratios(remote))
     for t in targets:
         all_ratios[f"target {t.name}"] = t.ratio
 
@@ -290,6 +315,7 @@ def main() -> None:
         "finetune": ft,
         "distributed": distributed,
         "writer_cost": writer,
+        "remote": remote,
         "targets": [t.to_dict() for t in targets],
         "ratios": all_ratios,
     }

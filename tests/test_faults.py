@@ -45,7 +45,8 @@ class Faults:
     """Make chosen ``os`` calls on paths under ``root`` raise ``OSError(code)`` once armed.
 
     ``ops``: ``open`` (creating a file), ``write`` (through files of ``os.fdopen`` and
-    ``os.write``), ``fsync`` (of a file), ``fsync_dir``, ``replace``, ``unlink``. ``only``
+    ``os.write``), ``fsync`` (of a file), ``fsync_dir``, ``replace`` (also ``os.link``: the
+    conditional create of a new manifest), ``unlink``. ``only``
     narrows the paths further, ``skip`` lets the first matching calls through. Calls on
     other paths pass through untouched.
     """
@@ -95,6 +96,13 @@ class Faults:
             fail("replace", os.fspath(dst))
             real_replace(src, dst, *args, **kwargs)
 
+        real_link = os.link
+
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            # A new step's manifest is committed by a conditional create: link(2), not rename.
+            fail("replace", os.fspath(dst))
+            real_link(src, dst, *args, **kwargs)
+
         def unlink(path: Any, *args: Any, dir_fd: int | None = None, **kwargs: Any) -> None:
             text = os.fspath(path)
             if dir_fd is not None:  # deletes inside a run go through its folder's descriptor
@@ -108,6 +116,7 @@ class Faults:
             ("write", write),
             ("fsync", fsync),
             ("replace", replace),
+            ("link", link),
             ("unlink", unlink),
         ):
             monkeypatch.setattr(os, name, fake)

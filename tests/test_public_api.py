@@ -117,6 +117,7 @@ def test_signatures_match_the_spec() -> None:
         ("obj", P, EMPTY),
         ("path", P, EMPTY),
         ("metadata", K, None),
+        ("storage_options", K, None),
     ]
     assert _params(torchkeep.load) == [
         ("path", P, EMPTY),
@@ -124,6 +125,7 @@ def test_signatures_match_the_spec() -> None:
         ("dtype", K, None),
         ("trust", K, False),
         ("verify", K, True),
+        ("storage_options", K, None),
     ]
     assert _params(torchkeep.load_into) == [
         ("module", P, EMPTY),
@@ -132,16 +134,29 @@ def test_signatures_match_the_spec() -> None:
         ("skip_mismatched", K, False),
         ("rename", K, None),
         ("verify", K, True),
+        ("storage_options", K, None),
     ]
     assert _params(torchkeep.save_model) == [
         ("model", P, EMPTY),
         ("path", P, EMPTY),
         ("config", K, None),
+        ("storage_options", K, None),
     ]
     assert _params(torchkeep.load_model)[:2] == [("path", P, EMPTY), ("map_location", P, None)]
     assert ("trust", K, False) in _params(torchkeep.load_model)
     assert ("key", K, None) in _params(torchkeep.load_model)
-    assert [p[0] for p in _params(torchkeep.inspect)] == ["path"]
+    assert [p[0] for p in _params(torchkeep.inspect)] == ["path", "storage_options"]
+    # Every entry that takes a path takes an fsspec URL, and its storage options.
+    for fn in (
+        torchkeep.load_model,
+        torchkeep.verify,
+        torchkeep.diff,
+        torchkeep.convert,
+        torchkeep.scan,
+        torchkeep.export,
+        torchkeep.CheckpointManager,
+    ):
+        assert ("storage_options", K, None) in _params(fn), fn
     export = _params(torchkeep.export)
     assert export[:3] == [
         ("model_or_ref", P, EMPTY),

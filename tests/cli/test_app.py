@@ -104,18 +104,19 @@ def test_flags_show_no_bool_metavar(runner: CliRunner) -> None:
 
 
 def test_errors_name_message_hint_exit_1_and_usage_errors_exit_2(runner: CliRunner) -> None:
-    # The contract the README states, on real commands; a URL is refused, never made a folder.
+    # The contract the README states, on real commands; a URL no store serves is refused, never
+    # made a folder.
     for args in (
-        ["inspect", "s3://bucket/model.safetensors"],
-        ["ls", "gs://bucket/runs"],
-        ["convert", "s3://bucket/a.pt", "b.safetensors"],
-        ["export", "s3://bucket/model", "-o", "m.pt2", "--example-shape", "1,4"],
+        ["inspect", "nosuch://bucket/model.safetensors"],
+        ["ls", "nosuch://bucket/runs"],
+        ["convert", "nosuch://bucket/a.pt", "b.safetensors"],
+        ["export", "nosuch://bucket/model", "-o", "m.pt2", "--example-shape", "1,4"],
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1, (args, result.output)
         assert result.stdout == ""
         first, hint = result.stderr.splitlines()
-        assert first.startswith(f"StorageError: {args[1]}: remote storage ("), args
-        assert hint.startswith("  hint: copy the files to a local directory"), args
+        assert first.startswith(f"StorageError: {args[1]}: no storage for nosuch://"), args
+        assert hint.startswith("  hint: pip install 'torchkeep[remote]'"), args
     for args in (["inspect"], ["inspect", "--nope", "x"], ["inspect", "x", "--limit", "-1"]):
         assert runner.invoke(app, args).exit_code == 2, args

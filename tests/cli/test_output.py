@@ -208,7 +208,7 @@ def test_json_failures_of_real_commands(runner: CliRunner, tmp_path: Path) -> No
             1,
         ),
         ("convert", str(tmp_path / "in.safetensors"), "o.pt", "--dtype", "zz"): ("UsageError", 2),
-        ("verify", "s3://bucket/run"): ("StorageError", 1),
+        ("verify", "nosuch://bucket/run"): ("StorageError", 1),
     }
     for args, (name, code) in cases.items():
         result = runner.invoke(app, [*args, "--json"])

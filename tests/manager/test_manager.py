@@ -125,13 +125,22 @@ def test_crash_before_commit_leaves_no_checkpoint_and_is_swept(
             raise OSError(28, "No space left on device")
         real(path, write)
 
+    real_create = storage_module.create_exclusive
+
+    def failing_create(path: Any, write: Any) -> bool:  # a new step's manifest: the commit
+        if Path(path).parent.name == "checkpoints":
+            raise OSError(28, "No space left on device")
+        return real_create(path, write)
+
     train_step(app)
     mgr = tk.CheckpointManager(run)
     monkeypatch.setattr(storage_module, "atomic_write", failing)
+    monkeypatch.setattr(storage_module, "create_exclusive", failing_create)
     with pytest.raises(OSError):
         mgr.save(1, app)
     mgr.close()
     monkeypatch.setattr(storage_module, "atomic_write", real)
+    monkeypatch.setattr(storage_module, "create_exclusive", real_create)
     # simulate a pack orphaned by a kill between the pack's rename and the manifest's (a real
     # pack: the sweep deletes only files whose header says they are torchkeep packs)
     (run / "packs" / "0000000009-deadbeef.safetensors").write_bytes(

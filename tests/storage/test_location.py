@@ -1,7 +1,9 @@
-"""URLs are refused with a StorageError by every entry that takes a path, never written locally."""
+"""A URL no store serves is refused with a StorageError by every entry that takes a path, and is
+never written as a local folder; ``file://`` names a local path."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,10 @@ from torch import nn
 import torchkeep as tk
 from torchkeep.storage import is_url, local_path
 
-URLS = ("s3://bucket/run", "gs://bucket/x.safetensors", "memory://x", "file:///tmp/x.pt")
+# Schemes no installed fsspec backend serves (gcsfs is not a dependency).
+URLS = ("nosuch://bucket/run", "zz9://x") + (
+    ("gs://bucket/x.safetensors",) if importlib.util.find_spec("gcsfs") is None else ()
+)
 
 ENTRIES: dict[str, Callable[[str], Any]] = {
     "save": lambda u: tk.save({"w": torch.zeros(2)}, u),
@@ -43,7 +48,7 @@ def test_every_entry_refuses_urls_and_writes_nothing(
     monkeypatch.chdir(tmp_path)
     tk.save({"w": torch.zeros(2)}, "in.safetensors")
     for url in URLS:
-        with pytest.raises(tk.StorageError, match="not") as caught:
+        with pytest.raises(tk.StorageError, match="no (storage|filesystem) for") as caught:
             ENTRIES[entry](url)
         assert caught.value.path is not None and caught.value.path.startswith(url), entry
         assert caught.value.hint
@@ -53,12 +58,14 @@ def test_every_entry_refuses_urls_and_writes_nothing(
 
 def test_the_messages_say_what_to_do() -> None:
     with pytest.raises(tk.StorageError) as remote:
-        local_path("s3://bucket/run")
-    assert "remote storage (s3://) is not supported yet" in str(remote.value)
-    assert "local" in (remote.value.hint or "")
-    with pytest.raises(tk.StorageError) as file_url:
-        local_path("file:///data/my%20model.pt")
-    assert file_url.value.hint == "pass the local path instead: /data/my model.pt"
+        local_path("nosuch://bucket/run")
+    assert "no storage for nosuch:// URLs" in str(remote.value)
+    assert "torchkeep[remote]" in (remote.value.hint or "")
+
+
+def test_file_urls_are_local_paths() -> None:
+    assert local_path("file:///data/my%20model.pt") == Path("/data/my model.pt")
+    assert type(local_path("file:///data/x")) is type(Path("/data/x"))
 
 
 def test_local_paths_pass_unchanged() -> None:

@@ -26,6 +26,7 @@ from torchkeep.errors import (
 )
 from torchkeep.io import load_model
 from torchkeep.storage import local_path, storage_for
+from torchkeep.storage._location import with_options
 
 __all__ = ["FORMATS", "export"]
 
@@ -218,6 +219,7 @@ def export(
     latency_runs: int = 20,
     trust: bool = False,
     allow_import: str | Iterable[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ExportReport:
     """Export a model for deployment and prove the file computes what the model computes.
 
@@ -265,6 +267,8 @@ def export(
         ExportError: the exporter failed; the message names the step and the submodule, the
             hint the alternatives. Also for a missing ``onnx`` extra.
     """
+    model_or_ref = with_options(model_or_ref, storage_options)
+    path = with_options(path, storage_options)
     dest = local_path(path)
     fmt = _format(dest, format)
     if fmt == "onnx":

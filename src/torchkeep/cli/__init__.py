@@ -20,6 +20,7 @@ import torchkeep as tk
 from torchkeep.cli import _compare, _demo, _export, _inspect, _integrity, _plot, _registry, _run
 from torchkeep.cli._help import Group, tidy_help
 from torchkeep.cli._output import emit_json, print_line
+from torchkeep.cli._transfers import transfer_bars
 
 __all__ = ["app", "main"]
 
@@ -81,7 +82,8 @@ def main() -> None:
     they also print their JSON document on stdout, as every other failure does.
     """
     if "--json" not in sys.argv[1:]:
-        app(prog_name="torchkeep")
+        with transfer_bars():  # remote uploads and downloads over a second get a progress bar
+            app(prog_name="torchkeep")
         return
     try:
         code = app(prog_name="torchkeep", standalone_mode=False)

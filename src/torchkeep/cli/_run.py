@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import typer
@@ -27,6 +26,7 @@ from torchkeep.cli._output import (
     print_line,
     print_table,
 )
+from torchkeep.storage import is_url, local_path, remote_tree_bytes
 
 __all__ = [
     "RUN_ARGUMENT",
@@ -68,6 +68,8 @@ RUN_ARGUMENT = typer.Argument(
 
 def disk_bytes(root: str | os.PathLike[str]) -> int:
     """Bytes of every file under ``root`` (apparent sizes, as ``du --apparent-size``)."""
+    if is_url(root):
+        return remote_tree_bytes(root)
     total = 0
     for folder, _, files in os.walk(root):
         for name in files:
@@ -79,7 +81,7 @@ def disk_bytes(root: str | os.PathLike[str]) -> int:
 
 
 def run_name(root: str | os.PathLike[str]) -> str:
-    return Path(root).resolve().name or str(root)
+    return local_path(root).resolve().name or str(root)
 
 
 def _local_time(seconds: float) -> str:
@@ -181,7 +183,7 @@ def runs_in(folder: str | os.PathLike[str]) -> list[tk.CheckpointManager]:
     Returns an empty list when ``folder`` is no directory or holds no run. Each manager must be
     closed by the caller.
     """
-    root = Path(folder)
+    root = local_path(folder)  # a URL's RemotePath lists its store
     if not root.is_dir():
         return []
     found = []
@@ -242,7 +244,8 @@ def _list_runs(folder: str, runs: list[tk.CheckpointManager], *, as_json: bool) 
         title=f"{len(summaries)} run(s) in {folder}",
     )
     print_line()
-    print_line(f"torchkeep ls {Path(folder) / summaries[0]['name']} lists a run's checkpoints")
+    first = local_path(folder) / summaries[0]["name"]
+    print_line(f"torchkeep ls {first} lists a run's checkpoints")
 
 
 @handle_errors
@@ -368,7 +371,7 @@ def prune_command(
     if as_json:
         emit_json(
             {
-                "run": str(Path(run)),
+                "run": str(local_path(run)),
                 "dry_run": dry_run,
                 "rules": plan.policy.to_dict(),
                 "deleted": deleted,

@@ -52,7 +52,7 @@ def lstat_inside(root: Path, *parts: str, kind: Kind) -> os.stat_result | None:
         path = path / part
         last = i == len(parts) - 1
         try:
-            st = os.lstat(path)
+            st = path.lstat()  # a RemotePath asks its store (no links there)
         except (FileNotFoundError, NotADirectoryError):
             return None
         what = kind if last else "dir"
@@ -74,7 +74,7 @@ def lstat_inside(root: Path, *parts: str, kind: Kind) -> os.stat_result | None:
             )
         if last:
             return st
-    return os.stat(root)
+    return root.stat()
 
 
 def open_folder(root: Path, name: str) -> int:

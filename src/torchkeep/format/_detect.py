@@ -161,7 +161,7 @@ def _is_safetensors(f: BinaryIO, head: bytes) -> bool:
 
 def _zip_kind(path: Path) -> Format:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with storage_for(path).open_read(str(path)) as f, zipfile.ZipFile(f) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
         # NotImplementedError: a member's "version needed" is above what zipfile reads

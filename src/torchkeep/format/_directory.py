@@ -24,7 +24,7 @@ from torchkeep.errors import TorchkeepError, UnsafeCheckpointError
 from torchkeep.format._detect import HF_INDEX_NAMES, MODEL_FILE, Format, detect
 from torchkeep.format._info import CheckpointInfo, FileInfo, TensorInfo
 from torchkeep.format._run import is_run
-from torchkeep.storage import storage_for
+from torchkeep.storage import local_path, storage_for
 
 CHECKPOINT_DIR = "checkpoint-dir"
 CHECKPOINT_SUFFIXES = frozenset(
@@ -53,7 +53,7 @@ class Entry:
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
     """A directory holding checkpoint files that is neither a run, a ``save_model`` directory
     nor a sharded checkpoint (those have readers of their own)."""
-    p = Path(path)
+    p = local_path(path)
     if not p.is_dir() or is_run(p) or (p / MODEL_FILE).is_file():
         return False
     if any((p / name).is_file() for name in HF_INDEX_NAMES):

@@ -18,7 +18,7 @@ import zipfile
 from typing import IO, Any
 
 from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
-from torchkeep.format._pickle_files import LEGACY_PICKLES, read_member
+from torchkeep.format._pickle_files import LEGACY_PICKLES, open_zip, read_member
 
 # The scanner's model of the pickle stack: the same markers, so the same opcodes mean the same
 from torchkeep.format._pickle_scan import _MARK, _UNKNOWN, _apply_stack_effect
@@ -119,7 +119,7 @@ def check_codecs(path: str, *, zip_format: bool) -> None:
     bad: list[str] = []
     try:
         if zip_format:
-            with zipfile.ZipFile(path) as archive:
+            with open_zip(path) as archive:
                 for name in archive.namelist():
                     if name.endswith(".pkl"):
                         data = read_member(archive, name, path)

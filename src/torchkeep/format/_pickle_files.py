@@ -12,6 +12,7 @@ is a :class:`PickleScan`, with the globals torch's ``weights_only`` unpickler re
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -40,7 +42,7 @@ from torchkeep.format._pickle_scan import (
     _scan_stream,
 )
 from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS
-from torchkeep.storage import storage_error, storage_for
+from torchkeep.storage import is_url, local_path, storage_error, storage_for
 
 __all__ = [
     "COMPILED_CODE",
@@ -141,6 +143,17 @@ def _scan_zip(
     except _ZIP_ERRORS as exc:
         raise _broken(path, "zip archive", str(exc) or type(exc).__name__, found) from exc
     return records
+
+
+@contextlib.contextmanager
+def open_zip(path: str | os.PathLike[str]) -> Iterator[zipfile.ZipFile]:
+    """``zipfile.ZipFile(path)``; a URL's archive is read through its store (ranges)."""
+    if not is_url(path):
+        with zipfile.ZipFile(path) as archive:
+            yield archive
+        return
+    with storage_for(path).open_read(os.fspath(path)) as f, zipfile.ZipFile(f) as archive:
+        yield archive
 
 
 def _refuse_duplicate_members(archive: zipfile.ZipFile, path: str) -> None:
@@ -244,7 +257,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
     """
     p = os.fspath(path)
     try:
-        mode = os.stat(p).st_mode
+        mode = local_path(p).stat().st_mode  # a URL's stat asks its store
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointNotFoundError(
             f"no file at {p}", path=p, hint="check the path and the working directory"
@@ -271,7 +284,7 @@ def scan_file(path: str | os.PathLike[str]) -> PickleScan:
                 records, found[TAR_FORMAT] = ["<tar archive>"], None
             else:  # legacy torch format (five pickles, then raw bytes) or a bare pickle
                 records = []
-                reader = _Reader(f, os.fstat(f.fileno()).st_size)
+                reader = _Reader(f, storage_for(p).size(p))
                 try:
                     _scan_stream(reader, LEGACY_PICKLES, found, records, _Budget(p))
                 except _Malformed as exc:

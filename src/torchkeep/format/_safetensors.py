@@ -159,6 +159,7 @@ class MappedFile:
         self.size = mapped.size
         self.identity = mapped.identity
         self._map = mapped.buffer
+        self._fetch = mapped.fetch  # a remote object: byte ranges are downloaded on first use
         self._addr = 0
         if self._map is not None:
             anchor = ctypes.c_char.from_buffer(self._map)
@@ -166,6 +167,8 @@ class MappedFile:
             del anchor  # releases the buffer export
 
     def read(self, start: int, end: int) -> bytes:
+        if self._fetch is not None:
+            self._fetch(start, end)
         return b"" if self._map is None else bytes(self._map[start:end])  # no copy for mmap
 
     def tensor(
@@ -175,6 +178,8 @@ class MappedFile:
         shape = tuple(shape)
         if start == end or self._map is None:
             return torch.empty(shape, dtype=dtype)
+        if self._fetch is not None:
+            self._fetch(start, end)
         count = (end - start) // dtype.itemsize
         t = torch.frombuffer(self._map, dtype=dtype, count=count, offset=start)
         if t.data_ptr() % dtype.itemsize:
@@ -196,8 +201,8 @@ class MappedFile:
         Only for tensors nobody has written to: private pages that were modified are lost.
         """
         offset = self.offset_of(t)
-        if offset is None or not isinstance(self._map, mmap.mmap):
-            return
+        if offset is None or not isinstance(self._map, mmap.mmap) or self._fetch is not None:
+            return  # a fetched buffer has no file behind it to re-read pages from
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = offset - offset % mmap.PAGESIZE

@@ -46,7 +46,7 @@ from torchkeep.format._registry import parse_registry_reference
 from torchkeep.format._registry_source import RegistrySource
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
 from torchkeep.format._values import plain_values
-from torchkeep.storage import storage_for
+from torchkeep.storage import local_path, storage_for
 
 
 class RunSource(Source):
@@ -63,12 +63,12 @@ class RunSource(Source):
         verify: bool = True,
     ) -> Any:
         return load_reference(
-            self.name,
+            self.path,
             lambda run, m: run.load(m, map_location=map_location, dtype=dtype, verify=verify),
         )
 
     def info(self) -> CheckpointInfo:
-        info: CheckpointInfo = load_reference(self.name, _run_info)
+        info: CheckpointInfo = load_reference(self.path, _run_info)
         return info
 
     def check(self, shown: str) -> FileCheck:  # runs are verified whole, by the verify module
@@ -144,13 +144,13 @@ def locate(ref: str | os.PathLike[str]) -> Source | Path:
     """
     name = os.fspath(ref)
     if parse_reference(ref) is not None:
-        return RunSource(Path(name), name)
+        return RunSource(local_path(ref), name)
     if parse_registry_reference(ref) is not None:
         return RegistrySource(Path(name), name)
     if is_dcp_dir(name):  # before checkpoint directories: its .metadata is a pickle
         return DcpSource(Path(name), name)
     if is_checkpoint_dir(ref):
-        return DirectorySource(Path(name), name)
+        return DirectorySource(local_path(ref), name)
     return resolve_path(ref)
 
 

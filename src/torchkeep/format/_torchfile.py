@@ -53,13 +53,13 @@ from torchkeep.format._artifact import check_format_version, metadata_json
 from torchkeep.format._hash import hash_matches, seal_json, seal_ok, tensor_hash
 from torchkeep.format._location import MapLocation
 from torchkeep.format._pickle_allow import is_allowed_global
-from torchkeep.format._pickle_files import read_member, scan_file
+from torchkeep.format._pickle_files import open_zip, read_member, scan_file
 from torchkeep.format._pickle_scan import scan_pickle_bytes
 from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS, rebuilding_safe_values, resolve
 from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 from torchkeep.format._versions import version_block
-from torchkeep.storage import storage_for
+from torchkeep.storage import is_url, storage_for
 
 METADATA_RECORD = "torchkeep.json"
 # what zipfile raises on damaged archives: flipped flag bits read as encryption (RuntimeError)
@@ -156,7 +156,7 @@ def read_document(path: str) -> dict[str, Any] | None:
     """The torchkeep record of a torch zip file, or ``None`` when it was not written by us."""
     name: str | None = None
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_zip(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/" + METADATA_RECORD)), None)
             if name is None:
                 return None
@@ -208,7 +208,7 @@ def damaged_members(path: str, *, skip_storages: bool = False) -> list[str]:
     """
     problems: list[str] = []
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_zip(path) as archive:
             for info in archive.infolist():
                 if skip_storages and _is_storage(info.filename):
                     continue
@@ -227,7 +227,7 @@ def damaged_records(path: str, doc: dict[str, Any]) -> list[str]:
     """Non-storage members (``data.pkl``...) whose bytes differ from the hash the record holds."""
     problems: list[str] = []
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_zip(path) as archive:
             names = set(archive.namelist())
             for name, expected in doc["records"].items():
                 if name not in names:
@@ -337,7 +337,8 @@ def _torch_load(
             warnings.simplefilter("ignore", UserWarning)
             rebuilding = rebuilding_safe_values(path) if values else contextlib.nullcontext()
             with rebuilding:
-                if path.endswith(".safetensors"):
+                if path.endswith(".safetensors") or is_url(path):
+                    # (a remote object is read through the store, without mmap)
                     # torch.load picks its safetensors reader by this suffix; the bytes say otherwise.
                     with storage_for(path).open_read(path) as f:
                         obj = torch.load(f, map_location=map_location, weights_only=not trust)

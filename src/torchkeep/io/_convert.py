@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ from torchkeep.state import (
     find_state,
 )
 from torchkeep.storage import local_path
+from torchkeep.storage._location import with_options
 
 #: The suffixes ``convert`` writes, and the format each gives.
 CONVERT_SUFFIXES = {".safetensors": "safetensors", **dict.fromkeys(sorted(TORCH_SUFFIXES), "torch")}
@@ -57,6 +59,7 @@ def convert(
     rename: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
     only: str | list[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Convert a checkpoint to another format (by ``destination``'s suffix), optionally reshaping it.
 
@@ -80,6 +83,8 @@ def convert(
         TorchkeepError: ``destination``'s suffix names no format ``convert`` writes (the
             message lists those it does); nothing is read or written.
     """
+    source = with_options(source, storage_options)
+    destination = with_options(destination, storage_options)
     _check_convert_suffix(local_path(destination))
     obj = load(source, dtype=dtype)
     info = inspect(source)

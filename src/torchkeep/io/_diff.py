@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from torchkeep.format import load_file, tensors_by_path
 from torchkeep.format._dtypes import dtype_name
+from torchkeep.storage._location import with_options
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -125,7 +127,12 @@ def _compare(key: str, x: torch.Tensor, y: torch.Tensor) -> TensorDiff:
     )
 
 
-def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> DiffReport:
+def diff(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> DiffReport:
     """Compare two checkpoints (any format or run reference ``load`` reads), tensor by tensor.
 
     Returns:
@@ -135,6 +142,8 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> DiffReport:
         >>> report = torchkeep.diff("before.safetensors", "runs/exp1@best")
         >>> print(report.summary)
     """
+    a = with_options(a, storage_options)
+    b = with_options(b, storage_options)
     ta, tb = tensors_by_path(load_file(a)), tensors_by_path(load_file(b))
     changed: list[TensorDiff] = []
     identical: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torchkeep.format import (
     open_source,
 )
 from torchkeep.io._save import PathLike
+from torchkeep.storage._location import with_options
 
 
 def load(
@@ -20,6 +22,7 @@ def load(
     dtype: torch.dtype | None = None,
     trust: bool = False,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint of any supported format without running code from it.
 
@@ -49,6 +52,7 @@ def load(
         CorruptCheckpointError: the file is damaged or in no format torchkeep reads.
         UnsafeCheckpointError: the file needs globals the safe unpickler refuses (names them).
     """
+    path = with_options(path, storage_options)
     return open_source(path).load(
         map_location=map_location, dtype=dtype, trust=trust, verify=verify
     )

@@ -21,6 +21,7 @@ from torchkeep.state import (
     LoadReport,
     load_module,
 )
+from torchkeep.storage._location import with_options
 
 
 def load_into(
@@ -31,6 +32,7 @@ def load_into(
     skip_mismatched: bool = False,
     rename: Mapping[str, str] | None = None,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadReport:
     """Load a checkpoint into ``module`` in place, tensor by tensor, and report what happened.
 
@@ -59,6 +61,7 @@ def load_into(
     Raises:
         IncompatibleStateError: the state does not fit; the message has a table of differences.
     """
+    source = with_options(source, storage_options)
     if isinstance(source, Mapping):
         return load_module(
             module,

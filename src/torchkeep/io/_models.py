@@ -51,9 +51,16 @@ from torchkeep.state import (
     load_module,
 )
 from torchkeep.storage import local_path, storage_for
+from torchkeep.storage._location import with_options
 
 
-def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | None = None) -> None:
+def save_model(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    config: dict[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Save a whole model without pickle: its weights, class import path and constructor arguments.
 
     The directory gets ``model.safetensors`` (the state dict) and ``torchkeep_model.json`` (class
@@ -73,6 +80,7 @@ def save_model(model: nn.Module, path: PathLike, *, config: dict[str, Any] | Non
     Warns:
         UserWarning: the class is defined in ``__main__``: only the same script can load it.
     """
+    path = with_options(path, storage_options)
     directory = local_path(path)
     if config is None:
         config = captured_config(model)
@@ -124,6 +132,7 @@ def load_model(
     key: str | None = None,
     model_class: type[nn.Module] | None = None,
     allow_import: AllowImport = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Rebuild a saved model, weights loaded (strictly), in eval mode.
 
@@ -158,6 +167,7 @@ def load_model(
         >>> model = torchkeep.load_model("runs/exp1@best", model_class=Net)  # the app's "model"
         >>> ema = torchkeep.load_model("runs/exp1@best", key="ema", allow_import="mypkg")
     """
+    path = with_options(path, storage_options)
     chooser = _ClassChooser(model_class, allow_import)
     source = open_source(path)
     if isinstance(source, RunSource):

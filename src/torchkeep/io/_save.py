@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from torchkeep.errors import (
@@ -13,13 +14,20 @@ from torchkeep.format import (
     write_torch,
 )
 from torchkeep.storage import local_path, storage_for
+from torchkeep.storage._location import with_options
 
 PathLike = str | os.PathLike[str]
 #: Suffixes that get torch's zip format (``torch.load`` reads them); any other gets safetensors.
 TORCH_SUFFIXES = frozenset({".pt", ".pth", ".tar", ".bin", ".ckpt"})
 
 
-def save(obj: Any, path: PathLike, *, metadata: dict[str, Any] | None = None) -> None:
+def save(
+    obj: Any,
+    path: PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Save a state dict or a nested checkpoint dict to one file, atomically.
 
     A ``.pt``, ``.pth``, ``.tar``, ``.bin`` or ``.ckpt`` path gives torch's zip format, loadable by
@@ -45,13 +53,16 @@ def save(obj: Any, path: PathLike, *, metadata: dict[str, Any] | None = None) ->
         >>> torchkeep.save({"epoch": 3, "model_state_dict": model.state_dict()}, "ckpt.safetensors",
         ...                metadata={"lr": 1e-3})
     """
+    path = with_options(path, storage_options)
     target = local_path(path)
     store = storage_for(target)
     try:
         if target.suffix.lower() in TORCH_SUFFIXES:
             store.write_atomic(str(target), lambda f: write_torch(obj, f, metadata))
         else:
-            store.write_atomic(str(target), lambda f: write_artifact(obj, f, metadata))
+            store.write_atomic(
+                str(target), lambda f: write_artifact(obj, f, metadata), sequential=True
+            )
     except UnsupportedValueError as err:
         if err.path is None:  # the flattener knows the key, not the file
             err.path = str(target)

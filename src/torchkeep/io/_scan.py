@@ -7,6 +7,7 @@ A tripwire next to the real gate, torch's ``weights_only`` unpickler: a file (``
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torchkeep.format import (
 )
 from torchkeep.format._directory import PICKLE_FORMATS, entries
 from torchkeep.format._pickle_files import PickleScan, scan_file
+from torchkeep.storage._location import with_options
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,7 +97,9 @@ def _scan_directory(directory: Path) -> DirectoryScan:
     )
 
 
-def scan(path: str | os.PathLike[str]) -> PickleScan | DirectoryScan:
+def scan(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> PickleScan | DirectoryScan:
     """List the globals a pickle-based checkpoint would import, without executing anything.
 
     Safetensors files hold no pickle: their scan is empty and safe. A checkpoint directory (a
@@ -105,6 +109,7 @@ def scan(path: str | os.PathLike[str]) -> PickleScan | DirectoryScan:
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: nothing, or no checkpoint, at ``path``.
     """
+    path = with_options(path, storage_options)
     source = open_source(path)
     if isinstance(source, DirectorySource):
         return _scan_directory(source.path)

@@ -23,6 +23,8 @@ Runs are checked in ``_verify_runs.py``; files by their reader in the registry
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from torchkeep.errors import TorchkeepError
 from torchkeep.format import (
@@ -40,6 +42,7 @@ from torchkeep.format import (
 from torchkeep.format._directory import Entry, entries, side_file_summary
 from torchkeep.io._verify_report import VerifyReport
 from torchkeep.io._verify_runs import verify_run
+from torchkeep.storage._location import with_options
 
 
 def _check_entry(e: Entry) -> FileCheck:
@@ -71,7 +74,9 @@ def _report(text: str, kind: str, files: list[FileCheck], notes: list[str]) -> V
     )
 
 
-def verify(target: str | os.PathLike[str]) -> VerifyReport:
+def verify(
+    target: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> VerifyReport:
     """Check a file, a checkpoint directory, a run checkpoint (``RUN@<step>``) or a whole run.
 
     Every tensor is read. Run checkpoints and files written by torchkeep (``.safetensors`` and
@@ -85,6 +90,7 @@ def verify(target: str | os.PathLike[str]) -> VerifyReport:
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is False when anything is damaged or unsafe.
     """
+    target = with_options(target, storage_options)
     text = os.fspath(target)
     parse_reference(text)  # an unknown selector (RUN@bset) raises, naming the valid ones
     if is_registry(text):  # a whole model registry: every version of every model

@@ -25,7 +25,9 @@ from torchkeep.manager._retention import RetentionPolicy, select
 from torchkeep.storage import storage_error, storage_for
 
 
-def collect_packs(root: Path, manifests: Iterable[Manifest]) -> None:
+def collect_packs(
+    root: Path, manifests: Iterable[Manifest], released: Iterable[Manifest] = ()
+) -> None:
     """Delete packs that no committed manifest refers to, and only packs this run wrote.
 
     A file is deleted only when its name is a pack's name, it is a regular file (a link is never
@@ -37,8 +39,16 @@ def collect_packs(root: Path, manifests: Iterable[Manifest]) -> None:
     folder = str(root / PACK_DIR)
     store = storage_for(folder)
     unused = [name for name in store.list(folder) if name not in used and is_pack_name(name)]
-    if unused:
-        store.delete_files(folder, unused, check=is_pack, action="delete unused packs")
+    # Packs of checkpoints deleted just now were committed: nobody can be about to commit them.
+    # Any other unreferenced pack may be a writer's that is still about to commit (a remote
+    # writer whose lease expired): the store keeps those for its grace period.
+    freed = {ref.pack for m in released for ref in m.tensors.values()}
+    now = [name for name in unused if name in freed]
+    later = [name for name in unused if name not in freed]
+    if now:
+        store.delete_files(folder, now, check=is_pack, action="delete unused packs")
+    if later:
+        store.delete_files(folder, later, check=is_pack, action="delete unused packs", grace=True)
 
 
 def delete_manifests(root: Path, manifests: Iterable[Manifest]) -> None:
@@ -89,6 +99,8 @@ class Retainer:
             self.due = True
         folder = self.root / MANIFEST_DIR
         try:
+            released = [manifests[step] for step in doomed]
+            released += [replaced] if replaced is not None else []
             if doomed:
                 # The manifests go first: from then on nothing refers to their packs.
                 delete_manifests(self.root, [manifests[step] for step in doomed])
@@ -96,7 +108,7 @@ class Retainer:
                     del manifests[step]
             if self.due:
                 folder = self.root / PACK_DIR
-                collect_packs(self.root, manifests.values())
+                collect_packs(self.root, manifests.values(), released)
                 self.due = False
         except StorageError:
             raise

@@ -52,7 +52,6 @@ from torchkeep.format import (
 )
 from torchkeep.manager._aftercommit import AfterCommit, BackgroundSaves
 from torchkeep.manager._gc import sweep
-from torchkeep.manager._lock import RunLock
 from torchkeep.manager._overlap import Overlap, OverlapMethods, Snapshot
 from torchkeep.manager._prune import Pruning
 from torchkeep.manager._records import CheckpointRecord, RestoreInfo, record_of, restore_info
@@ -66,7 +65,7 @@ from torchkeep.manager._retention import (
 from torchkeep.manager._runfile import create_run, given_values, open_policy
 from torchkeep.manager._writer import Hasher, Stager, write_checkpoint
 from torchkeep.state import describe_models
-from torchkeep.storage import local_path
+from torchkeep.storage import local_path, storage_for
 
 
 class CheckpointManager(Pruning, OverlapMethods):
@@ -88,6 +87,9 @@ class CheckpointManager(Pruning, OverlapMethods):
         read_only: open an existing run to list and load only; takes no lock, writes nothing.
         barrier_timeout, per_rank, rank_state: for ``torch.distributed`` jobs, in which every
             rank builds its manager the same way and rank 0 commits (``distributed/``).
+        storage_options: for a URL (``s3://bucket/run``), the options of its fsspec filesystem
+            (``endpoint_url``, credentials...). A remote run is held by a lease object, not a
+            lock file (see ``docs/format.md``).
 
     Retention arguments left out are taken from the run's stored policy, so a manager opened on an
     existing run with no arguments keeps its rules. One writer per run: a second raises
@@ -121,8 +123,9 @@ class CheckpointManager(Pruning, OverlapMethods):
         barrier_timeout: float | None = None,
         per_rank: tuple[str, ...] | list[str] = (),
         rank_state: RankStatePolicy = "strict",
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.root = local_path(directory)
+        self.root = local_path(directory, storage_options)
         self._ranks = RankedRun(
             self.root,
             timeout=barrier_timeout,
@@ -139,7 +142,7 @@ class CheckpointManager(Pruning, OverlapMethods):
                 hint="use async_save=True alone: the loop then waits only for the host copy",
             )
         self._overlap = Overlap(staging_limit, async_save=async_save, overlap=overlap)
-        self._lock = RunLock(self.root / LOCK_FILE)
+        self._lock = storage_for(self.root).lock(str(self.root / LOCK_FILE))  # a lease remotely
         self._mutex = threading.RLock()
         self._stager = Stager()
         self._hasher = Hasher()

@@ -11,6 +11,7 @@ fails, is decided here. Deleting files (retention, garbage) is ``_gc.py``'s.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -36,7 +37,7 @@ from torchkeep.format import (
     write_pack,
 )
 from torchkeep.format._dtypes import dtype_name
-from torchkeep.storage import storage_for
+from torchkeep.storage import storage_error, storage_for
 
 # A small tensor equal to one in an older pack is written again rather than referenced: it
 # costs next to nothing, and a reference would keep the whole older pack alive on disk.
@@ -159,7 +160,8 @@ def write_checkpoint(
             digests[pack] = (hashing.nbytes, hashing.digest)
 
         try:
-            storage_for(pack_path).write_atomic(str(pack_path), write)
+            # sequential: write_pack only writes, so a remote pack streams up as it is written
+            storage_for(pack_path).write_atomic(str(pack_path), write, sequential=True)
         except StorageError as exc:
             # A pack in place is no commit: the save failed, and nothing refers to the pack.
             exc.committed = False
@@ -180,7 +182,18 @@ def write_checkpoint(
     try:
         text = encode_manifest(manifest, system=system)
         store = storage_for(manifest.path)
-        store.write_atomic(str(manifest.path), lambda f: write_bytes(f, text))  # the commit point
+        if any(m.step == step for m in committed):  # this writer saves its own step again
+            store.write_atomic(str(manifest.path), lambda f: write_bytes(f, text))
+        elif not store.create_exclusive(str(manifest.path), lambda f: write_bytes(f, text)):
+            # The commit point is a conditional create: another writer committed this step.
+            raise storage_error(
+                FileExistsError(errno.EEXIST, "the manifest exists"),
+                manifest.path,
+                f"commit step {step}",
+                message=f"another writer committed step {step} of this run first; this save "
+                "is not committed",
+                hint="one writer per run: stop the other writer, and resume from the run",
+            )
     except BaseException as exc:
         # Once renamed into place the manifest is committed, and its pack must stay.
         if not (isinstance(exc, StorageError) and exc.committed):

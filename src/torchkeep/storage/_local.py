@@ -64,8 +64,10 @@ class LocalStorage:
 
     # -- committing ------------------------------------------------------------------------------
 
-    def write_atomic(self, path: _Path, write: Callable[[BinaryIO], None]) -> None:
-        atomic_write(self._abs(path), write)
+    def write_atomic(
+        self, path: _Path, write: Callable[[BinaryIO], None], *, sequential: bool = False
+    ) -> None:
+        atomic_write(self._abs(path), write)  # a local file is written in place either way
 
     def create_exclusive(self, path: _Path, write: Callable[[BinaryIO], None]) -> bool:
         return create_exclusive(self._abs(path), write)
@@ -143,6 +145,7 @@ class LocalStorage:
         *,
         check: Callable[[BinaryIO], bool] | None = None,
         action: str = "delete the files",
+        grace: bool = False,
     ) -> list[str]:
         return delete_files(self._abs(directory), names, check=check, action=action)
 

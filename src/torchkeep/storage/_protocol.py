@@ -39,6 +39,10 @@ class Mapped:
     identity: tuple[int, int] | None
     """``(st_dev, st_ino)`` of the file mapped, to check that a reopened path is the same file;
     ``None`` where a store has no such notion."""
+    fetch: Callable[[int, int], None] | None = None
+    """For a lazily read remote object: ``fetch(start, end)`` makes the bytes ``[start, end)``
+    of ``buffer`` valid (downloading them if need be); call it before reading them. ``None``
+    where the whole buffer is valid already (a local mapping)."""
 
 
 @runtime_checkable
@@ -65,10 +69,14 @@ class Storage(Protocol):
 
     # -- committing ------------------------------------------------------------------------------
 
-    def write_atomic(self, path: str, write: Callable[[BinaryIO], None]) -> None:
+    def write_atomic(
+        self, path: str, write: Callable[[BinaryIO], None], *, sequential: bool = False
+    ) -> None:
         """Write a file so that readers see either the old content or the complete new one.
 
-        ``write`` fills a seekable file. Durable when it returns; if ``write`` raises or the
+        ``write`` fills a seekable file; with ``sequential``, the caller promises that ``write``
+        only calls ``write()`` and ``tell()``, so that a remote store may stream the bytes up as
+        they come (a multipart upload) instead of spooling them to a local file first. Durable when it returns; if ``write`` raises or the
         process dies, the old content stays. ``StorageError.committed`` says the new file is in
         place but its durability could not be confirmed. Missing parents are created.
         """
@@ -132,9 +140,13 @@ class Storage(Protocol):
         *,
         check: Callable[[BinaryIO], bool] | None = None,
         action: str = "delete the files",
+        grace: bool = False,
     ) -> list[str]:
         """Remove ``names`` from ``directory``, durably (one directory sync at the end), and
-        return those removed. Confined: a ``directory`` that is a link is refused, and no delete
+        return those removed. With ``grace``, files another process wrote are kept until the
+        store's grace period has passed: on a remote store, a writer whose lease expired may
+        still be about to commit a manifest that refers to them (locally the lock dies with its
+        writer, so nothing is kept). Confined: a ``directory`` that is a link is refused, and no delete
         leaves it, whatever is swapped in meanwhile. With ``check``, only regular files for which
         ``check(file)`` is True go. Missing names and a missing directory are skipped. ``action``
         is what a failure's message says torchkeep was doing."""

@@ -57,7 +57,7 @@ def is_pack_name(name: str) -> bool:
 
 def is_run(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a run directory."""
-    return (Path(path) / RUN_FILE).is_file()
+    return (local_path(path) / RUN_FILE).is_file()  # a URL's RemotePath asks its store
 
 
 def check_layout(root: Path) -> None:
@@ -84,17 +84,26 @@ def committed_steps(root: Path) -> list[int]:
 def parse_reference(text: str | os.PathLike[str]) -> tuple[Path, str] | None:
     """``"runs/x@best"`` -> ``(Path("runs/x"), "best")``; a bare run directory means its latest.
 
+    A URL works the same (``s3://bucket/x@best``); its run comes back as a
+    :class:`~torchkeep.storage.RemotePath` with the same storage options.
+
     Returns ``None`` when ``text`` is no run reference (an ordinary file path).
     """
-    local_path(text)  # a URL is refused before any part of it is taken for a local file
+    location = local_path(text)  # a URL stays a URL (never a local folder named "s3:")
     text = os.fspath(text)
+
+    def run_of(run: str) -> Path:
+        if location.name.endswith(text[len(run) :]) and "@" in location.name:
+            return location.with_name(location.name[: len(location.name) - len(text) + len(run)])
+        return local_path(run)
+
     match = _REFERENCE.match(text)
-    if match and is_run(match["run"]):
-        return Path(match["run"]), match["which"]
-    if is_run(text):
-        return Path(text), "latest"
+    if match and is_run(run_of(match["run"])):
+        return run_of(match["run"]), match["which"]
+    if is_run(location):
+        return location, "latest"
     run, at, which = text.rpartition("@")
-    if at and run and is_run(run):
+    if at and run and is_run(run_of(run)):
         # `RUN@bset` would otherwise be looked up as a file named "RUN@bset": not found.
         raise CheckpointNotFoundError(
             f"unknown selector {which!r} in run reference {text!r}",
@@ -102,7 +111,7 @@ def parse_reference(text: str | os.PathLike[str]) -> tuple[Path, str] | None:
             expected=["latest", "best", "<step>"],
             actual=which,
             hint="use RUN@latest, RUN@best or RUN@<step>; steps in this run: "
-            f"{steps_text(committed_steps(local_path(run)))}",
+            f"{steps_text(committed_steps(run_of(run)))}",
         )
     return None
 
