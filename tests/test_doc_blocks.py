@@ -13,6 +13,8 @@ The convention, by the fence's info string:
   the document's Python blocks and in their directory, and must exit 0, or the status its comment
   names (``# exits 1``). A command that is not ``torchkeep`` must be one of ``NOT_RUN`` (set-up
   commands such as ``make test``, which this suite is part of); any other command fails the test.
+- ```` ```bash s3 ````: shell commands that need an S3 server (``moto_server``, ``python -c``);
+  tests/remote/test_readme.py runs them against the server the remote tests start, not here.
 - Anything else (```` ```text ````, ```` ```json ````, a bare fence): listings, layouts and file
   formats, read by people and not run.
 
@@ -53,6 +55,11 @@ class Block:
     @property
     def kind(self) -> str:
         return self.info.split()[0] if self.info.split() else ""
+
+    @property
+    def needs_s3(self) -> bool:
+        """Run by tests/remote/test_readme.py, against a real S3 server."""
+        return self.kind in SHELL and "s3" in self.info.split()[1:]
 
 
 def blocks(path: Path) -> list[Block]:
@@ -159,7 +166,9 @@ def test_every_doc_block_runs(path: Path, tmp_path: Path) -> None:
         elif b.info.split() == ["text", "output"]:
             assert last, f"{path.name}:{b.line}: an output block before any code block"
             expected[last].append(b)
-    commands = [c for b in all_blocks if b.kind in SHELL for c in shell_commands(b)]
+    commands = [
+        c for b in all_blocks if b.kind in SHELL and not b.needs_s3 for c in shell_commands(b)
+    ]
     if path.name == "README.md":
         assert len(python) >= 3, "the README lost its examples"
     if not python and not commands:
