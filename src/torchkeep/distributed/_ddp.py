@@ -35,6 +35,7 @@ from torchkeep.distributed._ranks import (
     restore_ranked,
     unwrapped,
 )
+from torchkeep.distributed._sharded import Hashes, merge, restore_shards, save_shards, sharded_keys
 from torchkeep.errors import DistributedError, StorageError, TorchkeepError
 from torchkeep.format import (
     PACK_DIR,
@@ -77,6 +78,7 @@ class RankedRun:
         self.rank_state = check_policy(rank_state)
         self._open_key = self.group.next_key("open") if self.group.distributed else ""
         self._save_key = ""
+        self._shards: dict[str, Any] | None = None  # this save's shards (rank 0), to commit
 
     @property
     def writer(self) -> bool:
@@ -121,12 +123,20 @@ class RankedRun:
         strict: bool,
         source: str,
         rank_state: str | None,
+        manifest: Manifest | None = None,
+        reader: RunReader | None = None,
+        verify: bool = True,
     ) -> dict[str, Any]:
+        """Restore this rank's view of ``state``; a sharded checkpoint's models and optimizers
+        through DCP (resharded to this world size), from ``manifest`` of ``reader``."""
         policy: RankStatePolicy = (
             self.rank_state if rank_state is None else check_policy(rank_state)
         )
-        return restore_ranked(
-            app,
+        shards: list[str] = []
+        if manifest is not None and manifest.sharded is not None and reader is not None:
+            shards = restore_shards(reader, manifest, app, verify=verify)
+        values = restore_ranked(
+            {k: v for k, v in app.items() if k not in shards},
             state,
             rank=self.group.rank,
             world_size=self.group.world_size,
@@ -135,19 +145,33 @@ class RankedRun:
             strict=strict,
             source=source,
         )
+        for key, value in values.items():  # plain values go back into the caller's app
+            if key in app:
+                app[key] = value
+        return values
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def capture(self, app: Mapping[str, Any], step: int) -> dict[str, Any]:
+    def capture(
+        self, app: Mapping[str, Any], step: int, hashes: Hashes | None = None
+    ) -> dict[str, Any]:
         """Rank 0's state: the shared entries, and under ``__torchkeep_ranks__`` its own.
 
         In a job, a failure here is posted to the other ranks, which raise it at once.
         """
         app = unwrapped(app)  # DDP's model is saved as the model inside, without "module."
+        sharded = sharded_keys(app)
+        self._shards = None
         if not self.group.distributed:
-            return capture_app(app)
+            if not sharded:
+                return capture_app(app)
+            self._shards = save_shards(self.root, step, 0, app, sharded, hashes or _hashes)
+            return capture_app({k: v for k, v in app.items() if k not in sharded})
         self._save_key = key = self.group.next_key(f"save-{step}")
         try:
+            if sharded:  # every rank writes its shards first; rank 0 commits once all have
+                self._shards = save_shards(self.root, step, 0, app, sharded, hashes or _hashes)
+                app = {k: v for k, v in app.items() if k not in sharded}
             local = rank_keys(app, self.per_rank)
             state = capture_app({k: v for k, v in app.items() if k not in local})
             own = capture_app({k: app[k] for k in local})
@@ -161,8 +185,17 @@ class RankedRun:
 
     def committing(self, write: Callable[..., T], step: int) -> Callable[..., T]:
         """Rank 0's ``write``, which first takes in the other ranks' parts and posts the outcome."""
+        shards, self._shards = self._shards, None
         if not self.group.distributed:
-            return write
+            if shards is None:
+                return write
+
+            def commit_one(step: int, flat: Flattened, *args: Any, **kwargs: Any) -> T:
+                doc, tensors, packs = merge([shards])
+                extra = _extra(tensors, packs)
+                return write(step, flat, *args, extra=extra, sharded=doc, **kwargs)
+
+            return commit_one
         key = self._save_key  # taken by capture(), on the caller's thread, in save order
         others = list(range(1, self.group.world_size))
 
@@ -170,6 +203,12 @@ class RankedRun:
             try:
                 parts = self.group.gather(key, others, f"with its part of step {step}")
                 flat, extra = _merge(flat, parts, step)
+                if shards is not None:
+                    doc, tensors, packs = merge([shards] + [parts[r]["sharded"] for r in others])
+                    more = _extra(tensors, packs)
+                    extra[0].update(more[0])
+                    extra[1].update(more[1])
+                    kwargs["sharded"] = doc
                 result = write(step, flat, *args, extra=extra, **kwargs)
             except BaseException as exc:
                 with contextlib.suppress(TorchkeepError):
@@ -191,7 +230,13 @@ class RankedRun:
         commit, which gives ``record(manifest, ())``."""
         key = self.group.next_key(f"save-{step}")
         rank = self.group.rank
+        shards: dict[str, Any] | None = None
         try:
+            app = unwrapped(app)
+            sharded = sharded_keys(app)
+            if sharded:  # this rank's shards, in a pack of its own
+                shards = save_shards(self.root, step, rank, app, sharded, hashes)
+                app = {k: v for k, v in app.items() if k not in sharded}
             local = rank_keys(app, self.per_rank)
             flat = flatten({RANKS_KEY: {str(rank): capture_app({k: app[k] for k in local})}})
             refs, packs = _write_part(self.root, step, flat, hashes)
@@ -207,6 +252,7 @@ class RankedRun:
                 "skeleton": skeleton,
                 "tensors": {k: _ref_fields(r) for k, r in refs.items()},
                 "packs": {name: [n, h] for name, (n, h) in packs.items()},
+                "sharded": shards,
             },
         )
 
@@ -273,6 +319,18 @@ def _merge(flat: Flattened, parts: dict[int, dict[str, Any]], step: int) -> tupl
         refs.update({k: _tensor_ref(where, k, v) for k, v in part["tensors"].items()})
         packs.update({name: (int(n), str(h)) for name, (n, h) in part["packs"].items()})
     return Flattened(skeleton=flat.skeleton, tensors=flat.tensors), (refs, packs)
+
+
+def _extra(tensors: dict[str, Any], packs: dict[str, Any]) -> Extra:
+    where = Path("sharded part")
+    return (
+        {k: _tensor_ref(where, k, v) for k, v in tensors.items()},
+        {name: (int(n), str(h)) for name, (n, h) in packs.items()},
+    )
+
+
+def _hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {k: tensor_hash(t) for k, t in tensors.items()}
 
 
 def _ref_fields(ref: TensorRef) -> dict[str, Any]:
