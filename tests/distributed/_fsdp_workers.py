@@ -7,7 +7,7 @@ Scenarios:
   then rank 1 is SIGKILLed inside its shard write of step 2;
 * ``restore3`` (3 ranks): restore the latest checkpoint (step 1) into a fresh model at 3 ranks
   and write its full state to ``restored3.safetensors``; train a step and save step 2 with 3
-  ranks, its full state in ``full2.safetensors``.
+  ranks asynchronously (its full state in ``full2.safetensors``), training on at once.
 """
 
 from __future__ import annotations
@@ -103,18 +103,27 @@ def save2(out: Path, rank: int) -> dict[str, Any]:
 
 def restore3(out: Path, rank: int) -> dict[str, Any]:
     app = build(7)  # other weights: all must come from the checkpoint
-    with tk.CheckpointManager(out / "run", barrier_timeout=60, rank_state="wrap") as mgr:
+    run = out / "run"
+    with tk.CheckpointManager(run, barrier_timeout=60, rank_state="wrap", async_save=True) as mgr:
         info = mgr.restore(app)
         assert info is not None
         restored = full_state(app)
         if rank == 0:
             tk.save(restored, out / "restored3.safetensors")
         train_step(app, 2)
-        mgr.save(2, app)
         full = full_state(app)
         if rank == 0:
             tk.save(full, out / "full2.safetensors")
-    return {"step": info.step, "epoch": app["epoch"]}
+        assert mgr.save(2, app) is None  # staged: written and committed in the background
+        train_step(app, 3)  # changes the weights at once: the checkpoint keeps step 2's
+        record = mgr.wait()
+        committed = [r.step for r in mgr.checkpoints]
+    return {
+        "step": info.step,
+        "epoch": app["epoch"],
+        "record": record and record.step,
+        "committed": committed,
+    }
 
 
 def main() -> None:

@@ -63,6 +63,11 @@ def test_a_rank_killed_mid_sharded_save_commits_nothing(job: tuple[Path, list[An
     assert [r["step"] for r in job[2]] == [1, 1, 1]
 
 
+def test_async_sharded_save_commits_after_every_rank(job: tuple[Path, Any, list[Any]]) -> None:
+    for rank in job[2]:  # wait() gave each rank the committed record, on 3 ranks
+        assert rank["record"] == 2 and rank["committed"] == [0, 1, 2] and rank["epoch"] == 3
+
+
 def test_two_ranks_save_three_restore_equal_tensors(job: tuple[Path, list[Any], Any]) -> None:
     out = job[0]
     saved, restored = tk.load(out / "full1.safetensors"), tk.load(out / "restored3.safetensors")
@@ -90,6 +95,7 @@ def test_one_process_restores_three_rank_save(job: tuple[Path, Any, Any]) -> Non
         assert [r.step for r in mgr.checkpoints] == [0, 1, 2]
         info = mgr.restore(app, rank_state="wrap")
     assert info is not None and info.step == 2 and app["epoch"] == 2
+    # the weights of step 2, though training went on while it was written in the background
     _assert_equal(tk.load(out / "full2.safetensors"), app["model"], app["optimizer"])
 
 
@@ -141,3 +147,39 @@ def test_verify_detects_a_flipped_byte_in_a_shard(
     assert not report.ok
     with pytest.raises(tk.CorruptCheckpointError, match=r"does not match its hash"):
         tk.load(f"{run}@1")
+
+
+def test_altered_sharded_metadata_is_refused(job: tuple[Path, Any, Any], tmp_path: Path) -> None:
+    from torchkeep.format import seal_json
+
+    run = tmp_path / "run"
+    shutil.copytree(job[0] / "run", run)
+    path = run / "checkpoints" / "0000000001.json"
+    doc = json.loads(path.read_text())
+    del doc["digest"]
+    doc["sharded"]["entries"]["model.2.weight"]["tensor"]["chunks"][1]["offsets"] = [5, 0]
+    path.write_bytes(seal_json(json.dumps(doc).encode()))  # resealed: only the check stands
+    with pytest.raises(tk.CorruptCheckpointError, match=r"'model.2.weight'.*outside its tensor"):
+        tk.load(f"{run}@1")
+
+
+def test_a_value_without_json_form_is_refused_not_pickled(tmp_path: Path) -> None:
+    from torchkeep.distributed._sharded import save_shards
+
+    (tmp_path / "packs").mkdir()
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["hook"] = object()  # DCP would torch.save (pickle) it
+    app = {"model": model, "optimizer": opt}
+    with pytest.raises(tk.UnsupportedValueError, match=r"'optimizer.param_groups.0.hook'"):
+        save_shards(tmp_path, 0, 0, app, ["model", "optimizer"], lambda ts: {})
+    assert list((tmp_path / "packs").iterdir()) == []  # nothing written
+
+
+def test_restore_into_another_architecture_is_refused(job: tuple[Path, Any, Any]) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 7))
+    app = {"model": model, "optimizer": torch.optim.Adam(model.parameters()), "epoch": 0}
+    mgr = tk.CheckpointManager(job[0] / "run", read_only=True)
+    with pytest.raises(tk.IncompatibleStateError, match=r"sharded state does not fit"):
+        mgr.restore(app, rank_state="reset")
+    mgr.close()

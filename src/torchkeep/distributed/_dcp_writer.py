@@ -89,7 +89,16 @@ class PackWriter(StorageWriter):
                 if self.skip_replicated:
                     continue
                 value = planner.lookup_object(item.index)  # type: ignore[attr-defined]
-                flat = flatten(value)
+                try:
+                    flat = flatten(value)
+                except UnsupportedValueError as exc:
+                    raise UnsupportedValueError(
+                        f"sharded state entry {fqn!r} cannot be stored without pickle: "
+                        f"{exc.message}",
+                        key=fqn,
+                        hint="keep only tensors and plain values (numbers, strings, lists, "
+                        "dicts) in the state dicts of sharded models and optimizers",
+                    ) from exc
                 if flat.tensors:
                     raise UnsupportedValueError(
                         f"sharded state entry {fqn!r} is a value holding tensors",

@@ -78,7 +78,8 @@ class RankedRun:
         self.rank_state = check_policy(rank_state)
         self._open_key = self.group.next_key("open") if self.group.distributed else ""
         self._save_key = ""
-        self._shards: dict[str, Any] | None = None  # this save's shards (rank 0), to commit
+        # This save's shards (rank 0): what writes them (or has), for the commit.
+        self._shards: Callable[[], dict[str, Any]] | None = None
 
     @property
     def writer(self) -> bool:
@@ -153,24 +154,33 @@ class RankedRun:
     # -- saving ---------------------------------------------------------------------------------
 
     def capture(
-        self, app: Mapping[str, Any], step: int, hashes: Hashes | None = None
+        self,
+        app: Mapping[str, Any],
+        step: int,
+        hashes: Hashes | None = None,
+        *,
+        defer: bool = False,
     ) -> dict[str, Any]:
         """Rank 0's state: the shared entries, and under ``__torchkeep_ranks__`` its own.
+
+        Sharded entries go through DCP; with ``defer`` (async saves) they are only staged here
+        and written by the commit, on the background thread.
 
         In a job, a failure here is posted to the other ranks, which raise it at once.
         """
         app = unwrapped(app)  # DDP's model is saved as the model inside, without "module."
         sharded = sharded_keys(app)
         self._shards = None
+        digests = hashes or _hashes
         if not self.group.distributed:
             if not sharded:
                 return capture_app(app)
-            self._shards = save_shards(self.root, step, 0, app, sharded, hashes or _hashes)
+            self._shards = save_shards(self.root, step, 0, app, sharded, digests, defer=defer)
             return capture_app({k: v for k, v in app.items() if k not in sharded})
         self._save_key = key = self.group.next_key(f"save-{step}")
         try:
-            if sharded:  # every rank writes its shards first; rank 0 commits once all have
-                self._shards = save_shards(self.root, step, 0, app, sharded, hashes or _hashes)
+            if sharded:  # every rank writes its shards (deferred: stages them) before the commit
+                self._shards = save_shards(self.root, step, 0, app, sharded, digests, defer=defer)
                 app = {k: v for k, v in app.items() if k not in sharded}
             local = rank_keys(app, self.per_rank)
             state = capture_app({k: v for k, v in app.items() if k not in local})
@@ -191,7 +201,7 @@ class RankedRun:
                 return write
 
             def commit_one(step: int, flat: Flattened, *args: Any, **kwargs: Any) -> T:
-                doc, tensors, packs = merge([shards])
+                doc, tensors, packs = merge([shards()])
                 extra = _extra(tensors, packs)
                 return write(step, flat, *args, extra=extra, sharded=doc, **kwargs)
 
@@ -201,10 +211,11 @@ class RankedRun:
 
         def commit(step: int, flat: Flattened, *args: Any, **kwargs: Any) -> T:
             try:
+                own = shards() if shards is not None else None  # this rank's, written now
                 parts = self.group.gather(key, others, f"with its part of step {step}")
                 flat, extra = _merge(flat, parts, step)
-                if shards is not None:
-                    doc, tensors, packs = merge([shards] + [parts[r]["sharded"] for r in others])
+                if own is not None:
+                    doc, tensors, packs = merge([own] + [parts[r]["sharded"] for r in others])
                     more = _extra(tensors, packs)
                     extra[0].update(more[0])
                     extra[1].update(more[1])
@@ -225,38 +236,54 @@ class RankedRun:
         app: Mapping[str, Any],
         hashes: Callable[[dict[str, torch.Tensor]], dict[str, str]],
         record: Callable[[Manifest, tuple[str, ...]], T],
+        *,
+        defer: bool = False,
     ) -> Callable[[], T]:
         """Ranks > 0: write this rank's per-rank state and post it; return the wait for the
         commit, which gives ``record(manifest, ())``."""
         key = self.group.next_key(f"save-{step}")
         rank = self.group.rank
-        shards: dict[str, Any] | None = None
+        shards: Callable[[], dict[str, Any]] | None = None
         try:
             app = unwrapped(app)
             sharded = sharded_keys(app)
-            if sharded:  # this rank's shards, in a pack of its own
-                shards = save_shards(self.root, step, rank, app, sharded, hashes)
+            defer = defer and bool(sharded)  # only shards are staged; the rest written now
+            if sharded:  # this rank's shards, in a pack of its own (deferred: staged)
+                shards = save_shards(self.root, step, rank, app, sharded, hashes, defer=defer)
                 app = {k: v for k, v in app.items() if k not in sharded}
             local = rank_keys(app, self.per_rank)
             flat = flatten({RANKS_KEY: {str(rank): capture_app({k: app[k] for k in local})}})
-            refs, packs = _write_part(self.root, step, flat, hashes)
-            skeleton = flat.skeleton["v"][RANKS_KEY]["v"][str(rank)]
         except BaseException as exc:
             with contextlib.suppress(TorchkeepError):
                 self.group.post(key, {"error": _text(exc)})
             raise
-        self.group.post(
-            key,
-            {
-                "step": step,
-                "skeleton": skeleton,
-                "tensors": {k: _ref_fields(r) for k, r in refs.items()},
-                "packs": {name: [n, h] for name, (n, h) in packs.items()},
-                "sharded": shards,
-            },
-        )
+
+        def part() -> None:
+            try:
+                got = shards() if shards is not None else None
+                refs, packs = _write_part(self.root, step, flat, hashes)
+                skeleton = flat.skeleton["v"][RANKS_KEY]["v"][str(rank)]
+            except BaseException as exc:
+                with contextlib.suppress(TorchkeepError):
+                    self.group.post(key, {"error": _text(exc)})
+                raise
+            self.group.post(
+                key,
+                {
+                    "step": step,
+                    "skeleton": skeleton,
+                    "tensors": {k: _ref_fields(r) for k, r in refs.items()},
+                    "packs": {name: [n, h] for name, (n, h) in packs.items()},
+                    "sharded": got,
+                },
+            )
+
+        if not defer:
+            part()
 
         def wait_commit() -> T:
+            if defer:  # an async save: this rank's shards are written here, in the background
+                part()
             self.group.gather(f"{key}/commit", [0], f"with the commit of step {step}")
             return record(RunReader(self.root).manifest(step), ())
 

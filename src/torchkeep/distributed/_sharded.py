@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from torchkeep.errors import IncompatibleStateError, InvalidArgumentError, TorchkeepError
@@ -79,9 +80,51 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def save_shards(
-    root: Path, step: int, rank: int, app: Mapping[str, Any], keys: list[str], hashes: Hashes
+    root: Path,
+    step: int,
+    rank: int,
+    app: Mapping[str, Any],
+    keys: list[str],
+    hashes: Hashes,
+    *,
+    defer: bool = False,
+) -> Callable[[], dict[str, Any]]:
+    """Write this rank's shards of ``keys`` (one pack, durable); returns what gives its part
+    as JSON. With ``defer`` only a host copy is made here (the staging an async save waits
+    for), and the returned call writes it (on the background thread)."""
+    state = dcp_state(app, keys)
+    if defer:
+        staged = _host_copy(state)
+        return lambda: _write(root, step, rank, staged, hashes)
+    part = _write(root, step, rank, state, hashes)
+    return lambda: part
+
+
+def _host_copy(value: Any) -> Any:
+    """A copy of a DCP state dict that training may not change: tensors copied (a DTensor's
+    local shard, kept a DTensor of the same mesh and placements), containers rebuilt."""
+    if isinstance(value, DTensor):
+        local = value.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(
+            local,
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_host_copy(v) for v in value)
+    return value
+
+
+def _write(
+    root: Path, step: int, rank: int, state: dict[str, Any], hashes: Hashes
 ) -> dict[str, Any]:
-    """Write this rank's shards of ``keys`` (one pack, durable); its part as JSON."""
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     from torchkeep.distributed._dcp_writer import PackWriter
@@ -90,8 +133,8 @@ def save_shards(
     try:
         with warnings.catch_warnings():  # "assuming ... a single process": on purpose
             warnings.simplefilter("ignore", UserWarning)
-            dcp_save(dcp_state(app, keys), storage_writer=writer, no_dist=True)
-    except Exception as exc:
+            dcp_save(state, storage_writer=writer, no_dist=True)
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
         inner = _unwrap(exc)
         if inner is not exc:
             raise inner from exc
@@ -166,7 +209,7 @@ def restore_shards(
             dcp_load(
                 state, storage_reader=PackReader(reader, manifest, verify=verify), no_dist=True
             )
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:
         inner = _unwrap(exc)
         if isinstance(inner, TorchkeepError):
             raise inner from exc

@@ -274,13 +274,15 @@ class CheckpointManager(Pruning):
         cleaned = clean_metrics(metrics)
         user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
         if not self._ranks.writer:  # another rank of a job: its own state; rank 0 commits
-            wait = self._ranks.save_part(step, app, self._hasher.hashes, record_of)
+            wait = self._ranks.save_part(
+                step, app, self._hasher.hashes, record_of, defer=self.async_save
+            )
             if not self.async_save:
                 return wait()
             self._background.submit(wait)
             return None
         # In a job: the shared entries and rank 0's own; sharded models written through DCP.
-        state = self._ranks.capture(app, step, self._hasher.hashes)
+        state = self._ranks.capture(app, step, self._hasher.hashes, defer=self.async_save)
         models = describe_models(app)  # here, on the caller's thread, even when async
         write = self._ranks.committing(self._write, step)
         if not self.async_save:
