@@ -206,6 +206,8 @@ def main() -> None:
     all_ratios["finetune bytes written / trainable bytes"] = ft["ratio"]
     all_ratios["distributed save / dcp.save"] = distributed["save_vs_dcp"]
     all_ratios["distributed load / dcp.load"] = distributed["load_vs_dcp"]
+    all_ratios["sharded save / dcp.save"] = distributed["sharded_save_vs_dcp"]
+    all_ratios["sharded load / dcp.load"] = distributed["sharded_load_vs_dcp"]
     for t in targets:
         all_ratios[f"target {t.name}"] = t.ratio
 
