@@ -13,6 +13,7 @@ state dict, so DCP's planner reshards to the current world size, then ``set_*_st
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,8 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor
 
 from torchkeep.errors import IncompatibleStateError, InvalidArgumentError, TorchkeepError
 from torchkeep.format import Manifest, RunReader, TensorRef
@@ -29,9 +28,17 @@ from torchkeep.format import Manifest, RunReader, TensorRef
 Hashes = Callable[[dict[str, torch.Tensor]], dict[str, str]]
 
 
+def _dtensor() -> Any:
+    """``DTensor``, if anything imported it (no DTensor exists before): importing DCP and
+    DTensor costs seconds, which ``import torchkeep`` must not pay."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
 def sharded_keys(app: Mapping[str, Any]) -> list[str]:
     """The entries saved through DCP: every model and optimizer, when a model holds DTensors."""
-    if not any(
+    DTensor = _dtensor()
+    if DTensor is None or not any(
         isinstance(v, nn.Module) and any(isinstance(p, DTensor) for p in v.parameters())
         for v in app.values()
     ):
@@ -103,7 +110,8 @@ def save_shards(
 def _host_copy(value: Any) -> Any:
     """A copy of a DCP state dict that training may not change: tensors copied (a DTensor's
     local shard, kept a DTensor of the same mesh and placements), containers rebuilt."""
-    if isinstance(value, DTensor):
+    DTensor = _dtensor()
+    if DTensor is not None and isinstance(value, DTensor):
         local = value.to_local().detach().to("cpu", copy=True)
         return DTensor.from_local(
             local,
@@ -209,7 +217,9 @@ def restore_shards(
             dcp_load(
                 state, storage_reader=PackReader(reader, manifest, verify=verify), no_dist=True
             )
-    except (Exception, CheckpointException) as exc:
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        if not isinstance(exc, Exception) and type(exc).__name__ != "CheckpointException":
+            raise
         inner = _unwrap(exc)
         if isinstance(inner, TorchkeepError):
             raise inner from exc
