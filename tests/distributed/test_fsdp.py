@@ -183,3 +183,29 @@ def test_restore_into_another_architecture_is_refused(job: tuple[Path, Any, Any]
     with pytest.raises(tk.IncompatibleStateError, match=r"sharded state does not fit"):
         mgr.restore(app, rank_state="reset")
     mgr.close()
+
+
+def test_retention_ls_and_references_on_a_sharded_run(
+    job: tuple[Path, Any, Any], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(job[0] / "run", run)
+    before = {p.name for p in (run / "packs").iterdir()}
+    with tk.CheckpointManager(run) as mgr:
+        assert mgr.prune(keep_last=1) == [0, 1]
+        kept = mgr.checkpoints
+    assert [r.step for r in kept] == [2]
+    left = {p.name for p in (run / "packs").iterdir()}
+    manifest = json.loads((run / "checkpoints" / "0000000002.json").read_text())
+    assert left == set(manifest["packs"]) and left < before  # shard packs of 0, 1 collected
+    assert len([n for n in left if n.startswith("0000000002-")]) == 6  # 3 ranks: shards, RNG
+    assert tk.verify(run).ok
+    full2 = tk.load(job[0] / "full2.safetensors")
+    state = tk.load(f"{run}@latest")
+    assert torch.equal(state["model"]["0.weight"], full2["model.0.weight"])
+    with pytest.raises(tk.CheckpointNotFoundError, match="steps available: 2"):
+        tk.load(f"{run}@1")
+    done = subprocess.run(
+        [*torchkeep_command(), "ls", str(run)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "2" in done.stdout, done.stderr
