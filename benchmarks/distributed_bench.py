@@ -4,7 +4,14 @@ torchkeep, against ``torch.distributed.checkpoint`` (``dcp.save``/``dcp.load``) 
 The model is replicated (DDP): torchkeep's rank 0 writes it once and each rank adds its RNG;
 DCP deduplicates the replicated tensors and writes them once too. Each figure is the median over
 ``repeat`` saves (loads) of the slowest rank; the weights change before every save (a save
-of unchanged weights writes nothing in a torchkeep run), and loads read from the page cache. Run alone: ``python benchmarks/distributed_bench.py MIB``.
+of unchanged weights writes nothing in a torchkeep run), and loads read from the page cache.
+
+In the same job, the model sharded with FSDP2 (``fully_shard``): each rank saves its shards
+through torchkeep's DCP writer (``CheckpointManager``) against ``dcp.save`` of the same
+``get_model_state_dict``, and loads them back (``restore`` against ``dcp.load``). Then one
+process converts the sharded run to a single safetensors file (``torchkeep.convert``), its
+peak resident memory reported beside the weights' size. Run alone:
+``python benchmarks/distributed_bench.py MIB``.
 """
 
 from __future__ import annotations
@@ -64,9 +71,70 @@ def _rank(mib: int, repeat: int, out: Path) -> None:
         t = time.perf_counter()
         dcp.load(state, checkpoint_id=str(out / f"dcp{step}"))
         times["dcp_load"].append(time.perf_counter() - t)
+    times.update(_sharded(mib, repeat, out))
     (out / f"rank{rank}.json").write_text(json.dumps(times))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _sharded(mib: int, repeat: int, out: Path) -> dict[str, list[float]]:
+    """FSDP2 shards: torchkeep's sharded save/restore against dcp.save/dcp.load."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(mib)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    app = {"model": model}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("sh_tk_save", "sh_tk_load", "sh_dcp_save", "sh_dcp_load")
+    }
+    with tk.CheckpointManager(out / "sharded", keep_last=1, barrier_timeout=300) as mgr:
+        for step in range(repeat):
+            _perturb(model)
+            dist.barrier()
+            t = time.perf_counter()
+            mgr.save(step, app)
+            times["sh_tk_save"].append(time.perf_counter() - t)
+            dist.barrier()
+            t = time.perf_counter()
+            mgr.restore(app)
+            times["sh_tk_load"].append(time.perf_counter() - t)
+    for step in range(repeat):
+        _perturb(model)
+        state = {"model": get_model_state_dict(model)}
+        dist.barrier()
+        t = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(out / f"sharded-dcp{step}"))
+        times["sh_dcp_save"].append(time.perf_counter() - t)
+        dist.barrier()
+        t = time.perf_counter()
+        dcp.load(state, checkpoint_id=str(out / f"sharded-dcp{step}"))
+        times["sh_dcp_load"].append(time.perf_counter() - t)
+    return times
+
+
+def _convert(out: Path) -> dict[str, Any]:
+    """One process converts the sharded run to one file: seconds and peak RSS (a child)."""
+    code = (
+        "import resource,sys,time,torchkeep as tk;t=time.perf_counter();"
+        "tk.convert(sys.argv[1]+'@latest',sys.argv[2]);"
+        "print(time.perf_counter()-t,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    base = (
+        "import resource,torch,torchkeep;"
+        "print(0,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    target = str(out / "converted.safetensors")
+    run = [sys.executable, "-c", code, str(out / "sharded"), target]
+    seconds, peak = subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()
+    empty = subprocess.run([sys.executable, "-c", base], capture_output=True, text=True, check=True)
+    _, idle = empty.stdout.split()
+    return {
+        "convert_seconds": round(float(seconds), 4),
+        "convert_peak_extra_mib": round((int(peak) - int(idle)) / 1024, 1),  # over import torch
+    }
 
 
 def _perturb(model: torch.nn.Module) -> None:
@@ -104,6 +172,10 @@ def bench_distributed(root: Path, mib: int, repeat: int) -> dict[str, Any]:
         result[f"{key}_seconds"] = round(statistics.median(slowest), 4)
     result["save_vs_dcp"] = round(result["tk_save_seconds"] / result["dcp_save_seconds"], 3)
     result["load_vs_dcp"] = round(result["tk_load_seconds"] / result["dcp_load_seconds"], 3)
+    for what in ("save", "load"):
+        tk_s, dcp_s = result[f"sh_tk_{what}_seconds"], result[f"sh_dcp_{what}_seconds"]
+        result[f"sharded_{what}_vs_dcp"] = round(tk_s / dcp_s, 3)
+    result.update(_convert(out))
     return result
 
 
@@ -117,6 +189,18 @@ def print_distributed(res: dict[str, Any]) -> None:
             f"  {what}: torchkeep {tk_s:.3f} s, dcp.{what} {dcp_s:.3f} s "
             f"(x{res[f'{what}_vs_dcp']:.2f})"
         )
+    print(f"  FSDP2, sharded, {res['world_size']} ranks:")
+    for what in ("save", "load"):
+        tk_s, dcp_s = res[f"sh_tk_{what}_seconds"], res[f"sh_dcp_{what}_seconds"]
+        print(
+            f"  {what}: torchkeep {tk_s:.3f} s, dcp.{what} {dcp_s:.3f} s "
+            f"(x{res[f'sharded_{what}_vs_dcp']:.2f})"
+        )
+    print(
+        f"  one process converts the sharded run to one file: {res['convert_seconds']:.3f} s, "
+        f"peak memory {res['convert_peak_extra_mib']} MiB over an idle process "
+        f"(weights {res['mib']} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -293,6 +293,8 @@ def main() -> None:
     all_ratios["finetune bytes written / trainable bytes"] = ft["ratio"]
     all_ratios["distributed save / dcp.save"] = distributed["save_vs_dcp"]
     all_ratios["distributed load / dcp.load"] = distributed["load_vs_dcp"]
+    all_ratios["sharded save / dcp.save"] = distributed["sharded_save_vs_dcp"]
+    all_ratios["sharded load / dcp.load"] = distributed["sharded_load_vs_dcp"]
     if remote is not None:
         all_ratios.update(remote_ratios(remote))
     for t in targets:

@@ -19,7 +19,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = 120) -> list[Any]:
+def launch(
+    scenario: str,
+    out: Path,
+    world_size: int = 2,
+    timeout: float = 120,
+    workers: Path = WORKERS,
+) -> list[Any]:
     """Run ``scenario`` on ``world_size`` ranks; each rank's JSON result (None if it died)."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -35,7 +41,7 @@ def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = 120) 
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKERS), scenario, str(out)],
+                [sys.executable, str(workers), scenario, str(out)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -35,6 +35,7 @@ from torchkeep.distributed._ranks import (
     restore_ranked,
     unwrapped,
 )
+from torchkeep.distributed._sharded import Hashes, merge, restore_shards, save_shards, sharded_keys
 from torchkeep.errors import DistributedError, StorageError, TorchkeepError
 from torchkeep.format import (
     PACK_DIR,
@@ -77,6 +78,8 @@ class RankedRun:
         self.rank_state = check_policy(rank_state)
         self._open_key = self.group.next_key("open") if self.group.distributed else ""
         self._save_key = ""
+        # This save's shards (rank 0): what writes them (or has), for the commit.
+        self._shards: Callable[[], dict[str, Any]] | None = None
 
     @property
     def writer(self) -> bool:
@@ -121,12 +124,20 @@ class RankedRun:
         strict: bool,
         source: str,
         rank_state: str | None,
+        manifest: Manifest | None = None,
+        reader: RunReader | None = None,
+        verify: bool = True,
     ) -> dict[str, Any]:
+        """Restore this rank's view of ``state``; a sharded checkpoint's models and optimizers
+        through DCP (resharded to this world size), from ``manifest`` of ``reader``."""
         policy: RankStatePolicy = (
             self.rank_state if rank_state is None else check_policy(rank_state)
         )
-        return restore_ranked(
-            app,
+        shards: list[str] = []
+        if manifest is not None and manifest.sharded is not None and reader is not None:
+            shards = restore_shards(reader, manifest, app, verify=verify)
+        values = restore_ranked(
+            {k: v for k, v in app.items() if k not in shards},
             state,
             rank=self.group.rank,
             world_size=self.group.world_size,
@@ -135,19 +146,42 @@ class RankedRun:
             strict=strict,
             source=source,
         )
+        for key, value in values.items():  # plain values go back into the caller's app
+            if key in app:
+                app[key] = value
+        return values
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def capture(self, app: Mapping[str, Any], step: int) -> dict[str, Any]:
+    def capture(
+        self,
+        app: Mapping[str, Any],
+        step: int,
+        hashes: Hashes | None = None,
+        *,
+        defer: bool = False,
+    ) -> dict[str, Any]:
         """Rank 0's state: the shared entries, and under ``__torchkeep_ranks__`` its own.
+
+        Sharded entries go through DCP; with ``defer`` (async saves) they are only staged here
+        and written by the commit, on the background thread.
 
         In a job, a failure here is posted to the other ranks, which raise it at once.
         """
         app = unwrapped(app)  # DDP's model is saved as the model inside, without "module."
+        sharded = sharded_keys(app)
+        self._shards = None
+        digests = hashes or _hashes
         if not self.group.distributed:
-            return capture_app(app)
+            if not sharded:
+                return capture_app(app)
+            self._shards = save_shards(self.root, step, 0, app, sharded, digests, defer=defer)
+            return capture_app({k: v for k, v in app.items() if k not in sharded})
         self._save_key = key = self.group.next_key(f"save-{step}")
         try:
+            if sharded:  # every rank writes its shards (deferred: stages them) before the commit
+                self._shards = save_shards(self.root, step, 0, app, sharded, digests, defer=defer)
+                app = {k: v for k, v in app.items() if k not in sharded}
             local = rank_keys(app, self.per_rank)
             state = capture_app({k: v for k, v in app.items() if k not in local})
             own = capture_app({k: app[k] for k in local})
@@ -161,15 +195,31 @@ class RankedRun:
 
     def committing(self, write: Callable[..., T], step: int) -> Callable[..., T]:
         """Rank 0's ``write``, which first takes in the other ranks' parts and posts the outcome."""
+        shards, self._shards = self._shards, None
         if not self.group.distributed:
-            return write
+            if shards is None:
+                return write
+
+            def commit_one(step: int, flat: Flattened, *args: Any, **kwargs: Any) -> T:
+                doc, tensors, packs = merge([shards()])
+                extra = _extra(tensors, packs)
+                return write(step, flat, *args, extra=extra, sharded=doc, **kwargs)
+
+            return commit_one
         key = self._save_key  # taken by capture(), on the caller's thread, in save order
         others = list(range(1, self.group.world_size))
 
         def commit(step: int, flat: Flattened, *args: Any, **kwargs: Any) -> T:
             try:
+                own = shards() if shards is not None else None  # this rank's, written now
                 parts = self.group.gather(key, others, f"with its part of step {step}")
                 flat, extra = _merge(flat, parts, step)
+                if own is not None:
+                    doc, tensors, packs = merge([own] + [parts[r]["sharded"] for r in others])
+                    more = _extra(tensors, packs)
+                    extra[0].update(more[0])
+                    extra[1].update(more[1])
+                    kwargs["sharded"] = doc
                 result = write(step, flat, *args, extra=extra, **kwargs)
             except BaseException as exc:
                 with contextlib.suppress(TorchkeepError):
@@ -186,31 +236,54 @@ class RankedRun:
         app: Mapping[str, Any],
         hashes: Callable[[dict[str, torch.Tensor]], dict[str, str]],
         record: Callable[[Manifest, tuple[str, ...]], T],
+        *,
+        defer: bool = False,
     ) -> Callable[[], T]:
         """Ranks > 0: write this rank's per-rank state and post it; return the wait for the
         commit, which gives ``record(manifest, ())``."""
         key = self.group.next_key(f"save-{step}")
         rank = self.group.rank
+        shards: Callable[[], dict[str, Any]] | None = None
         try:
+            app = unwrapped(app)
+            sharded = sharded_keys(app)
+            defer = defer and bool(sharded)  # only shards are staged; the rest written now
+            if sharded:  # this rank's shards, in a pack of its own (deferred: staged)
+                shards = save_shards(self.root, step, rank, app, sharded, hashes, defer=defer)
+                app = {k: v for k, v in app.items() if k not in sharded}
             local = rank_keys(app, self.per_rank)
             flat = flatten({RANKS_KEY: {str(rank): capture_app({k: app[k] for k in local})}})
-            refs, packs = _write_part(self.root, step, flat, hashes)
-            skeleton = flat.skeleton["v"][RANKS_KEY]["v"][str(rank)]
         except BaseException as exc:
             with contextlib.suppress(TorchkeepError):
                 self.group.post(key, {"error": _text(exc)})
             raise
-        self.group.post(
-            key,
-            {
-                "step": step,
-                "skeleton": skeleton,
-                "tensors": {k: _ref_fields(r) for k, r in refs.items()},
-                "packs": {name: [n, h] for name, (n, h) in packs.items()},
-            },
-        )
+
+        def part() -> None:
+            try:
+                got = shards() if shards is not None else None
+                refs, packs = _write_part(self.root, step, flat, hashes)
+                skeleton = flat.skeleton["v"][RANKS_KEY]["v"][str(rank)]
+            except BaseException as exc:
+                with contextlib.suppress(TorchkeepError):
+                    self.group.post(key, {"error": _text(exc)})
+                raise
+            self.group.post(
+                key,
+                {
+                    "step": step,
+                    "skeleton": skeleton,
+                    "tensors": {k: _ref_fields(r) for k, r in refs.items()},
+                    "packs": {name: [n, h] for name, (n, h) in packs.items()},
+                    "sharded": got,
+                },
+            )
+
+        if not defer:
+            part()
 
         def wait_commit() -> T:
+            if defer:  # an async save: this rank's shards are written here, in the background
+                part()
             self.group.gather(f"{key}/commit", [0], f"with the commit of step {step}")
             return record(RunReader(self.root).manifest(step), ())
 
@@ -273,6 +346,18 @@ def _merge(flat: Flattened, parts: dict[int, dict[str, Any]], step: int) -> tupl
         refs.update({k: _tensor_ref(where, k, v) for k, v in part["tensors"].items()})
         packs.update({name: (int(n), str(h)) for name, (n, h) in part["packs"].items()})
     return Flattened(skeleton=flat.skeleton, tensors=flat.tensors), (refs, packs)
+
+
+def _extra(tensors: dict[str, Any], packs: dict[str, Any]) -> Extra:
+    where = Path("sharded part")
+    return (
+        {k: _tensor_ref(where, k, v) for k, v in tensors.items()},
+        {name: (int(n), str(h)) for name, (n, h) in packs.items()},
+    )
+
+
+def _hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {k: tensor_hash(t) for k, t in tensors.items()}
 
 
 def _ref_fields(ref: TensorRef) -> dict[str, Any]:

@@ -249,10 +249,17 @@ class CheckpointManager(Pruning, OverlapMethods):
             return None
         # Resolved and read in one go: a writer beside this read-only manager may prune.
         manifest, state = self._reader.read(
-            str(which), lambda m: (m, self._reader.load(m, verify=verify))
+            str(which), lambda m: (m, self._reader.load(m, verify=verify, shards=False))
         )
-        values = self._ranks.restore(
-            app, state, strict=strict, source=str(manifest.path), rank_state=rank_state
+        values = self._ranks.restore(  # a sharded checkpoint's shards: read by each rank
+            app,
+            state,
+            strict=strict,
+            source=str(manifest.path),
+            rank_state=rank_state,
+            manifest=manifest,
+            reader=self._reader,
+            verify=verify,
         )
         return restore_info(manifest, values)
 
@@ -283,12 +290,15 @@ class CheckpointManager(Pruning, OverlapMethods):
         cleaned = clean_metrics(metrics)
         user_metadata = metadata_json(dict(metadata) if metadata is not None else None)
         if not self._ranks.writer:  # another rank of a job: its own state; rank 0 commits
-            wait = self._ranks.save_part(step, app, self._hasher.hashes, record_of)
+            wait = self._ranks.save_part(
+                step, app, self._hasher.hashes, record_of, defer=self.async_save
+            )
             if not self.async_save:
                 return wait()
             self._background.submit(wait)
             return None
-        state = self._ranks.capture(app, step)  # in a job: the shared entries and rank 0's own
+        # In a job: the shared entries and rank 0's own; sharded models written through DCP.
+        state = self._ranks.capture(app, step, self._hasher.hashes, defer=self.async_save)
         models = describe_models(app)  # here, on the caller's thread, even when async
         write = self._ranks.committing(self._write, step)
         if not self.async_save:
@@ -316,6 +326,7 @@ class CheckpointManager(Pruning, OverlapMethods):
         metadata: dict[str, Any],
         models: dict[str, Any],
         extra: Any = None,
+        sharded: dict[str, Any] | None = None,
     ) -> CheckpointRecord:
         with self._mutex:
             committed = list(self._manifests.values())
@@ -332,6 +343,7 @@ class CheckpointManager(Pruning, OverlapMethods):
                     committed,
                     **info,
                     extra=extra,
+                    sharded=sharded,
                 )
         except StorageError as exc:
             if not exc.committed:

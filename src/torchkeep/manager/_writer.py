@@ -112,6 +112,7 @@ def write_checkpoint(
     system: dict[str, Any],
     models: dict[str, Any] | None = None,
     extra: tuple[Mapping[str, TensorRef], Mapping[str, tuple[int, str]]] | None = None,
+    sharded: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write the new tensors of ``flat`` into a pack and commit its manifest.
 
@@ -121,6 +122,7 @@ def write_checkpoint(
         models: how to rebuild the app's models (``describe_models``); recorded when not empty.
         extra: tensors other ranks wrote into packs of their own, and those packs' digests
             (``distributed/_ddp.py``): listed in the manifest as they are.
+        sharded: DCP's metadata of shards the ranks wrote (``format/_sharded.py``).
 
     Returns:
         The committed manifest.
@@ -178,6 +180,7 @@ def write_checkpoint(
         tensors=refs,
         pack_digests=digests,
         models=dict(models or {}),
+        sharded=sharded,
     )
     try:
         text = encode_manifest(manifest, system=system)

@@ -33,6 +33,7 @@ from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import seal_json, seal_ok
 from torchkeep.format._run._layout import RUN_FILE
 from torchkeep.format._safetensors import JSON_LIMIT, parse_json
+from torchkeep.format._sharded import check_sharded
 from torchkeep.format._versions import FORMAT_VERSION, version_block
 from torchkeep.storage import storage_for
 
@@ -66,6 +67,8 @@ class Manifest:
     pack_digests: dict[str, tuple[int, str]] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     """``{app_key: {"class": "pkg.mod:Name", "config": skeleton}}`` for each rebuildable model."""
+    sharded: dict[str, Any] | None = None
+    """DCP's metadata as JSON, for a checkpoint saved in shards (``format/_sharded.py``)."""
     identity: tuple[int, int] | None = None
     """``(st_dev, st_ino)`` of the manifest file read, to tell later whether it is still there."""
 
@@ -132,6 +135,8 @@ def encode_manifest(manifest: Manifest, *, system: Mapping[str, Any]) -> bytes:
     }
     if manifest.models:
         document["models"] = manifest.models
+    if manifest.sharded is not None:
+        document["sharded"] = manifest.sharded
     return seal_json(json.dumps(document, separators=(",", ":")).encode())
 
 
@@ -224,6 +229,7 @@ def read_manifest(path: Path) -> Manifest:
         tensors=refs,
         pack_digests=_pack_digests(doc.get("packs", {}), path),
         models=_models(doc.get("models", {}), path),
+        sharded=None if "sharded" not in doc else check_sharded(doc["sharded"], refs, str(path)),
     )
 
 

@@ -37,7 +37,7 @@ from torchkeep.errors import (
 from torchkeep.format._artifact import SafetensorsFile
 from torchkeep.format._confine import lstat_inside
 from torchkeep.format._hash import hash_matches
-from torchkeep.format._location import MapLocation
+from torchkeep.format._location import MapLocation, cast, map_tensors, relocate
 from torchkeep.format._rebuild import rebuild
 from torchkeep.format._run._layout import (
     MANIFEST_DIR,
@@ -50,6 +50,7 @@ from torchkeep.format._run._layout import (
     steps_text,
 )
 from torchkeep.format._run._manifest import Manifest, bad_manifest, read_manifest, read_run_file
+from torchkeep.format._sharded import assemble
 from torchkeep.storage import local_path, storage_error
 
 # How many times a reader resolves ``latest``/``best`` again after a prune took its checkpoint.
@@ -276,14 +277,20 @@ class RunReader:
         map_location: MapLocation = None,
         dtype: torch.dtype | None = None,
         verify: bool = True,
+        shards: bool = True,
     ) -> Any:
         """Rebuild the saved state of a checkpoint (tensors mapped from its packs).
+
+        A sharded checkpoint's models and optimizers come back as full tensors, assembled one
+        at a time; ``shards=False`` leaves them out (each rank of a job reads its own).
 
         With ``verify`` (the default), every tensor's bytes are checked against the hash in the
         manifest (xxh3-128, ~10 GB/s), which reads them; ``verify=False`` keeps them lazy.
         """
         try:
-            return self._load(manifest, map_location=map_location, dtype=dtype, verify=verify)
+            return self._load(
+                manifest, map_location=map_location, dtype=dtype, verify=verify, shards=shards
+            )
         except (TorchkeepError, OSError) as exc:
             if self.is_current(manifest):
                 if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
@@ -298,6 +305,7 @@ class RunReader:
         map_location: MapLocation,
         dtype: torch.dtype | None,
         verify: bool,
+        shards: bool = True,
     ) -> Any:
         packs: dict[str, SafetensorsFile] = {}
         fetched: set[tuple[str, str]] = set()
@@ -338,9 +346,20 @@ class RunReader:
             fetched.add((ref.pack, ref.key))
             return t
 
-        return rebuild(
+        state = rebuild(
             manifest.skeleton, fetch, map_location=map_location, dtype=dtype, source=source
         )
+        if shards and manifest.sharded is not None and isinstance(state, dict):
+            # Saved in shards (FSDP2/DTensor): each full tensor assembled from its chunks.
+            whole = assemble(manifest.sharded, fetch, source=source)
+            if map_location is not None or dtype is not None:
+
+                def move(t: torch.Tensor) -> torch.Tensor:
+                    return cast(relocate(t, "cpu", map_location, key="", path=source), dtype)
+
+                whole = map_tensors(whole, move)
+            state.update(whole)
+        return state
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

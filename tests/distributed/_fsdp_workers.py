@@ -1,0 +1,142 @@
+"""Ranks of the sharded (FSDP2) tests: ``python _fsdp_workers.py SCENARIO OUT_DIR`` with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. Each rank writes ``rank<r>.json``.
+
+Scenarios:
+* ``save2`` (2 ranks): an FSDP2 model and Adam train 2 steps, saved through the manager at
+  steps 0 and 1 (sharded); rank 0 writes the full state of step 1 to ``full1.safetensors``;
+  then rank 1 is SIGKILLed inside its shard write of step 2;
+* ``restore3`` (3 ranks): restore the latest checkpoint (step 1) into a fresh model at 3 ranks
+  and write its full state to ``restored3.safetensors``; train a step and save step 2 with 3
+  ranks asynchronously (its full state in ``full2.safetensors``), training on at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torchkeep as tk
+from torchkeep.distributed import _dcp_writer
+
+
+def model_of(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))
+
+
+def build(seed: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = model_of(seed)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return {"model": model, "optimizer": opt, "rng": tk.RNGState(), "epoch": -1}
+
+
+def train_step(app: dict[str, Any], step: int) -> None:
+    x = torch.randn(4, 8)
+    loss = app["model"](x).pow(2).mean()
+    app["optimizer"].zero_grad()
+    loss.backward()
+    app["optimizer"].step()
+    app["epoch"] = step
+
+
+def full_state(app: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of the model and optimizer, whole (a collective), flat keys."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+
+    model_sd, optim_sd = get_state_dict(app["model"], app["optimizer"])
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model_sd.items():
+        out[f"model.{k}"] = v.full_tensor() if isinstance(v, DTensor) else v
+    for fqn, entry in optim_sd["state"].items():
+        for name, v in entry.items():
+            out[f"optimizer.state.{fqn}.{name}"] = (
+                v.full_tensor() if isinstance(v, DTensor) else v.clone()
+            )
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def save2(out: Path, rank: int) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    app = build(0)
+    torch.manual_seed(100 + rank)
+    mgr = tk.CheckpointManager(out / "run", keep_last=5, barrier_timeout=4)
+    for step in (0, 1):
+        train_step(app, step)
+        mgr.save(step, app, metrics={"loss": 1.0 / (step + 1)})
+    full = full_state(app)
+    if rank == 0:
+        tk.save(full, out / "full1.safetensors")
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    train_step(app, 2)
+    if rank == 1:
+        real = _dcp_writer.PackWriter._write_pack
+
+        def dying(self: Any, tensors: Any) -> None:
+            real(self, tensors)  # its shards are on disk; it dies before telling rank 0
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        _dcp_writer.PackWriter._write_pack = dying  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    try:
+        mgr.save(2, app)
+    except tk.DistributedError as exc:
+        result["killed"] = [type(exc).__name__, str(exc), time.monotonic() - t0]
+    return result
+
+
+def restore3(out: Path, rank: int) -> dict[str, Any]:
+    app = build(7)  # other weights: all must come from the checkpoint
+    run = out / "run"
+    with tk.CheckpointManager(run, barrier_timeout=60, rank_state="wrap", async_save=True) as mgr:
+        info = mgr.restore(app)
+        assert info is not None
+        restored = full_state(app)
+        if rank == 0:
+            tk.save(restored, out / "restored3.safetensors")
+        train_step(app, 2)
+        full = full_state(app)
+        if rank == 0:
+            tk.save(full, out / "full2.safetensors")
+        assert mgr.save(2, app) is None  # staged: written and committed in the background
+        train_step(app, 3)  # changes the weights at once: the checkpoint keeps step 2's
+        record = mgr.wait()
+        committed = [r.step for r in mgr.checkpoints]
+    return {
+        "step": info.step,
+        "epoch": app["epoch"],
+        "record": record and record.step,
+        "committed": committed,
+    }
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        result = {"save2": save2, "restore3": restore3}[scenario](out, rank)
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    os._exit(0)  # no teardown collective with a dead peer
+
+
+if __name__ == "__main__":
+    main()
