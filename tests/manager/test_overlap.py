@@ -346,3 +346,14 @@ def test_a_cuda_state_is_staged_in_pinned_memory(tmp_path: Path) -> None:  # pra
         assert block is not None and block.is_pinned()
     saved = tk.load(f"{tmp_path / 'run'}@1", map_location="cuda")
     _assert_same(expected, {k: saved[k] for k in app})
+
+
+def test_overlap_and_staging_limit_are_refused_in_a_distributed_job() -> None:
+    # Rank 0's commit merges the other ranks' parts into a flat state, never into a snapshot.
+    for kwargs in (
+        {"overlap": True, "staging_limit": None},
+        {"overlap": False, "staging_limit": 8},
+    ):
+        with pytest.raises(tk.InvalidArgumentError, match="not supported in a torch.distributed"):
+            _overlap.Overlap(async_save=True, distributed=True, **kwargs)  # type: ignore[arg-type]
+    assert not _overlap.Overlap(None, async_save=True, overlap=False, distributed=True).active

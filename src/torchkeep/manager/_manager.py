@@ -31,7 +31,6 @@ import operator
 import os
 import threading
 from collections.abc import Mapping, MutableMapping
-from types import TracebackType
 from typing import Any
 
 from torchkeep.distributed import RankedRun, RankStatePolicy
@@ -87,9 +86,8 @@ class CheckpointManager(Pruning, OverlapMethods):
         read_only: open an existing run to list and load only; takes no lock, writes nothing.
         barrier_timeout, per_rank, rank_state: for ``torch.distributed`` jobs, in which every
             rank builds its manager the same way and rank 0 commits (``distributed/``).
-        storage_options: for a URL (``s3://bucket/run``), the options of its fsspec filesystem
-            (``endpoint_url``, credentials...). A remote run is held by a lease object, not a
-            lock file (see ``docs/format.md``).
+        storage_options: for a URL (``s3://bucket/run``), its fsspec filesystem's options
+            (``endpoint_url``, credentials...); a lease object holds a remote run (format.md).
 
     Retention arguments left out are taken from the run's stored policy, so a manager opened on an
     existing run with no arguments keeps its rules. One writer per run: a second raises
@@ -135,13 +133,10 @@ class CheckpointManager(Pruning, OverlapMethods):
         )
         self.read_only = read_only
         self.async_save = async_save
-        if (overlap or staging_limit is not None) and self._ranks.group.distributed:
-            raise InvalidArgumentError(
-                "overlap= and staging_limit= are not supported in a torch.distributed job yet",
-                path=str(self.root),
-                hint="use async_save=True alone: the loop then waits only for the host copy",
-            )
-        self._overlap = Overlap(staging_limit, async_save=async_save, overlap=overlap)
+        distributed = self._ranks.group.distributed
+        self._overlap = Overlap(
+            staging_limit, async_save=async_save, overlap=overlap, distributed=distributed
+        )
         self._lock = storage_for(self.root).lock(str(self.root / LOCK_FILE))  # a lease remotely
         self._mutex = threading.RLock()
         self._stager = Stager()
@@ -395,12 +390,7 @@ class CheckpointManager(Pruning, OverlapMethods):
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

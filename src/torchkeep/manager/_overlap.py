@@ -162,11 +162,18 @@ class Overlap:
     removed by :meth:`close`; between saves they return at once.
     """
 
-    def __init__(self, staging_limit: int | None, *, async_save: bool, overlap: bool) -> None:
+    def __init__(
+        self, staging_limit: int | None, *, async_save: bool, overlap: bool, distributed: bool
+    ) -> None:
         if (overlap or staging_limit is not None) and not async_save:
             raise InvalidArgumentError(
                 "overlap= and staging_limit= apply to async saves only",
                 hint="add async_save=True to the CheckpointManager",
+            )
+        if (overlap or staging_limit is not None) and distributed:
+            raise InvalidArgumentError(
+                "overlap= and staging_limit= are not supported in a torch.distributed job yet",
+                hint="use async_save=True alone: the loop then waits only for the host copy",
             )
         self.active = overlap or staging_limit is not None
         self.overlap = overlap
