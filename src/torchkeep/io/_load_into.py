@@ -16,6 +16,7 @@ from torchkeep.format import (
     RunSource,
     open_source,
 )
+from torchkeep.format._deferred import deferring
 from torchkeep.io._save import PathLike
 from torchkeep.state import (
     LoadReport,
@@ -72,7 +73,8 @@ def load_into(
             rename=rename,
         )
     reader = open_source(source)
-    obj = reader.load(verify=verify)
+    with deferring() as deferred:  # remote tensors: fetched (and checked) only if copied
+        obj = reader.load(verify=verify)
     return load_module(
         module,
         obj,
@@ -84,4 +86,5 @@ def load_into(
         # A file's tensors are read from it into the parameters; a run's packs, hashed just
         # now, are copied from their mapping (faster), pages dropped after (as restore does).
         read_files=not isinstance(reader, RunSource | RegistrySource),
+        materialize=deferred.materialize,
     )

@@ -50,6 +50,7 @@ from torchkeep.format import (
     metadata_json,
     system_info,
 )
+from torchkeep.format._deferred import deferring, handing_on
 from torchkeep.manager._aftercommit import AfterCommit, BackgroundSaves
 from torchkeep.manager._gc import sweep
 from torchkeep.manager._overlap import Overlap, OverlapMethods, Snapshot
@@ -248,12 +249,14 @@ class CheckpointManager(Pruning, OverlapMethods):
                 )
             return None
         # Resolved and read in one go: a writer beside this read-only manager may prune.
-        manifest, state = self._reader.read(
-            str(which), lambda m: (m, self._reader.load(m, verify=verify))
-        )
-        values = self._ranks.restore(
-            app, state, strict=strict, source=str(manifest.path), rank_state=rank_state
-        )
+        with deferring() as deferred:  # remote: each tensor fetched and checked when used
+            manifest, state = self._reader.read(
+                str(which), lambda m: (m, self._reader.load(m, verify=verify))
+            )
+        with handing_on(deferred):
+            values = self._ranks.restore(
+                app, state, strict=strict, source=str(manifest.path), rank_state=rank_state
+            )
         return restore_info(manifest, values)
 
     # -- saving ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format._artifact import SafetensorsFile
 from torchkeep.format._confine import lstat_inside
+from torchkeep.format._deferred import current as current_deferred
 from torchkeep.format._hash import hash_matches
 from torchkeep.format._location import MapLocation
 from torchkeep.format._rebuild import rebuild
@@ -302,6 +303,24 @@ class RunReader:
         packs: dict[str, SafetensorsFile] = {}
         fetched: set[tuple[str, str]] = set()
         source = str(manifest.path)
+        deferred = current_deferred()  # a caller that will choose the tensors it uses
+        by_pack: dict[str, list[str]] = {}
+
+        def opened(name: str, pack: SafetensorsFile) -> SafetensorsFile:
+            if pack.mapped.lazy and deferred is None:  # a remote pack read whole: all in flight
+                for ref in manifest.tensors.values() if not by_pack else ():
+                    by_pack.setdefault(ref.pack, []).append(ref.key)
+                pack.prefetch(by_pack.get(name, ()))
+            return pack
+
+        def damaged(key: str, pack: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(
+                f"tensor {key!r} does not match its hash: pack {pack} was altered or damaged",
+                path=source,
+                key=key,
+                hint="load another checkpoint of the run (RUN@<step>); "
+                "torchkeep verify RUN lists every damaged tensor",
+            )
 
         def fetch(key: str) -> torch.Tensor:
             ref = manifest.tensors.get(key)
@@ -312,9 +331,11 @@ class RunReader:
                     key=key,
                 )
             if ref.pack not in packs:
-                pack_path = self.pack_path(ref.pack, manifest, key)
-                packs[ref.pack] = SafetensorsFile(str(pack_path))  # verified per tensor below
-            t = packs[ref.pack].tensor(ref.key)
+                pack_path = self.pack_path(ref.pack, manifest, key)  # verified per tensor below
+                packs[ref.pack] = opened(ref.pack, SafetensorsFile(str(pack_path)))
+            pack = packs[ref.pack]
+            lazy = deferred is not None and pack.mapped.lazy
+            t = pack.tensor(ref.key, fetch=not lazy)
             if tuple(t.shape) != ref.shape or str(t.dtype).removeprefix("torch.") != ref.dtype:
                 raise CorruptCheckpointError(
                     f"tensor {key!r}: the pack holds {t.dtype} {tuple(t.shape)}, "
@@ -322,15 +343,20 @@ class RunReader:
                     path=source,
                     key=key,
                 )
+            if lazy and deferred is not None:  # fetched and checked when the caller uses it
+                if (ref.pack, ref.key) in fetched:
+                    return deferred.copy_of(t)  # distinct tensors, as below
+                fetched.add((ref.pack, ref.key))
+                entry = pack.entry(ref.key)
+
+                def check(t: torch.Tensor, ref: Any = ref, key: str = key) -> None:
+                    if not hash_matches(t, ref.hash):
+                        raise damaged(key, ref.pack)
+
+                deferred.add(t, pack.mapped, entry.start, entry.end, check if verify else None)
+                return t
             if verify and (ref.pack, ref.key) not in fetched and not hash_matches(t, ref.hash):
-                raise CorruptCheckpointError(
-                    f"tensor {key!r} does not match its hash: pack {ref.pack} was altered or "
-                    "damaged",
-                    path=source,
-                    key=key,
-                    hint="load another checkpoint of the run (RUN@<step>); "
-                    "torchkeep verify RUN lists every damaged tensor",
-                )
+                raise damaged(key, ref.pack)
             if (ref.pack, ref.key) in fetched:
                 # Equal bytes are stored once, but distinct tensors must not share memory:
                 # an in-place update of one (Adam's step += 1) would change the other.
@@ -339,7 +365,12 @@ class RunReader:
             return t
 
         return rebuild(
-            manifest.skeleton, fetch, map_location=map_location, dtype=dtype, source=source
+            manifest.skeleton,
+            fetch,
+            map_location=map_location,
+            dtype=dtype,
+            source=source,
+            ready=None if deferred is None else lambda t: deferred.materialize([t]),
         )
 
 
