@@ -41,7 +41,8 @@ def load_into(
     checkpoint dict holding one (``model_state_dict``, ``state_dict``, ``model``...). Everything is
     checked before anything is copied, so a load that raises leaves the module as it was. Peak
     memory stays near one copy of the weights: tensors are read from the file straight into the
-    parameters where possible.
+    parameters where possible. From a URL, only the tensors copied are downloaded (each checked
+    against its hash), not the whole checkpoint.
 
     Args:
         module: the module to fill.

@@ -280,9 +280,9 @@ class RunReader:
     ) -> Any:
         """Rebuild the saved state of a checkpoint (tensors mapped from its packs).
 
-        With ``verify`` (the default), every tensor's bytes are checked against the hash in the
-        manifest (xxh3-128, ~10 GB/s), which reads them; ``verify=False`` keeps them lazy.
-        """
+        With ``verify`` (the default), each tensor's bytes are checked against the manifest's
+        hash (xxh3-128), reading them; ``verify=False`` keeps them lazy (remote packs in
+        ``_deferred.deferring()``: fetched and checked when the caller materializes them)."""
         try:
             return self._load(manifest, map_location=map_location, dtype=dtype, verify=verify)
         except (TorchkeepError, OSError) as exc:
