@@ -146,3 +146,14 @@ def test_restore_of_a_part_of_a_model_downloads_only_that_part(root: str) -> Non
         pytest.raises(tk.CorruptCheckpointError, match="does not match its hash"),
     ):
         mgr.restore({"model": nn.ModuleDict({"head": nn.Linear(4, 3)})}, strict=False)
+
+
+def test_views_of_a_stored_tensor_are_fetched_through_their_base(root: str) -> None:
+    flat = torch.randn(15)
+    state = {"big": torch.randn(BIG), "model": {"weight": flat[:12].view(3, 4), "bias": flat[12:]}}
+    tk.save(state, f"{root}/views.safetensors")  # one stored tensor, two views of it
+    target = nn.Linear(4, 3)
+    with downloaded() as got:
+        tk.load_into(target, f"{root}/views.safetensors")
+    assert got() < 3 << 20
+    assert torch.equal(target.weight, flat[:12].view(3, 4)) and torch.equal(target.bias, flat[12:])
