@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import torch
 
 from torchkeep._version import __version__
 from torchkeep.errors import CorruptCheckpointError, FormatVersionError, UnsupportedValueError
+from torchkeep.format._deferred import Deferred
+from torchkeep.format._deferred import current as current_deferred
 from torchkeep.format._direct import track
 from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import hash_matches, tensor_hash
@@ -243,11 +246,20 @@ class SafetensorsFile:
                 hint="the file was altered or truncated; restore it from a copy",
             ) from None
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """Stored tensor ``key``, mapped lazily from the file (no bytes read until used)."""
+    def tensor(self, key: str, *, fetch: bool = True) -> torch.Tensor:
+        """Stored tensor ``key``, mapped lazily from the file (no bytes read until used).
+
+        ``fetch=False``: a remote object's bytes are not downloaded yet (``_deferred.py``).
+        """
         entry = self.entry(key)
         dtype, shape = self.dtype_shape(key)
-        return self.mapped.tensor(entry.start, entry.end, dtype, shape)
+        return self.mapped.tensor(entry.start, entry.end, dtype, shape, fetch=fetch)
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Start downloading the tensors ``keys`` of a remote object (nothing for a local file)."""
+        if self.mapped.lazy:
+            entries = self.header.entries
+            self.mapped.prefetch((e.start, e.end) for k in keys if (e := entries.get(k)))
 
     def load(
         self,
@@ -261,10 +273,56 @@ class SafetensorsFile:
         With ``verify``, each tensor of a torchkeep file is first checked against the hash in
         its header (reading it); plain safetensors files carry no hashes.
         """
+        deferred = current_deferred() if self.mapped.lazy else None
+        if deferred is not None:
+            return self._load_deferred(deferred, map_location, dtype, verify)
         if verify:
             self.verify()
+        else:
+            self.prefetch(self.header.entries)
         return rebuild(
             self.skeleton, self.tensor, map_location=map_location, dtype=dtype, source=self.path
+        )
+
+    def _load_deferred(
+        self,
+        deferred: Deferred,
+        map_location: MapLocation,
+        dtype: torch.dtype | None,
+        verify: bool,
+    ) -> Any:
+        """:meth:`load` with each tensor fetched and checked only when the caller uses it."""
+        hashes = self.hashes if verify else {}
+
+        def cut(key: str) -> torch.Tensor:
+            t = self.tensor(key, fetch=False)
+            entry = self.entry(key)
+            check = None
+            if key in hashes:
+                expected = hashes[key]
+
+                def check(t: torch.Tensor) -> None:
+                    if not (isinstance(expected, str) and hash_matches(t, expected)):
+                        raise self._damaged_error(key)
+
+            deferred.add(t, self.mapped, entry.start, entry.end, check)
+            return t
+
+        return rebuild(
+            self.skeleton,
+            cut,
+            map_location=map_location,
+            dtype=dtype,
+            source=self.path,
+            ready=lambda t: deferred.materialize([t]),
+        )
+
+    def _damaged_error(self, key: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"tensor {key!r} does not match its hash: the file was altered or damaged",
+            path=self.path,
+            key=key,
+            hint="restore the file from a copy; verify=False loads it anyway",
         )
 
     def verify(self) -> None:
@@ -274,12 +332,7 @@ class SafetensorsFile:
             CorruptCheckpointError: naming the first tensor whose bytes changed.
         """
         for key in self.damaged(first_only=True):
-            raise CorruptCheckpointError(
-                f"tensor {key!r} does not match its hash: the file was altered or damaged",
-                path=self.path,
-                key=key,
-                hint="restore the file from a copy; verify=False loads it anyway",
-            )
+            raise self._damaged_error(key)
 
     @property
     def hashes(self) -> dict[str, Any]:
@@ -292,6 +345,7 @@ class SafetensorsFile:
     def damaged(self, *, first_only: bool = False) -> list[str]:
         """The keys of every stored tensor whose bytes do not match its recorded hash."""
         bad: list[str] = []
+        self.prefetch(self.hashes)  # a remote object: every range in flight, not one at a time
         for key, expected in self.hashes.items():
             t = self.tensor(key)
             ok = isinstance(expected, str) and hash_matches(t, expected)

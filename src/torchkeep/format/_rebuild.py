@@ -29,11 +29,14 @@ def rebuild(
     map_location: MapLocation = None,
     dtype: torch.dtype | None = None,
     source: str | None = None,
+    ready: Callable[[torch.Tensor], None] | None = None,
 ) -> Any:
     """Rebuild the tree of ``skeleton`` with the stored tensors that ``fetch(key)`` returns.
 
     Places each tensor per ``map_location``, rebuilds views on their (placed) base so that
     aliasing survives, casts floating tensors to ``dtype``, and returns one object per tied tensor.
+    ``ready(base)``, for tensors fetched without their bytes (``_deferred.py``), is called before
+    anything here reads a base's bytes (a copy to align it, to move it off the CPU, or to cast it).
     """
     bases: dict[tuple[str, str], torch.Tensor] = {}
     done: dict[str, torch.Tensor] = {}
@@ -52,6 +55,9 @@ def rebuild(
             return done[ident]
         if (key, location) not in bases:
             base = fetch(key)
+            moves = location != "cpu" or map_location not in (None, "cpu") or dtype is not None
+            if ready is not None and (moves or (view is not None and base.data_ptr() % 16)):
+                ready(base)
             if view is not None and base.data_ptr() % 16:
                 base = base.clone()  # views of any dtype need an aligned base
             bases[(key, location)] = relocate(base, location, map_location, key=key, path=source)

@@ -160,11 +160,27 @@ class MappedFile:
         self.identity = mapped.identity
         self._map = mapped.buffer
         self._fetch = mapped.fetch  # a remote object: byte ranges are downloaded on first use
+        self._prefetch = mapped.prefetch
         self._addr = 0
         if self._map is not None:
             anchor = ctypes.c_char.from_buffer(self._map)
             self._addr = ctypes.addressof(anchor)
             del anchor  # releases the buffer export
+
+    @property
+    def lazy(self) -> bool:
+        """Whether bytes must be fetched before they are read (a remote object)."""
+        return self._fetch is not None
+
+    def fetch(self, start: int, end: int) -> None:
+        """Make the bytes ``[start, end)`` valid (download them from a remote object)."""
+        if self._fetch is not None:
+            self._fetch(start, end)
+
+    def prefetch(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Start downloading the ``(start, end)`` ranges a reader is about to go through."""
+        if self._prefetch is not None:
+            self._prefetch(spans)
 
     def read(self, start: int, end: int) -> bytes:
         if self._fetch is not None:
@@ -172,17 +188,28 @@ class MappedFile:
         return b"" if self._map is None else bytes(self._map[start:end])  # no copy for mmap
 
     def tensor(
-        self, start: int, end: int, dtype: torch.dtype, shape: Iterable[int]
+        self,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        shape: Iterable[int],
+        *,
+        fetch: bool = True,
     ) -> torch.Tensor:
-        """The bytes ``[start, end)`` as a tensor of ``dtype`` and ``shape`` (copied if misaligned)."""
+        """The bytes ``[start, end)`` as a tensor of ``dtype`` and ``shape`` (copied if misaligned).
+
+        ``fetch=False`` leaves a remote object's bytes to be fetched later (:meth:`fetch`): the
+        tensor's memory is not valid until then (a misaligned tensor is fetched anyway, to copy).
+        """
         shape = tuple(shape)
         if start == end or self._map is None:
             return torch.empty(shape, dtype=dtype)
-        if self._fetch is not None:
-            self._fetch(start, end)
+        if fetch:
+            self.fetch(start, end)
         count = (end - start) // dtype.itemsize
         t = torch.frombuffer(self._map, dtype=dtype, count=count, offset=start)
         if t.data_ptr() % dtype.itemsize:
+            self.fetch(start, end)
             t = t.clone()
         return t.reshape(shape)
 

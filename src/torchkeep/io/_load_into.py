@@ -16,6 +16,7 @@ from torchkeep.format import (
     RunSource,
     open_source,
 )
+from torchkeep.format._deferred import deferring
 from torchkeep.io._save import PathLike
 from torchkeep.state import (
     LoadReport,
@@ -40,7 +41,8 @@ def load_into(
     checkpoint dict holding one (``model_state_dict``, ``state_dict``, ``model``...). Everything is
     checked before anything is copied, so a load that raises leaves the module as it was. Peak
     memory stays near one copy of the weights: tensors are read from the file straight into the
-    parameters where possible.
+    parameters where possible. From a URL, only the tensors copied are downloaded (each checked
+    against its hash), not the whole checkpoint.
 
     Args:
         module: the module to fill.
@@ -72,7 +74,8 @@ def load_into(
             rename=rename,
         )
     reader = open_source(source)
-    obj = reader.load(verify=verify)
+    with deferring() as deferred:  # remote tensors: fetched (and checked) only if copied
+        obj = reader.load(verify=verify)
     return load_module(
         module,
         obj,
@@ -84,4 +87,5 @@ def load_into(
         # A file's tensors are read from it into the parameters; a run's packs, hashed just
         # now, are copied from their mapping (faster), pages dropped after (as restore does).
         read_files=not isinstance(reader, RunSource | RegistrySource),
+        materialize=deferred.materialize,
     )

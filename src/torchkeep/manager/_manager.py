@@ -49,6 +49,7 @@ from torchkeep.format import (
     metadata_json,
     system_info,
 )
+from torchkeep.format._deferred import deferring, handing_on
 from torchkeep.manager._aftercommit import AfterCommit, BackgroundSaves
 from torchkeep.manager._gc import sweep
 from torchkeep.manager._overlap import Overlap, OverlapMethods, Snapshot
@@ -225,8 +226,7 @@ class CheckpointManager(Pruning, OverlapMethods):
                 plain values are written back into it.
             which: ``"latest"``, ``"best"``, or a step.
             strict: raise when the app and the checkpoint hold different entries or keys.
-            verify: check every tensor against the hash in the manifest first (the default);
-                ``False`` skips that read for speed.
+            verify: check each tensor against its stored hash first (default); ``False`` skips it.
             rank_state: the per-rank policy at another world size (default: the manager's).
 
         Raises:
@@ -243,19 +243,21 @@ class CheckpointManager(Pruning, OverlapMethods):
                 )
             return None
         # Resolved and read in one go: a writer beside this read-only manager may prune.
-        manifest, state = self._reader.read(
-            str(which), lambda m: (m, self._reader.load(m, verify=verify, shards=False))
-        )
-        values = self._ranks.restore(  # a sharded checkpoint's shards: read by each rank
-            app,
-            state,
-            strict=strict,
-            source=str(manifest.path),
-            rank_state=rank_state,
-            manifest=manifest,
-            reader=self._reader,
-            verify=verify,
-        )
+        with deferring() as deferred:  # remote: each tensor fetched and checked when used
+            manifest, state = self._reader.read(
+                str(which), lambda m: (m, self._reader.load(m, verify=verify, shards=False))
+            )
+        with handing_on(deferred):  # a sharded checkpoint's shards: read by each rank
+            values = self._ranks.restore(
+                app,
+                state,
+                strict=strict,
+                source=str(manifest.path),
+                rank_state=rank_state,
+                manifest=manifest,
+                reader=self._reader,
+                verify=verify,
+            )
         return restore_info(manifest, values)
 
     # -- saving ---------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from torchkeep.errors import IncompatibleStateError, TorchkeepError, UnsupportedValueError
+from torchkeep.format._deferred import handed_on
 from torchkeep.format._skeleton import flatten
 from torchkeep.state._config import captured_config, class_path
 from torchkeep.state._keys import unwrap_module
@@ -280,6 +281,14 @@ def restore_app(
     if missing:
         warnings.warn(f"not restored (absent from the checkpoint): {missing}", stacklevel=2)
     present = {k: v for k, v in app.items() if k not in missing}
+    # A remote checkpoint's tensors are fetched (and checked) as they are used: all of each
+    # entry handed on, only the keys copied of a model's (see format/_deferred.py).
+    deferred = handed_on()
+
+    def ready(obj: Any) -> None:
+        if deferred is not None:
+            deferred.materialize_tree(obj)
+
     modules: dict[str, tuple[Mapping[str, Any], LoadReport]] = {}
     for key, target in present.items():  # check everything before changing anything
         saved = state[key]
@@ -294,6 +303,7 @@ def restore_app(
     for key, target in present.items():
         if key in modules or not (is_stateful(target) or _is_special(target)):
             continue
+        ready(state[key])
         try:
             if is_stateful(target):
                 target.load_state_dict(state[key])
@@ -311,9 +321,14 @@ def restore_app(
                 "the rest",
             ) from exc
     for key, (saved, report) in modules.items():  # read from the packs into the parameters
-        copy_into(present[key], saved, report, direct=direct, read_files=False)
+        materialize = None if deferred is None else deferred.materialize
+        copy_into(
+            present[key], saved, report, direct=direct, read_files=False, materialize=materialize
+        )
     values: dict[str, Any] = {}
     for key, saved in state.items():
+        if key not in app or not (is_stateful(app[key]) or _is_special(app[key])):
+            ready(saved)
         if key not in app:
             values[key] = saved
         elif not (is_stateful(app[key]) or _is_special(app[key])):

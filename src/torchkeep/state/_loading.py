@@ -235,6 +235,8 @@ def check(report: LoadReport, module: nn.Module, *, strict: bool, skip_mismatche
 
 
 DirectRead = Callable[[torch.Tensor, torch.Tensor], bool]
+Materialize = Callable[[Iterable[torch.Tensor]], None]
+"""Fetches (and checks) source tensors read lazily from a remote store (``format/_deferred.py``)."""
 
 
 def apply(
@@ -244,6 +246,7 @@ def apply(
     *,
     direct_read: DirectRead | None = None,
     release: Callable[[torch.Tensor], None] | None = None,
+    materialize: Materialize | None = None,
 ) -> None:
     """Copy the keys ``report.loaded`` from ``state`` into ``module``, one tensor at a time.
 
@@ -251,7 +254,11 @@ def apply(
         direct_read: ``(source, target) -> bool`` copies the source's bytes straight from its
             file into ``target`` and returns True, or returns False when it cannot.
         release: called with each source tensor once copied, to drop its mapped pages.
+        materialize: called with the source tensors of ``report.loaded`` before any is copied:
+            downloads and checks those of a partial remote load (and only those).
     """
+    if materialize is not None:
+        materialize(v for k in report.loaded if isinstance(v := state[k], torch.Tensor))
     if uses_custom_loading(module):
         subset = {k: state[k] for k in report.loaded}
         meta = getattr(state, "_metadata", None)
@@ -329,6 +336,7 @@ def copy_into(
     *,
     direct: bool,
     read_files: bool = True,
+    materialize: Materialize | None = None,
 ) -> None:
     """:func:`apply` a prepared load; with ``direct``, bytes go from the file to the parameter.
 
@@ -338,10 +346,17 @@ def copy_into(
     pages after each tensor (see ``DirectReads``).
     """
     if not direct:
-        apply(module, state, report)
+        apply(module, state, report, materialize=materialize)
         return
     with DirectReads(read=read_files) as reads:
-        apply(module, state, report, direct_read=reads.read, release=reads.release)
+        apply(
+            module,
+            state,
+            report,
+            direct_read=reads.read,
+            release=reads.release,
+            materialize=materialize,
+        )
 
 
 def load_module(
@@ -354,10 +369,11 @@ def load_module(
     rename: Mapping[str, str] | None = None,
     direct: bool = False,
     read_files: bool = True,
+    materialize: Materialize | None = None,
 ) -> LoadReport:
     """Find the module's state in ``obj``, check it, then copy it in: ``load_into``'s core."""
     state, report = prepare(
         module, obj, source=source, strict=strict, skip_mismatched=skip_mismatched, rename=rename
     )
-    copy_into(module, state, report, direct=direct, read_files=read_files)
+    copy_into(module, state, report, direct=direct, read_files=read_files, materialize=materialize)
     return report

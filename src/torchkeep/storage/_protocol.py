@@ -43,6 +43,9 @@ class Mapped:
     """For a lazily read remote object: ``fetch(start, end)`` makes the bytes ``[start, end)``
     of ``buffer`` valid (downloading them if need be); call it before reading them. ``None``
     where the whole buffer is valid already (a local mapping)."""
+    prefetch: Callable[[Iterable[tuple[int, int]]], None] | None = None
+    """With ``fetch``: start downloading the ``(start, end)`` ranges given in the background, for
+    a reader about to go through them (``fetch`` then waits for what is under way)."""
 
 
 @runtime_checkable

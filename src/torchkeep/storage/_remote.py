@@ -11,8 +11,10 @@ multipart upload) is atomic: readers see the old object or the whole new one. Ru
   ambiguous answer (a retried request, a 409) the object is read back: if it holds our bytes,
   the create was ours.
 - ``map`` reads lazily: the buffer is anonymous memory of the object's size, and the reader asks
-  for byte ranges (``Mapped.fetch``) before it cuts tensors, so that loading a part of a pack
-  downloads only that part, in blocks of ``BLOCK_BYTES``, several requests in flight.
+  for byte ranges (``Mapped.fetch``) before it reads them, so that loading a part of a pack
+  downloads only that part (rounded to ``PAGE_BYTES``); a reader that goes through many ranges
+  announces them (``Mapped.prefetch``) and they come in requests of up to ``BLOCK_BYTES``,
+  several in flight.
 - ``lock`` is a lease object (``_lease.py``), not ``flock``.
 
 Failures become ``StorageError`` through :func:`~torchkeep.storage.storage_error`; reads keep
@@ -256,7 +258,8 @@ class RemoteStorage:
         if size == 0:
             return Mapped(buffer=None, size=0, identity=None)
         buffer = mmap.mmap(-1, size)  # anonymous: pages cost memory only once fetched
-        return Mapped(buffer=buffer, size=size, identity=None, fetch=Ranges(self, p, buffer))
+        ranges = Ranges(self, p, buffer)
+        return Mapped(buffer, size, None, fetch=ranges, prefetch=ranges.prefetch)
 
     def size(self, path: str | os.PathLike[str]) -> int:
         return int(self.info(path).get("size") or 0)

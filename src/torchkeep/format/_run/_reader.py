@@ -34,11 +34,8 @@ from torchkeep.errors import (
     StorageError,
     TorchkeepError,
 )
-from torchkeep.format._artifact import SafetensorsFile
 from torchkeep.format._confine import lstat_inside
-from torchkeep.format._hash import hash_matches
-from torchkeep.format._location import MapLocation, cast, map_tensors, relocate
-from torchkeep.format._rebuild import rebuild
+from torchkeep.format._location import MapLocation
 from torchkeep.format._run._layout import (
     MANIFEST_DIR,
     PACK_DIR,
@@ -50,7 +47,7 @@ from torchkeep.format._run._layout import (
     steps_text,
 )
 from torchkeep.format._run._manifest import Manifest, bad_manifest, read_manifest, read_run_file
-from torchkeep.format._sharded import assemble
+from torchkeep.format._run._tensors import load_state
 from torchkeep.storage import local_path, storage_error
 
 # How many times a reader resolves ``latest``/``best`` again after a prune took its checkpoint.
@@ -284,12 +281,17 @@ class RunReader:
         A sharded checkpoint's models and optimizers come back as full tensors, assembled one
         at a time; ``shards=False`` leaves them out (each rank of a job reads its own).
 
-        With ``verify`` (the default), every tensor's bytes are checked against the hash in the
-        manifest (xxh3-128, ~10 GB/s), which reads them; ``verify=False`` keeps them lazy.
-        """
+        With ``verify`` (the default), each tensor's bytes are checked against the manifest's
+        hash (xxh3-128), reading them; ``verify=False`` keeps them lazy (remote packs in
+        ``_deferred.deferring()``: fetched and checked when the caller materializes them)."""
         try:
-            return self._load(
-                manifest, map_location=map_location, dtype=dtype, verify=verify, shards=shards
+            return load_state(
+                self.pack_path,
+                manifest,
+                map_location=map_location,
+                dtype=dtype,
+                verify=verify,
+                shards=shards,
             )
         except (TorchkeepError, OSError) as exc:
             if self.is_current(manifest):
@@ -297,69 +299,6 @@ class RunReader:
                     raise _storage_error(exc, manifest) from exc
                 raise
             raise self._pruned(str(manifest.step)) from exc
-
-    def _load(
-        self,
-        manifest: Manifest,
-        *,
-        map_location: MapLocation,
-        dtype: torch.dtype | None,
-        verify: bool,
-        shards: bool = True,
-    ) -> Any:
-        packs: dict[str, SafetensorsFile] = {}
-        fetched: set[tuple[str, str]] = set()
-        source = str(manifest.path)
-
-        def fetch(key: str) -> torch.Tensor:
-            ref = manifest.tensors.get(key)
-            if ref is None:
-                raise CorruptCheckpointError(
-                    f"the skeleton refers to tensor {key!r}, which the manifest does not list",
-                    path=source,
-                    key=key,
-                )
-            if ref.pack not in packs:
-                pack_path = self.pack_path(ref.pack, manifest, key)
-                packs[ref.pack] = SafetensorsFile(str(pack_path))  # verified per tensor below
-            t = packs[ref.pack].tensor(ref.key)
-            if tuple(t.shape) != ref.shape or str(t.dtype).removeprefix("torch.") != ref.dtype:
-                raise CorruptCheckpointError(
-                    f"tensor {key!r}: the pack holds {t.dtype} {tuple(t.shape)}, "
-                    f"the manifest says {ref.dtype} {ref.shape}",
-                    path=source,
-                    key=key,
-                )
-            if verify and (ref.pack, ref.key) not in fetched and not hash_matches(t, ref.hash):
-                raise CorruptCheckpointError(
-                    f"tensor {key!r} does not match its hash: pack {ref.pack} was altered or "
-                    "damaged",
-                    path=source,
-                    key=key,
-                    hint="load another checkpoint of the run (RUN@<step>); "
-                    "torchkeep verify RUN lists every damaged tensor",
-                )
-            if (ref.pack, ref.key) in fetched:
-                # Equal bytes are stored once, but distinct tensors must not share memory:
-                # an in-place update of one (Adam's step += 1) would change the other.
-                return t.clone()
-            fetched.add((ref.pack, ref.key))
-            return t
-
-        state = rebuild(
-            manifest.skeleton, fetch, map_location=map_location, dtype=dtype, source=source
-        )
-        if shards and manifest.sharded is not None and isinstance(state, dict):
-            # Saved in shards (FSDP2/DTensor): each full tensor assembled from its chunks.
-            whole = assemble(manifest.sharded, fetch, source=source)
-            if map_location is not None or dtype is not None:
-
-                def move(t: torch.Tensor) -> torch.Tensor:
-                    return cast(relocate(t, "cpu", map_location, key="", path=source), dtype)
-
-                whole = map_tensors(whole, move)
-            state.update(whole)
-        return state
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
