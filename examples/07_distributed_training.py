@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +46,26 @@ def setup(rank: int, world_size: int, rendezvous: Path) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
     )
+
+
+def teardown(rank: int, world_size: int, marks: Path) -> None:
+    """Leave the group in order: the other ranks first, then rank 0.
+
+    A gloo rank whose peer is already gone can abort in ``destroy_process_group`` ("terminate
+    called without an active exception"), so rank 0 waits until every other rank has left.
+    """
+    marks.mkdir(exist_ok=True)
+    dist.barrier()
+    if rank != 0:
+        dist.destroy_process_group()
+        (marks / f"left-{rank}").touch()
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        (marks / f"left-{r}").exists() for r in range(1, world_size)
+    ):
+        time.sleep(0.02)
+    dist.destroy_process_group()
 
 
 def train_worker(rank: int, world_size: int, workdir: Path) -> None:
@@ -78,8 +99,7 @@ def train_worker(rank: int, world_size: int, workdir: Path) -> None:
         print(
             f"[train] rank 0 of {world_size}: saved after {STEPS} steps, loss {float(loss.detach()):.4f}"
         )
-    dist.barrier()  # no rank leaves (or reads the file) before rank 0 has written it
-    dist.destroy_process_group()
+    teardown(rank, world_size, workdir / "rendezvous-train.d")  # after rank 0 has written
 
 
 def load_worker(rank: int, world_size: int, workdir: Path) -> None:
@@ -105,8 +125,7 @@ def load_worker(rank: int, world_size: int, workdir: Path) -> None:
         print(f"[load] into a DDP-wrapped model: {'; '.join(wrapped.renamed)}")
         same = all(torch.equal(g, expected) for g in gathered)
         print(f"[load] all {world_size} ranks predict what the saved model did: {yesno(same)}")
-    dist.barrier()
-    dist.destroy_process_group()
+    teardown(rank, world_size, workdir / "rendezvous-load.d")
 
 
 def main(workdir: Path) -> None:

@@ -50,6 +50,7 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert doc["ratios"]
     for name, value in doc["ratios"].items():
         assert isinstance(value, int | float) and math.isfinite(value), (name, value)
-        # A loop overhead can vanish in the noise of a short run (clamped at 0); times cannot.
-        assert value >= 0 if "overhead" in name else value > 0, (name, value)
+        # A loop overhead or the memory above the loop can vanish in the noise of a short run
+        # (clamped at 0); times cannot.
+        assert value >= 0 if "overhead" in name or "memory" in name else value > 0, (name, value)
     assert "PASS" in result.stdout or "MISS" in result.stdout
