@@ -120,7 +120,9 @@ def describe(obj: Any) -> list[TensorInfo]:
     optimizer = optimizer_tensor_paths(obj)
     for name, x in tensors_by_path(obj).items():
         storage = x.untyped_storage()
-        ident = (str(x.device), storage.data_ptr()) if storage.nbytes() else None
+        # a meta tensor (a shard described, not read) has no data to share
+        real = storage.nbytes() and x.device.type != "meta"
+        ident = (str(x.device), storage.data_ptr()) if real else None
         owner = owners.get(ident) if ident else None
         if ident and owner is None:
             owners[ident] = name

@@ -37,7 +37,7 @@ from torchkeep.errors import (
 from torchkeep.format._artifact import SafetensorsFile
 from torchkeep.format._confine import lstat_inside
 from torchkeep.format._hash import hash_matches
-from torchkeep.format._location import MapLocation, cast, map_tensors, relocate
+from torchkeep.format._location import MapLocation, cast, relocate
 from torchkeep.format._rebuild import rebuild
 from torchkeep.format._run._layout import (
     MANIFEST_DIR,
@@ -351,13 +351,22 @@ class RunReader:
         )
         if shards and manifest.sharded is not None and isinstance(state, dict):
             # Saved in shards (FSDP2/DTensor): each full tensor assembled from its chunks.
-            whole = assemble(manifest.sharded, fetch, source=source)
-            if map_location is not None or dtype is not None:
+            # Each chunk is hashed where it lies in its pack, copied into place, and its pages
+            # dropped: the peak is the full tensors plus one chunk.
+            def move(t: torch.Tensor) -> torch.Tensor:
+                return cast(relocate(t, "cpu", map_location, key="", path=source), dtype)
 
-                def move(t: torch.Tensor) -> torch.Tensor:
-                    return cast(relocate(t, "cpu", map_location, key="", path=source), dtype)
+            def release(key: str, chunk: torch.Tensor) -> None:
+                packs[manifest.tensors[key].pack].mapped.release(chunk)
 
-                whole = map_tensors(whole, move)
+            moved = map_location is not None or dtype is not None
+            whole = assemble(
+                manifest.sharded,
+                fetch,
+                source=source,
+                release=release,
+                finish=move if moved else None,
+            )
             state.update(whole)
         return state
 
