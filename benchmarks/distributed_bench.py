@@ -9,9 +9,9 @@ of unchanged weights writes nothing in a torchkeep run), and loads read from the
 In the same job, the model sharded with FSDP2 (``fully_shard``): each rank saves its shards
 through torchkeep's DCP writer (``CheckpointManager``) against ``dcp.save`` of the same
 ``get_model_state_dict``, and loads them back (``restore`` against ``dcp.load``). Then one
-process converts the sharded run to a single safetensors file (``torchkeep.convert``), its
-peak resident memory reported beside the weights' size. Run alone:
-``python benchmarks/distributed_bench.py MIB``.
+process converts the sharded run to a single safetensors file (``torchkeep.convert``), the
+growth of its peak resident memory reported beside the weights' size (it streams: about one
+shard). Run alone: ``python benchmarks/distributed_bench.py MIB``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Scenarios:
 * ``restore3`` (3 ranks): restore the latest checkpoint (step 1) into a fresh model at 3 ranks
   and write its full state to ``restored3.safetensors``; train a step and save step 2 with 3
   ranks asynchronously (its full state in ``full2.safetensors``), training on at once;
-* ``big2`` (2 ranks): a 64 MiB FSDP2 model saved once (``big/``), for peak-memory tests.
+* ``big2`` (2 ranks): a 64 MiB FSDP2 model and a small one sharded by columns (``Shard(1)``,
+  its full weight in ``columns.safetensors``) saved once (``big/``), for peak-memory tests.
 """
 
 from __future__ import annotations
@@ -139,8 +140,18 @@ def big2(out: Path, rank: int) -> dict[str, Any]:
     for layer in model:
         fully_shard(layer)
     fully_shard(model)
+    # and a small model sharded by columns (tensor parallel style): chunks that are not rows
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    columns = nn.Linear(8, 6, bias=False)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = columns.weight.detach().clone()
+    columns.weight = nn.Parameter(distribute_tensor(full, mesh, [Shard(1)]))
+    if rank == 0:
+        tk.save({"weight": full}, out / "columns.safetensors")
     with tk.CheckpointManager(out / "big", barrier_timeout=60) as mgr:
-        mgr.save(0, {"model": model})
+        mgr.save(0, {"model": model, "columns": columns})
     return {}
 
 

@@ -66,6 +66,7 @@ from torchkeep.format._run import (
     system_info,
 )
 from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
+from torchkeep.format._sharded_write import write_sharded
 from torchkeep.format._skeleton import Flattened, flatten
 from torchkeep.format._sources import (
     READERS,
@@ -161,6 +162,7 @@ __all__ = [
     "resolve_path",
     "unflatten",
     "write_artifact",
+    "write_sharded",
     "write_pack",
     "write_torch",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 import torch
@@ -109,7 +110,12 @@ def write_artifact(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> No
     _write_sealed(f, flat.tensors, document)
 
 
-def _write_sealed(f: BinaryIO, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
+def _write_sealed(
+    f: BinaryIO,
+    tensors: dict[str, torch.Tensor],
+    document: dict[str, Any],
+    data: Callable[[str], Iterable[memoryview]] | None = None,
+) -> None:
     """Write a torchkeep safetensors file whose header carries a digest of itself."""
 
     def sealed(entries: dict[str, Any]) -> dict[str, str]:
@@ -119,7 +125,10 @@ def _write_sealed(f: BinaryIO, tensors: dict[str, torch.Tensor], document: dict[
         metadata = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
         return {**metadata, DIGEST_KEY: layout_digest(entries, metadata)}
 
-    write_safetensors(f, tensors, sealed)
+    if data is None:
+        write_safetensors(f, tensors, sealed)
+    else:
+        write_safetensors(f, tensors, sealed, data)
 
 
 def write_pack(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:

@@ -310,12 +310,14 @@ def write_safetensors(
     f: BinaryIO,
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | Callable[[dict[str, Any]], dict[str, str]],
+    data: Callable[[str], Iterable[memoryview]] | None = None,
 ) -> None:
     """Stream ``tensors`` to ``f`` in the safetensors layout.
 
     Tensors whose dtype safetensors does not know are written as raw ``U8`` bytes (see
     :func:`raw_dtypes`). ``metadata`` may be a function of the tensor entries (dtype, shape,
-    data_offsets by key), for metadata that seals the layout.
+    data_offsets by key), for metadata that seals the layout. ``data(key)``, when given, yields
+    the bytes of tensor ``key`` in pieces (the table then gives only dtypes and shapes).
     """
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps key order
     header: dict[str, Any] = {}
@@ -344,7 +346,15 @@ def write_safetensors(
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for key in order:
-        f.write(tensor_bytes(tensors[key]))
+        if data is None:
+            f.write(tensor_bytes(tensors[key]))
+            continue
+        written = 0
+        for piece in data(key):
+            f.write(piece)
+            written += memoryview(piece).nbytes
+        if written != header[key]["data_offsets"][1] - header[key]["data_offsets"][0]:
+            raise ValueError(f"tensor {key!r}: {written} bytes written, not its size")
 
 
 def canonical_header(header: dict[str, Any]) -> bytes:

@@ -131,7 +131,7 @@ def assemble(
     only: Callable[[str], bool] | None = None,
     release: Callable[[str, torch.Tensor], None] | None = None,
     finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    meta: bool = False,
+    placeholder: Callable[[str, Mapping[str, Any]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The full state of a sharded checkpoint as one nested dict.
 
@@ -140,8 +140,8 @@ def assemble(
     peak is the full tensors plus one chunk. Each full tensor is allocated once and filled chunk
     by chunk (every element covered once), then passed through ``finish`` (a cast, a move)
     before the next is assembled. ``only(top_key)`` restricts it to some top-level entries.
-    With ``meta``, tensors are ``meta`` tensors of their dtype and shape, and nothing is read
-    (to describe a checkpoint: ``inspect``).
+    With ``placeholder(fqn, spec)``, each full tensor is what it gives and nothing is read (a
+    ``meta`` tensor to describe a checkpoint, ``inspect``; a stand-in ``convert`` streams).
     """
     flat: dict[str, Any] = {}
     paths = doc.get("paths", {})
@@ -152,14 +152,18 @@ def assemble(
         if "value" in entry:
             flat[fqn] = value_of(entry, fqn, source)
             continue
-        if meta:
-            spec = entry["tensor"]
-            dtype = tensor_dtype_from_name(spec["dtype"], path=source, key=fqn)
-            flat[fqn] = torch.empty([int(n) for n in spec["size"]], dtype=dtype, device="meta")
+        if placeholder is not None:
+            flat[fqn] = placeholder(fqn, entry["tensor"])
             continue
         full = full_tensor(entry["tensor"], fqn, shard, source=source, release=release)
         flat[fqn] = full if finish is None else finish(full)
     return nest(flat, paths)
+
+
+def meta_tensor(fqn: str, spec: Mapping[str, Any], source: str | None = None) -> torch.Tensor:
+    """A ``meta`` tensor of a full tensor's dtype and shape (no data)."""
+    dtype = tensor_dtype_from_name(spec["dtype"], path=source, key=fqn)
+    return torch.empty([int(n) for n in spec["size"]], dtype=dtype, device="meta")
 
 
 def full_tensor(

@@ -45,7 +45,7 @@ from torchkeep.format._readers import (
 from torchkeep.format._registry import parse_registry_reference
 from torchkeep.format._registry_source import RegistrySource
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
-from torchkeep.format._sharded import assemble
+from torchkeep.format._sharded import assemble, meta_tensor
 from torchkeep.format._values import plain_values
 from torchkeep.storage import local_path, storage_for
 
@@ -204,7 +204,7 @@ def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
     obj = run.load(manifest, verify=False, shards=False)  # refuses missing packs first
     if manifest.sharded is not None and isinstance(obj, dict):
         # Shards described from their metadata (meta tensors), not assembled: no bytes read.
-        obj.update(assemble(manifest.sharded, _unread, source=str(manifest.path), meta=True))
+        obj.update(assemble(manifest.sharded, _unread, placeholder=meta_tensor))
     try:
         store = storage_for(run.root)
         sizes = {p: store.size(str(run.pack_path(p, manifest))) for p in manifest.packs}
