@@ -9,9 +9,9 @@ of unchanged weights writes nothing in a torchkeep run), and loads read from the
 In the same job, the model sharded with FSDP2 (``fully_shard``): each rank saves its shards
 through torchkeep's DCP writer (``CheckpointManager``) against ``dcp.save`` of the same
 ``get_model_state_dict``, and loads them back (``restore`` against ``dcp.load``). Then one
-process converts the sharded run to a single safetensors file (``torchkeep.convert``), its
-peak resident memory reported beside the weights' size. Run alone:
-``python benchmarks/distributed_bench.py MIB``.
+process converts the sharded run to a single safetensors file (``torchkeep.convert``), the
+growth of its peak resident memory reported beside the weights' size (it streams: about one
+shard). Run alone: ``python benchmarks/distributed_bench.py MIB``.
 """
 
 from __future__ import annotations
@@ -116,24 +116,31 @@ def _sharded(mib: int, repeat: int, out: Path) -> dict[str, list[float]]:
 
 
 def _convert(out: Path) -> dict[str, Any]:
-    """One process converts the sharded run to one file: seconds and peak RSS (a child)."""
+    """One process converts the sharded run to one file: seconds and peak RSS growth (a child).
+
+    The growth is VmHWM after the conversion less the RSS before it, the high-water mark reset
+    first (``/proc/self/clear_refs``) so that the peak of the imports is not counted.
+    """
     code = (
-        "import resource,sys,time,torchkeep as tk;t=time.perf_counter();"
-        "tk.convert(sys.argv[1]+'@latest',sys.argv[2]);"
-        "print(time.perf_counter()-t,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    base = (
-        "import resource,torch,torchkeep;"
-        "print(0,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import sys,time,torchkeep as tk\n"
+        "def hwm(reset=False):\n"
+        "    if reset:\n"
+        "        try:\n"
+        "            open('/proc/self/clear_refs','w').write('5')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') "
+        "if l.startswith('VmHWM'))\n"
+        "before=hwm(True);t=time.perf_counter()\n"
+        "tk.convert(sys.argv[1]+'@latest',sys.argv[2])\n"
+        "print(time.perf_counter()-t,hwm()-before)\n"
     )
     target = str(out / "converted.safetensors")
     run = [sys.executable, "-c", code, str(out / "sharded"), target]
-    seconds, peak = subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()
-    empty = subprocess.run([sys.executable, "-c", base], capture_output=True, text=True, check=True)
-    _, idle = empty.stdout.split()
+    seconds, grown = subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()
     return {
         "convert_seconds": round(float(seconds), 4),
-        "convert_peak_extra_mib": round((int(peak) - int(idle)) / 1024, 1),  # over import torch
+        "convert_peak_extra_mib": round(int(grown) / 1024, 1),  # over the RSS before it
     }
 
 
@@ -198,7 +205,7 @@ def print_distributed(res: dict[str, Any]) -> None:
         )
     print(
         f"  one process converts the sharded run to one file: {res['convert_seconds']:.3f} s, "
-        f"peak memory {res['convert_peak_extra_mib']} MiB over an idle process "
+        f"peak memory {res['convert_peak_extra_mib']} MiB over the process before it "
         f"(weights {res['mib']} MiB)"
     )
 

@@ -7,7 +7,9 @@ Scenarios:
   then rank 1 is SIGKILLed inside its shard write of step 2;
 * ``restore3`` (3 ranks): restore the latest checkpoint (step 1) into a fresh model at 3 ranks
   and write its full state to ``restored3.safetensors``; train a step and save step 2 with 3
-  ranks asynchronously (its full state in ``full2.safetensors``), training on at once.
+  ranks asynchronously (its full state in ``full2.safetensors``), training on at once;
+* ``big2`` (2 ranks): a 64 MiB FSDP2 model and a small one sharded by columns (``Shard(1)``,
+  its full weight in ``columns.safetensors``) saved once (``big/``), for peak-memory tests.
 """
 
 from __future__ import annotations
@@ -126,12 +128,39 @@ def restore3(out: Path, rank: int) -> dict[str, Any]:
     }
 
 
+BIG_MIB = 64
+
+
+def big2(out: Path, rank: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    side = 2048  # 4 layers of 2048 x 2048 float32 weights: 16 MiB each
+    model = nn.Sequential(*(nn.Linear(side, side, bias=False) for _ in range(BIG_MIB // 16)))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    # and a small model sharded by columns (tensor parallel style): chunks that are not rows
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    columns = nn.Linear(8, 6, bias=False)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = columns.weight.detach().clone()
+    columns.weight = nn.Parameter(distribute_tensor(full, mesh, [Shard(1)]))
+    if rank == 0:
+        tk.save({"weight": full}, out / "columns.safetensors")
+    with tk.CheckpointManager(out / "big", barrier_timeout=60) as mgr:
+        mgr.save(0, {"model": model, "columns": columns})
+    return {}
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
-        result = {"save2": save2, "restore3": restore3}[scenario](out, rank)
+        result = {"save2": save2, "restore3": restore3, "big2": big2}[scenario](out, rank)
     except BaseException:
         result = {"error": traceback.format_exc()}
     (out / f"rank{rank}.json").write_text(json.dumps(result))

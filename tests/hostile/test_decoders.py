@@ -265,7 +265,7 @@ def test_manifest_files_named_with_endless_digits_are_not_steps(tmp_path: Path) 
 
 
 def test_json_1e999_is_refused_not_infinity(tmp_path: Path) -> None:
-    from torchkeep.format._safetensors import parse_json
+    from torchkeep.format._json import parse_json
 
     with pytest.raises(tk.CorruptCheckpointError, match="out of range"):
         parse_json(b'{"x": 1e999}', what="manifest", path="m.json")
@@ -301,7 +301,7 @@ def test_json_documents_are_bounded_in_size_containers_and_depth(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from torchkeep.format import _safetensors
-    from torchkeep.format._safetensors import JSON_MAX_DEPTH, parse_json
+    from torchkeep.format._json import JSON_MAX_DEPTH, parse_json
 
     with pytest.raises(tk.CorruptCheckpointError, match="over the 10-byte limit"):
         parse_json(b'{"a": [1, 2, 3]}', what="manifest", path="m.json", max_bytes=10)

@@ -27,6 +27,7 @@ from torchkeep.format._hash import (
     tensor_hash,
 )
 from torchkeep.format._info import CheckpointInfo, FileCheck, FileInfo, TensorInfo
+from torchkeep.format._json import parse_json
 from torchkeep.format._location import MapLocation, map_tensors, relocate
 from torchkeep.format._readers import Source
 from torchkeep.format._registry import (
@@ -65,7 +66,8 @@ from torchkeep.format._run import (
     set_default_ranking,
     system_info,
 )
-from torchkeep.format._safetensors import parse_json, read_into, tensor_bytes, write_safetensors
+from torchkeep.format._safetensors import read_into, tensor_bytes, write_safetensors
+from torchkeep.format._sharded_write import write_sharded
 from torchkeep.format._skeleton import Flattened, flatten
 from torchkeep.format._sources import (
     READERS,
@@ -161,6 +163,7 @@ __all__ = [
     "resolve_path",
     "unflatten",
     "write_artifact",
+    "write_sharded",
     "write_pack",
     "write_torch",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 import torch
@@ -26,6 +26,7 @@ from torchkeep.format._deferred import current as current_deferred
 from torchkeep.format._direct import track
 from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import hash_matches, tensor_hash
+from torchkeep.format._json import parse_json
 from torchkeep.format._location import MapLocation
 from torchkeep.format._rebuild import rebuild
 from torchkeep.format._safetensors import (
@@ -33,7 +34,6 @@ from torchkeep.format._safetensors import (
     canonical_header,
     header_entries,
     layout_digest,
-    parse_json,
     raw_dtypes,
     read_header,
     write_safetensors,
@@ -112,7 +112,12 @@ def write_artifact(obj: Any, f: BinaryIO, metadata: dict[str, Any] | None) -> No
     _write_sealed(f, flat.tensors, document)
 
 
-def _write_sealed(f: BinaryIO, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
+def _write_sealed(
+    f: BinaryIO,
+    tensors: dict[str, torch.Tensor],
+    document: dict[str, Any],
+    data: Callable[[str], Iterable[memoryview]] | None = None,
+) -> None:
     """Write a torchkeep safetensors file whose header carries a digest of itself."""
 
     def sealed(entries: dict[str, Any]) -> dict[str, str]:
@@ -122,7 +127,10 @@ def _write_sealed(f: BinaryIO, tensors: dict[str, torch.Tensor], document: dict[
         metadata = {"format": "pt", METADATA_KEY: json.dumps(document, separators=(",", ":"))}
         return {**metadata, DIGEST_KEY: layout_digest(entries, metadata)}
 
-    write_safetensors(f, tensors, sealed)
+    if data is None:
+        write_safetensors(f, tensors, sealed)
+    else:
+        write_safetensors(f, tensors, sealed, data)
 
 
 def write_pack(f: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ from torchkeep.format._detect import MODEL_FILE
 from torchkeep.format._dtypes import dtype_name
 from torchkeep.format._hash import seal_ok
 from torchkeep.format._info import TensorInfo
-from torchkeep.format._safetensors import parse_json
+from torchkeep.format._json import parse_json
 from torchkeep.format._unflatten import unflatten
 from torchkeep.format._values import optimizer_tensor_paths
 from torchkeep.storage import storage_for
@@ -120,7 +120,9 @@ def describe(obj: Any) -> list[TensorInfo]:
     optimizer = optimizer_tensor_paths(obj)
     for name, x in tensors_by_path(obj).items():
         storage = x.untyped_storage()
-        ident = (str(x.device), storage.data_ptr()) if storage.nbytes() else None
+        # a meta tensor (a shard described, not read) has no data to share
+        real = storage.nbytes() and x.device.type != "meta"
+        ident = (str(x.device), storage.data_ptr()) if real else None
         owner = owners.get(ident) if ident else None
         if ident and owner is None:
             owners[ident] = name

@@ -20,7 +20,10 @@ Non-tensor values (DCP's bytes items, which it would ``torch.save``) are stored 
 skeleton of plain values; an object that has none is refused when saved.
 
 :func:`assemble` rebuilds the full state in one process, one full tensor at a time, from shards
-that are memory-mapped: peak memory stays near one copy of the weights.
+that are memory-mapped: each chunk is hash-checked where it lies in its pack, copied into its
+slice of the preallocated full tensor, and its pages dropped at once (``madvise``), so a load
+holds one copy of the weights plus one chunk. :func:`full_tensor` assembles one tensor alone,
+for writers that stream a checkpoint tensor by tensor (``convert``).
 """
 
 from __future__ import annotations
@@ -126,12 +129,19 @@ def assemble(
     *,
     source: str | None = None,
     only: Callable[[str], bool] | None = None,
+    release: Callable[[str, torch.Tensor], None] | None = None,
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    placeholder: Callable[[str, Mapping[str, Any]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The full state of a sharded checkpoint as one nested dict.
 
-    ``shard(ref)`` gives a chunk (checked against its hash by the caller). Each full tensor is
-    allocated once and filled chunk by chunk; every chunk's elements must be covered once.
-    ``only(top_key)`` restricts it to some top-level entries.
+    ``shard(ref)`` gives a chunk (checked against its hash by the caller), mapped from its
+    pack; once copied into its place, ``release(ref, chunk)`` may drop its pages, so that the
+    peak is the full tensors plus one chunk. Each full tensor is allocated once and filled chunk
+    by chunk (every element covered once), then passed through ``finish`` (a cast, a move)
+    before the next is assembled. ``only(top_key)`` restricts it to some top-level entries.
+    With ``placeholder(fqn, spec)``, each full tensor is what it gives and nothing is read (a
+    ``meta`` tensor to describe a checkpoint, ``inspect``; a stand-in ``convert`` streams).
     """
     flat: dict[str, Any] = {}
     paths = doc.get("paths", {})
@@ -142,21 +152,45 @@ def assemble(
         if "value" in entry:
             flat[fqn] = value_of(entry, fqn, source)
             continue
-        t = entry["tensor"]
-        dtype = tensor_dtype_from_name(t["dtype"], path=source, key=fqn)
-        size = [int(n) for n in t["size"]]
-        full = torch.empty(size, dtype=dtype)
-        covered = 0
-        for chunk in t["chunks"]:
-            region = full
-            for dim, (start, n) in enumerate(zip(chunk["offsets"], chunk["sizes"], strict=True)):
-                region = region.narrow(dim, int(start), int(n))
-            region.copy_(shard(chunk["ref"]).reshape(region.shape))
-            covered += math.prod(chunk["sizes"])
-        if covered != full.numel():
-            raise _bad(source, f"the chunks of {fqn!r} cover {covered} of {full.numel()}", fqn)
-        flat[fqn] = full
+        if placeholder is not None:
+            flat[fqn] = placeholder(fqn, entry["tensor"])
+            continue
+        full = full_tensor(entry["tensor"], fqn, shard, source=source, release=release)
+        flat[fqn] = full if finish is None else finish(full)
     return nest(flat, paths)
+
+
+def meta_tensor(fqn: str, spec: Mapping[str, Any], source: str | None = None) -> torch.Tensor:
+    """A ``meta`` tensor of a full tensor's dtype and shape (no data)."""
+    dtype = tensor_dtype_from_name(spec["dtype"], path=source, key=fqn)
+    return torch.empty([int(n) for n in spec["size"]], dtype=dtype, device="meta")
+
+
+def full_tensor(
+    spec: Mapping[str, Any],
+    fqn: str,
+    shard: Callable[[str], torch.Tensor],
+    *,
+    source: str | None = None,
+    release: Callable[[str, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """One full tensor of a sharded checkpoint (its ``"tensor"`` entry), filled from its chunks."""
+    dtype = tensor_dtype_from_name(spec["dtype"], path=source, key=fqn)
+    full = torch.empty([int(n) for n in spec["size"]], dtype=dtype)
+    covered = 0
+    for chunk in spec["chunks"]:
+        region = full
+        for dim, (start, n) in enumerate(zip(chunk["offsets"], chunk["sizes"], strict=True)):
+            region = region.narrow(dim, int(start), int(n))
+        src = shard(chunk["ref"])
+        region.copy_(src.reshape(region.shape))
+        if release is not None:
+            release(chunk["ref"], src)
+        del src
+        covered += math.prod(chunk["sizes"])
+    if covered != full.numel():
+        raise _bad(source, f"the chunks of {fqn!r} cover {covered} of {full.numel()}", fqn)
+    return full
 
 
 def nest(flat: dict[str, Any], paths: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from torchkeep.format._readers import (
 from torchkeep.format._registry import parse_registry_reference
 from torchkeep.format._registry_source import RegistrySource
 from torchkeep.format._run import Manifest, RunReader, load_reference, parse_reference
+from torchkeep.format._sharded import assemble, meta_tensor
 from torchkeep.format._values import plain_values
 from torchkeep.storage import local_path, storage_for
 
@@ -195,8 +196,15 @@ def inspect_file(path: str | os.PathLike[str]) -> CheckpointInfo:
     return open_source(path).info()
 
 
+def _unread(ref: str) -> torch.Tensor:
+    raise AssertionError(f"shard {ref!r} read while only described")
+
+
 def _run_info(run: RunReader, manifest: Manifest) -> CheckpointInfo:
-    obj = run.load(manifest, verify=False)  # refuses missing packs first
+    obj = run.load(manifest, verify=False, shards=False)  # refuses missing packs first
+    if manifest.sharded is not None and isinstance(obj, dict):
+        # Shards described from their metadata (meta tensors), not assembled: no bytes read.
+        obj.update(assemble(manifest.sharded, _unread, placeholder=meta_tensor))
     try:
         store = storage_for(run.root)
         sizes = {p: store.size(str(run.pack_path(p, manifest))) for p in manifest.packs}

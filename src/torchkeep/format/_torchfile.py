@@ -51,12 +51,12 @@ from torchkeep.errors import (
 )
 from torchkeep.format._artifact import check_format_version, metadata_json
 from torchkeep.format._hash import hash_matches, seal_json, seal_ok, tensor_hash
+from torchkeep.format._json import parse_json
 from torchkeep.format._location import MapLocation
 from torchkeep.format._pickle_allow import is_allowed_global
 from torchkeep.format._pickle_files import open_zip, read_member, scan_file
 from torchkeep.format._pickle_scan import scan_pickle_bytes
 from torchkeep.format._safe_values import SAFE_VALUE_GLOBALS, rebuilding_safe_values, resolve
-from torchkeep.format._safetensors import parse_json
 from torchkeep.format._skeleton import flatten
 from torchkeep.format._versions import version_block
 from torchkeep.storage import is_url, storage_for

@@ -17,6 +17,11 @@ from torchkeep.errors import (
 )
 from torchkeep.format import (
     CheckpointInfo,
+    Format,
+    Manifest,
+    RunReader,
+    load_reference,
+    write_sharded,
 )
 from torchkeep.io._inspect import inspect
 from torchkeep.io._load import load
@@ -25,7 +30,7 @@ from torchkeep.state import (
     adapt_keys,
     find_state,
 )
-from torchkeep.storage import local_path
+from torchkeep.storage import local_path, storage_for
 from torchkeep.storage._location import with_options
 
 #: The suffixes ``convert`` writes, and the format each gives.
@@ -85,11 +90,17 @@ def convert(
     """
     source = with_options(source, storage_options)
     destination = with_options(destination, storage_options)
-    _check_convert_suffix(local_path(destination))
-    obj = load(source, dtype=dtype)
+    target = local_path(destination)
+    _check_convert_suffix(target)
+    reshaped = strip_prefix is not None or rename or only
     info = inspect(source)
     metadata = {**info.metadata, "converted_from": os.fspath(source)}
-    if strip_prefix is not None or rename or only:
+    streams = not reshaped and CONVERT_SUFFIXES[target.suffix.lower()] == "safetensors"
+    run = streams and info.format == Format.RUN.value
+    if run and _stream_sharded(info.path, target, metadata, dtype):  # sharded: tensor by tensor
+        return inspect(destination)
+    obj = load(source, dtype=dtype)
+    if reshaped:
         state, _ = find_state(set(), obj)
         patterns = [only] if isinstance(only, str) else list(only or [])
         keys = [
@@ -106,3 +117,22 @@ def convert(
         obj = {mapping[k]: state[k] for k in keys}
     save(obj, destination, metadata=metadata)
     return inspect(destination)
+
+
+def _stream_sharded(
+    reference: str, target: Path, metadata: dict[str, Any], dtype: torch.dtype | None
+) -> bool:
+    """Write a run checkpoint saved in shards to ``target`` tensor by tensor (never assembled
+    whole, ``format/_sharded_write.py``); False when the checkpoint is not sharded."""
+
+    def write(run: RunReader, manifest: Manifest) -> bool:
+        if manifest.sharded is None:
+            return False
+        storage_for(target).write_atomic(
+            str(target),
+            lambda f: write_sharded(f, run, manifest, metadata, dtype=dtype),
+            sequential=True,
+        )
+        return True
+
+    return bool(load_reference(reference, write))

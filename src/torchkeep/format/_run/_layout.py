@@ -19,7 +19,8 @@ from typing import BinaryIO
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.format._artifact import METADATA_KEY, PACK_KIND
 from torchkeep.format._confine import lstat_inside
-from torchkeep.format._safetensors import HEADER_LIMIT, parse_json
+from torchkeep.format._json import parse_json
+from torchkeep.format._safetensors import HEADER_LIMIT
 from torchkeep.storage import local_path, storage_for
 
 RUN_FILE = "torchkeep_run.json"

@@ -31,8 +31,8 @@ from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format._artifact import check_format_version, metadata_json
 from torchkeep.format._dtypes import shape_numel, tensor_dtype_from_name
 from torchkeep.format._hash import seal_json, seal_ok
+from torchkeep.format._json import JSON_LIMIT, parse_json
 from torchkeep.format._run._layout import RUN_FILE
-from torchkeep.format._safetensors import JSON_LIMIT, parse_json
 from torchkeep.format._sharded import check_sharded
 from torchkeep.format._versions import FORMAT_VERSION, version_block
 from torchkeep.storage import storage_for

@@ -12,7 +12,7 @@ from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format._artifact import SafetensorsFile
 from torchkeep.format._deferred import current as current_deferred
 from torchkeep.format._hash import hash_matches
-from torchkeep.format._location import MapLocation, cast, map_tensors, relocate
+from torchkeep.format._location import MapLocation, cast, relocate
 from torchkeep.format._rebuild import rebuild
 from torchkeep.format._run._manifest import Manifest
 from torchkeep.format._sharded import assemble
@@ -103,19 +103,24 @@ def load_state(
         ready=None if deferred is None else lambda t: deferred.materialize([t]),
     )
     if shards and manifest.sharded is not None and isinstance(state, dict):
-        # Saved in shards (FSDP2/DTensor): each full tensor assembled from its chunks.
-        def chunk(key: str) -> torch.Tensor:  # read now: chunks are copied into whole tensors
+        # Saved in shards (FSDP2/DTensor): each full tensor assembled from its chunks. Each
+        # chunk is hashed where it lies in its pack, copied into place, and its pages dropped:
+        # the peak is the full tensors plus one chunk.
+        def chunk(key: str) -> torch.Tensor:  # read now (remote: fetched before the copy)
             t = fetch(key)
             if deferred is not None:
                 deferred.materialize([t])
             return t
 
-        whole = assemble(manifest.sharded, chunk, source=source)
-        if map_location is not None or dtype is not None:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return cast(relocate(t, "cpu", map_location, key="", path=source), dtype)
 
-            def move(t: torch.Tensor) -> torch.Tensor:
-                return cast(relocate(t, "cpu", map_location, key="", path=source), dtype)
+        def release(key: str, t: torch.Tensor) -> None:
+            packs[manifest.tensors[key].pack].mapped.release(t)
 
-            whole = map_tensors(whole, move)
+        moved = map_location is not None or dtype is not None
+        whole = assemble(
+            manifest.sharded, chunk, source=source, release=release, finish=move if moved else None
+        )
         state.update(whole)
     return state
