@@ -300,12 +300,12 @@ def test_a_deep_line_in_the_metrics_history_is_skipped(tmp_path: Path) -> None:
 def test_json_documents_are_bounded_in_size_containers_and_depth(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from torchkeep.format import _safetensors
+    from torchkeep.format import _json
     from torchkeep.format._json import JSON_MAX_DEPTH, parse_json
 
     with pytest.raises(tk.CorruptCheckpointError, match="over the 10-byte limit"):
         parse_json(b'{"a": [1, 2, 3]}', what="manifest", path="m.json", max_bytes=10)
-    monkeypatch.setattr(_safetensors, "JSON_MAX_CONTAINERS", 100)
+    monkeypatch.setattr(_json, "JSON_MAX_CONTAINERS", 100)
     with pytest.raises(tk.CorruptCheckpointError, match="objects and arrays"):
         parse_json(b"[" + b"[]," * 200 + b"[]]", what="manifest", path="m.json")
     monkeypatch.undo()

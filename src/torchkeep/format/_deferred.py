@@ -38,26 +38,50 @@ from torchkeep.format._safetensors import MappedFile
 Check = Callable[[torch.Tensor], None]
 """Raises ``CorruptCheckpointError`` when the fetched bytes of a tensor are not as recorded."""
 
-_CURRENT: ContextVar[Deferred | None] = ContextVar("torchkeep_deferred", default=None)
+
+@dataclass
+class _Slot:
+    """What a context variable holds: emptied on exit, because contexts copied meanwhile live on.
+
+    asyncio copies the caller's context into every callback it schedules, so fsspec's event
+    loop thread (a daemon) keeps copies of it. Were the :class:`Deferred` itself in the variable,
+    those copies would keep its tensors alive until that thread clears them while Python shuts
+    down, and a tensor freed then aborts the process ("terminate called without an active
+    exception"). The copies keep only the emptied slot.
+    """
+
+    deferred: Deferred | None
+
+
+_CURRENT: ContextVar[_Slot | None] = ContextVar("torchkeep_deferred", default=None)
+
+
+@contextlib.contextmanager
+def _holding(var: ContextVar[_Slot | None], deferred: Deferred) -> Iterator[None]:
+    slot = _Slot(deferred)
+    token = var.set(slot)
+    try:
+        yield
+    finally:
+        slot.deferred = None
+        var.reset(token)
 
 
 @contextlib.contextmanager
 def deferring() -> Iterator[Deferred]:
     """Readers called inside defer the fetch (and hash check) of remote tensors to the caller."""
     deferred = Deferred()
-    token = _CURRENT.set(deferred)
-    try:
+    with _holding(_CURRENT, deferred):
         yield deferred
-    finally:
-        _CURRENT.reset(token)
 
 
 def current() -> Deferred | None:
     """The :class:`Deferred` of the enclosing :func:`deferring`, if any."""
-    return _CURRENT.get()
+    slot = _CURRENT.get()
+    return None if slot is None else slot.deferred
 
 
-_USED: ContextVar[Deferred | None] = ContextVar("torchkeep_deferred_used", default=None)
+_USED: ContextVar[_Slot | None] = ContextVar("torchkeep_deferred_used", default=None)
 
 
 @contextlib.contextmanager
@@ -65,16 +89,14 @@ def handing_on(deferred: Deferred) -> Iterator[None]:
     """Tell the code that hands a deferred load's state on (``state.restore_app``, several
     layers down from ``CheckpointManager.restore``) which tensors it must materialize first.
     Readers ignore this: loads inside it are not deferred."""
-    token = _USED.set(deferred)
-    try:
+    with _holding(_USED, deferred):
         yield
-    finally:
-        _USED.reset(token)
 
 
 def handed_on() -> Deferred | None:
     """The :class:`Deferred` of the enclosing :func:`handing_on`, if any."""
-    return _USED.get()
+    slot = _USED.get()
+    return None if slot is None else slot.deferred
 
 
 def _key(t: torch.Tensor) -> int:
