@@ -41,7 +41,7 @@ class PackReader(StorageReader):
         pass
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return to_metadata(self.doc)  # type: ignore[no-any-return]
+        return to_metadata(self.doc)  # type: ignore[no-any-return]  # DCP's Metadata, typed Any here
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *a: Any) -> None:
         pass

@@ -88,6 +88,7 @@ class PackWriter(StorageWriter):
             if item.type == WriteItemType.BYTE_IO:
                 if self.skip_replicated:
                     continue
+                # lookup_object is on DefaultSavePlanner, not on the SavePlanner protocol
                 value = planner.lookup_object(item.index)  # type: ignore[attr-defined]
                 try:
                     flat = flatten(value)

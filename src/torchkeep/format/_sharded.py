@@ -202,7 +202,7 @@ def nest(flat: dict[str, Any], paths: Mapping[str, Any]) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
-    return _lists(out)  # type: ignore[no-any-return]
+    return _lists(out)  # type: ignore[no-any-return]  # _lists returns Any; the top is a dict
 
 
 def _lists(node: Any) -> Any:
