@@ -88,8 +88,8 @@ class PackWriter(StorageWriter):
             if item.type == WriteItemType.BYTE_IO:
                 if self.skip_replicated:
                     continue
-                # lookup_object is on DefaultSavePlanner, not on the SavePlanner protocol
-                value = planner.lookup_object(item.index)  # type: ignore[attr-defined]
+                # lookup_object: DefaultSavePlanner's, not in the SavePlanner protocol
+                value = planner.lookup_object(item.index)  # type: ignore[attr-defined]  # see above
                 try:
                     flat = flatten(value)
                 except UnsupportedValueError as exc:
