@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,22 @@ def test_every_dtype_readable_by_safetensors(tmp_path: Path, dtype: torch.dtype)
     else:
         assert plain["w"].dtype == torch.uint8
         assert torch.equal(plain["w"].reshape(-1), t.reshape(-1).view(torch.uint8))
+
+
+def test_loading_complex32_views_warns_nothing(tmp_path: Path) -> None:
+    """Rebuilding a view allocated an empty complex32 tensor, and torch warned that the dtype is
+    experimental: an error for users running with ``-W error``. Torch warns once per process,
+    so a fresh one."""
+    code = (
+        "import sys, torch, torchkeep as tk\n"
+        "x = torch.arange(16, dtype=torch.float32).view(torch.complex32)\n"
+        "tk.save({'x': x, 'part': x[2:5]}, sys.argv[1])\n"
+        "out = tk.load(sys.argv[1])\n"
+        "assert torch.equal(out['part'].view(torch.float32), x[2:5].view(torch.float32))\n"
+        "assert out['part'].untyped_storage().data_ptr() == out['x'].untyped_storage().data_ptr()\n"
+    )
+    path = tmp_path / "c.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code, str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
