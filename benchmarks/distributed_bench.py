@@ -74,7 +74,12 @@ def _rank(mib: int, repeat: int, out: Path) -> None:
     times.update(_sharded(mib, repeat, out))
     (out / f"rank{rank}.json").write_text(json.dumps(times))
     dist.barrier()
-    dist.destroy_process_group()
+    # No destroy_process_group: a gloo rank whose peer has already left can abort in it
+    # ("terminate called without an active exception", seen once in CI), and with the results
+    # written nothing is left to say to the other rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _sharded(mib: int, repeat: int, out: Path) -> dict[str, list[float]]:
@@ -156,9 +161,11 @@ def bench_distributed(root: Path, mib: int, repeat: int) -> dict[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logs = [(out / f"rank{r}.log").open("w") for r in range(2)]
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--rank", str(mib), str(repeat), str(out)],
+            stderr=logs[r],
             env={
                 **os.environ,
                 "RANK": str(r),
@@ -170,8 +177,15 @@ def bench_distributed(root: Path, mib: int, repeat: int) -> dict[str, Any]:
         )
         for r in range(2)
     ]
-    if any(p.wait(timeout=900) != 0 for p in procs):
-        raise RuntimeError("a rank of the distributed benchmark failed")
+    codes = [p.wait(timeout=900) for p in procs]
+    for log in logs:
+        log.close()
+    if any(codes):
+        said = "".join(
+            f"\n-- rank {r} (exit {code}):\n{(out / f'rank{r}.log').read_text()[-3000:]}"
+            for r, code in enumerate(codes)
+        )
+        raise RuntimeError(f"a rank of the distributed benchmark failed{said}")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     result: dict[str, Any] = {"mib": mib, "world_size": 2, "backend": "gloo"}
     for key in ranks[0]:
