@@ -96,7 +96,7 @@ def _targets(
         ),
         Target(
             "(6e) staging_limit peak host memory / limit",
-            bounded["peak_mib_above_loop"] / limit,
+            max(bounded["peak_mib_above_loop"], 0.0) / limit,  # as (6d)
             1.0,
             detail=f"[{bounded['peak_mib_above_loop']:.0f} MiB vs {limit:.0f} MiB, "
             f"stall {bounded['steady_stall'] * 1e3:.1f} ms]",

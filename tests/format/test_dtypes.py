@@ -126,3 +126,13 @@ def test_loading_complex32_views_warns_nothing(tmp_path: Path) -> None:
         [sys.executable, "-W", "error", "-c", code, str(path)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_view_whose_base_starts_between_its_elements_gets_the_right_bytes() -> None:
+    """A base that starts 2 bytes into its storage, viewed as float32: copied, not floored."""
+    from torchkeep.format._rebuild import _view_of
+
+    base = torch.arange(8, dtype=torch.int16)[1:]
+    view = {"offset": 4, "shape": [2], "stride": [1], "dtype": "float32"}
+    out = _view_of(base, view, key="k", path=None)
+    assert torch.equal(out.view(torch.int16), base[2:6])

@@ -104,15 +104,10 @@ def _view_of(base: torch.Tensor, view: Any, *, key: str, path: str | None) -> to
             f"a view of tensor {key!r} reaches past its {base_bytes} bytes", path=path, key=key
         )
     start = base.storage_offset() * base.element_size() + offset
-    if start % dtype.itemsize:
-        raise CorruptCheckpointError(
-            f"a view of tensor {key!r} starts at byte {start}, not a multiple of its "
-            f"{dtype.itemsize}-byte elements",
-            path=path,
-            key=key,
-        )
     # Bytes first, then the view's dtype: torch.empty(dtype=complex32) would warn that the
     # dtype is experimental (an error under -W error) though nothing is allocated here.
     raw = torch.empty(0, dtype=torch.uint8, device=base.device).set_(base.untyped_storage())
+    if start % dtype.itemsize:  # between two elements of the view's dtype: a copy of its bytes
+        raw, start = raw[start : start + extent].clone(), 0
     usable = raw.numel() - raw.numel() % dtype.itemsize
     return raw[:usable].view(dtype).as_strided(shape, stride, start // dtype.itemsize)
