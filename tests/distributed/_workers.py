@@ -9,6 +9,7 @@ Scenarios:
 * ``crash``: rank 0 of a run locked by another process fails, and rank 1 gets its error at once;
   then on a second run step 0 commits, rank 0 fails to save step 1 (an unstorable value), and
   rank 1 is SIGKILLed while saving step 2.
+  At the end of ``resume``, rank 0 checkpoints alone (``alone``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,26 @@ def resume(out: Path, rank: int) -> dict[str, Any]:
         "resumed": resumed,
         "async": [record.step if record else None, steps],
         "fsdp": fsdp_dcp(out, rank),  # same processes: one launch less
+        "alone": alone(out) if rank == 0 else {},
     }
+
+
+def alone(out: Path) -> dict[str, Any]:
+    """Rank 0 alone checkpoints (rank 1 builds no manager): with ``distributed=False`` it just
+    works; without, its first save fails naming rank 1, and close() does not wait again."""
+    app = {"model": nn.Linear(8, 4), "rng": tk.RNGState(), "step": 0}
+    t0 = time.monotonic()
+    with tk.CheckpointManager(out / "alone", distributed=False, barrier_timeout=60) as mgr:
+        mgr.save(0, app)
+        mgr.save(1, app)
+    result: dict[str, Any] = {"seconds": time.monotonic() - t0}
+    t0 = time.monotonic()
+    try:
+        with tk.CheckpointManager(out / "forgot", barrier_timeout=3) as mgr:
+            mgr.save(0, app)
+    except tk.DistributedError as exc:
+        result["forgot"] = [str(exc), time.monotonic() - t0]
+    return result
 
 
 def crash(out: Path, rank: int) -> dict[str, Any]:

@@ -124,14 +124,44 @@ def test_a_rank_that_does_not_arrive_is_named() -> None:
     )
     group = RankGroup(rank=0, world_size=3, store=store, timeout=0.5, prefix="t")
     group_1 = RankGroup(rank=1, world_size=3, store=store, timeout=0.5, prefix="t")
+    group_2 = RankGroup(rank=2, world_size=3, store=store, prefix="t")
+    group_1.announce()  # both built their managers (ranks do at construction)
+    group_2.announce()
     group_1.post("t/k", {"step": 1})
     t0 = time.monotonic()
     with pytest.raises(tk.DistributedError, match=r"rank 2 did not arrive .* within 0.5 s"):
         group.gather("t/k", [1, 2], "with its part")
     assert time.monotonic() - t0 < 3
-    RankGroup(rank=2, world_size=3, store=store, prefix="t").post("t/k", {"error": "Boom: disk"})
+    group_2.post("t/k", {"error": "Boom: disk"})
     with pytest.raises(tk.DistributedError, match=r"rank 2 failed with its part: Boom: disk"):
         group.gather("t/k", [1, 2], "with its part")
+
+
+def test_a_rank_that_never_built_its_manager_is_told_apart() -> None:
+    store = torch.distributed.TCPStore(
+        "127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=5), wait_for_workers=False
+    )
+    group = RankGroup(rank=0, world_size=3, store=store, timeout=0.5, prefix="j")
+    RankGroup(rank=1, world_size=3, store=store, prefix="j").announce()  # built, but late
+    with pytest.raises(tk.DistributedError) as caught:
+        group.gather("j/k", [1, 2], "with its part")
+    assert "rank 2 of 3 never built a CheckpointManager" in str(caught.value)
+    assert "distributed=False" in str(caught.value)
+    assert group.broken  # close() will not wait for it again
+
+
+def test_one_rank_checkpoints_alone(resumed: tuple[Path, list[Any]]) -> None:
+    run, results = resumed
+    alone = results[0]["alone"]
+    assert alone["seconds"] < 30  # no meeting: it waited for no one
+    assert [
+        r.step for r in tk.CheckpointManager(run.parent / "alone", read_only=True).checkpoints
+    ] == [0, 1]
+    assert RANKS_KEY not in tk.load(f"{run.parent / 'alone'}@latest")
+    message, seconds = alone["forgot"]
+    assert "rank 1 of 2 never built a CheckpointManager" in message
+    assert "distributed=False" in message
+    assert seconds < 5.5, "close() waited again for the rank that never came"  # timeout 3 s
 
 
 def test_policy_and_per_rank_arguments_are_checked(tmp_path: Path) -> None:

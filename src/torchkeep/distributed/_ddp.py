@@ -70,13 +70,16 @@ class RankedRun:
         per_rank: Iterable[str],
         rank_state: str,
         read_only: bool = False,
+        alone: bool = False,
     ) -> None:
         self.root = root
         # A read-only manager meets no one: it knows its rank (for restore) but never waits.
-        self.group: RankGroup = current_group(str(root), timeout, meet=not read_only)
+        self.group: RankGroup = current_group(str(root), timeout, meet=not read_only, alone=alone)
         self.per_rank = tuple(per_rank)
         self.rank_state = check_policy(rank_state)
         self._open_key = self.group.next_key("open") if self.group.distributed else ""
+        if self.group.distributed:
+            self.group.announce()
         self._save_key = ""
         # This save's shards (rank 0): what writes them (or has), for the commit.
         self._shards: Callable[[], dict[str, Any]] | None = None
@@ -106,8 +109,10 @@ class RankedRun:
         self.group.gather(self._open_key, [0], "at the run's opening (rank 0 creates the run)")
 
     def closing(self) -> None:
-        """Every rank arrives; rank 0 waits for all, so that its store outlives their reads."""
-        if not self.group.distributed:
+        """Every rank arrives; rank 0 waits for all, so that its store outlives their reads.
+
+        Not after a failed meeting: the rank missing then would be waited for in vain."""
+        if not self.group.distributed or self.group.broken:
             return
         key = self.group.next_key("close")
         self.group.post(key, {})

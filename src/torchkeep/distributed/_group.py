@@ -39,6 +39,8 @@ class RankGroup:
     timeout: float = DEFAULT_TIMEOUT
     prefix: str = ""
     _seq: int = field(default=0, repr=False)
+    broken: bool = field(default=False, repr=False)
+    """A meeting failed (a rank missing or failed): later ones, close()'s, would wait in vain."""
 
     @property
     def writer(self) -> bool:
@@ -52,6 +54,16 @@ class RankGroup:
     def next_key(self, what: str) -> str:
         self._seq += 1
         return f"{self.prefix}/{self._seq}-{what}"
+
+    def announce(self) -> None:
+        """Say that this rank has built its manager (a missing rank's error tells whether)."""
+        self.post(f"{self.prefix}/joined", {})
+
+    def _joined(self, rank: int) -> bool:
+        try:
+            return bool(self.store.check([f"{self.prefix}/joined/{rank}"]))
+        except (RuntimeError, OSError):
+            return True  # the store is gone: say nothing more than "did not arrive"
 
     def post(self, key: str, payload: dict[str, Any]) -> None:
         """Arrive at meeting ``key`` with ``payload`` (JSON)."""
@@ -80,6 +92,7 @@ class RankGroup:
                 raise self._lost(key, exc) from exc
             failed = {r: p["error"] for r, p in got.items() if p.get("error")}
             if failed:
+                self.broken = True
                 r, text = sorted(failed.items())[0]
                 raise DistributedError(
                     f"rank {r} failed {what}: {text}",
@@ -89,6 +102,20 @@ class RankGroup:
             if not pending:
                 return got
             if time.monotonic() > deadline:
+                self.broken = True
+                never = [r for r in pending if not self._joined(r)]
+                if never:
+                    names = ", ".join(map(str, never))
+                    raise DistributedError(
+                        f"rank{'s' if len(never) > 1 else ''} {names} of {self.world_size} never "
+                        f"built a CheckpointManager for this run (waited {self.timeout:g} s "
+                        f"{what})",
+                        key=f"rank {never[0]}",
+                        hint="nothing was committed for this step. In a torch.distributed job "
+                        "every rank builds the manager the same way and calls save() with the "
+                        "same steps; code that checkpoints on one rank only passes "
+                        "CheckpointManager(..., distributed=False) there",
+                    )
                 names = ", ".join(map(str, pending))
                 raise DistributedError(
                     f"rank{'s' if len(pending) > 1 else ''} {names} did not arrive {what} within "
@@ -110,16 +137,21 @@ class RankGroup:
         )
 
 
-def current_group(root: str, timeout: float | None, *, meet: bool = True) -> RankGroup:
+def current_group(
+    root: str, timeout: float | None, *, meet: bool = True, alone: bool = False
+) -> RankGroup:
     """The group of this process: ranks of the default process group, or a world of 1.
 
     ``meet=False``: the ranks, but no store (a read-only manager waits for no one).
+    ``alone=True``: a world of 1 even inside a job (``CheckpointManager(distributed=False)``).
     """
     limit = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if limit <= 0:
         from torchkeep.errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"barrier_timeout must be positive, not {timeout!r}")
+    if alone:
+        return RankGroup(rank=0, world_size=1, timeout=limit)
     try:
         import torch.distributed as dist
         from torch.distributed import distributed_c10d as c10d

@@ -19,10 +19,9 @@ is saved whatever happens: a failure to record the metrics history, to apply ret
 delete unused packs (or of the directory fsync after the rename) is a ``CleanupWarning``, and
 the next save retries that work. ``save`` never reports a committed checkpoint as failed.
 
-The pieces, by concern: ``_writer.py`` (staging, hashing, the commit order), ``_gc.py``
-(deleting a run's files), ``_retention.py`` (what to keep), ``_runfile.py`` (the stored policy
-and its history), ``_aftercommit.py`` (async saves, the metrics history, the warnings after
-a commit), ``_overlap.py`` + ``_staging.py`` + ``_waves.py`` (overlapped and bounded async saves).
+The pieces: ``_writer.py`` (staging, hashing, the commit order), ``_gc.py`` (deleting files),
+``_retention.py`` (what to keep), ``_runfile.py`` (the stored policy), ``_aftercommit.py`` (async
+saves, metrics history, warnings after a commit), ``_overlap.py``/``_staging.py``/``_waves.py``.
 """
 
 from __future__ import annotations
@@ -85,8 +84,9 @@ class CheckpointManager(Pruning, OverlapMethods):
             during the next steps (hooks guard what changes: docs/architecture.md).
         staging_limit: host bytes for async staging; a larger state is staged in waves.
         read_only: open an existing run to list and load only; takes no lock, writes nothing.
-        barrier_timeout, per_rank, rank_state: for ``torch.distributed`` jobs, in which every
-            rank builds its manager the same way and rank 0 commits (``distributed/``).
+        barrier_timeout, per_rank, rank_state, distributed: for ``torch.distributed`` jobs, in
+            which every rank builds its manager the same way and rank 0 commits; with
+            ``distributed=False`` this process alone writes the run (one rank saves).
         storage_options: for a URL (``s3://bucket/run``), its fsspec filesystem's options
             (``endpoint_url``, credentials...); a lease object holds a remote run (format.md).
 
@@ -122,6 +122,7 @@ class CheckpointManager(Pruning, OverlapMethods):
         barrier_timeout: float | None = None,
         per_rank: tuple[str, ...] | list[str] = (),
         rank_state: RankStatePolicy = "strict",
+        distributed: bool = True,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = local_path(directory, storage_options)
@@ -131,6 +132,7 @@ class CheckpointManager(Pruning, OverlapMethods):
             per_rank=per_rank,
             rank_state=rank_state,
             read_only=read_only,
+            alone=not distributed,
         )
         self.read_only = read_only
         self.async_save = async_save
@@ -190,14 +192,12 @@ class CheckpointManager(Pruning, OverlapMethods):
     @property
     def latest(self) -> CheckpointRecord | None:
         """The most recent checkpoint, or ``None`` on an empty run."""
-        records = self.checkpoints
-        return records[-1] if records else None
+        return next(reversed(self.checkpoints), None)
 
     @property
     def best(self) -> CheckpointRecord | None:
         """The best checkpoint by the run's ``monitor``, or ``None``."""
-        records = self.checkpoints
-        return next((r for r in records if "best" in r.kept), None)
+        return next((r for r in self.checkpoints if "best" in r.kept), None)
 
     @property
     def history(self) -> list[dict[str, Any]]:
