@@ -4,7 +4,8 @@ WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. Each rank writes ``rank<r>.json``.
 Scenarios:
 * ``save2`` (2 ranks): an FSDP2 model and Adam train 2 steps, saved through the manager at
   steps 0 and 1 (sharded); rank 0 writes the full state of step 1 to ``full1.safetensors``;
-  then rank 1 is SIGKILLed inside its shard write of step 2;
+  rank 0 alone (``distributed=False``) is refused; then rank 1 is SIGKILLed inside its shard
+  write of step 2;
 * ``restore3`` (3 ranks): restore the latest checkpoint (step 1) into a fresh model at 3 ranks
   and write its full state to ``restored3.safetensors``; train a step and save step 2 with 3
   ranks asynchronously (its full state in ``full2.safetensors``), training on at once;
@@ -82,6 +83,12 @@ def save2(out: Path, rank: int) -> dict[str, Any]:
     for step in (0, 1):
         train_step(app, step)
         mgr.save(step, app, metrics={"loss": 1.0 / (step + 1)})
+    if rank == 0:  # shards need every rank: one rank alone is refused before any collective
+        with tk.CheckpointManager(out / "alone", distributed=False) as alone:
+            try:
+                alone.save(0, app)
+            except tk.InvalidArgumentError as exc:
+                result["alone"] = str(exc)
     full = full_state(app)
     if rank == 0:
         tk.save(full, out / "full1.safetensors")

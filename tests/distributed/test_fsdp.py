@@ -63,6 +63,13 @@ def test_a_rank_killed_mid_sharded_save_commits_nothing(job: tuple[Path, list[An
     assert [r["step"] for r in job[2]] == [1, 1, 1]
 
 
+def test_one_rank_alone_cannot_save_shards(job: tuple[Path, list[Any], Any]) -> None:
+    out, (rank0, _), _ = job
+    assert "sharded entries 'model', 'optimizer' span the job's ranks" in rank0["alone"]
+    assert "without distributed=False" in rank0["alone"]
+    assert not tk.CheckpointManager(out / "alone", read_only=True).checkpoints
+
+
 def test_async_sharded_save_commits_after_every_rank(job: tuple[Path, Any, list[Any]]) -> None:
     for rank in job[2]:  # wait() gave each rank the committed record, on 3 ranks
         assert rank["record"] == 2 and rank["committed"] == [0, 1, 2] and rank["epoch"] == 3

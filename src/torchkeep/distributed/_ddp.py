@@ -36,7 +36,7 @@ from torchkeep.distributed._ranks import (
     unwrapped,
 )
 from torchkeep.distributed._sharded import Hashes, merge, restore_shards, save_shards, sharded_keys
-from torchkeep.errors import DistributedError, StorageError, TorchkeepError
+from torchkeep.errors import DistributedError, InvalidArgumentError, StorageError, TorchkeepError
 from torchkeep.format import (
     PACK_DIR,
     Flattened,
@@ -77,6 +77,7 @@ class RankedRun:
         self.group: RankGroup = current_group(str(root), timeout, meet=not read_only, alone=alone)
         self.per_rank = tuple(per_rank)
         self.rank_state = check_policy(rank_state)
+        self._alone = alone
         self._open_key = self.group.next_key("open") if self.group.distributed else ""
         if self.group.distributed:
             self.group.announce()
@@ -180,6 +181,13 @@ class RankedRun:
         if not self.group.distributed:
             if not sharded:
                 return capture_app(app)
+            if self._alone and _job_size() > 1:
+                raise InvalidArgumentError(
+                    f"the sharded entries {', '.join(map(repr, sharded))} span the job's "
+                    "ranks, so one rank cannot save them alone (distributed=False)",
+                    key=sharded[0],
+                    hint="build the CheckpointManager on every rank without distributed=False",
+                )
             self._shards = save_shards(self.root, step, 0, app, sharded, digests, defer=defer)
             return capture_app({k: v for k, v in app.items() if k not in sharded})
         self._save_key = key = self.group.next_key(f"save-{step}")
@@ -379,3 +387,10 @@ def _ref_fields(ref: TensorRef) -> dict[str, Any]:
 def _text(exc: BaseException) -> str:
     text = exc.message if isinstance(exc, TorchkeepError) else str(exc)
     return f"{type(exc).__name__}: {text}"[:2000] or type(exc).__name__
+
+
+def _job_size() -> int:
+    """The world size of the ``torch.distributed`` job around this process (1 outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
